@@ -1,0 +1,36 @@
+"""PubSub: fan-out of transient messages between processes (Redis pub/sub)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+Handler = Callable[[str, bytes], None]
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None:
+        """Stop this handler; the process drops its upstream subscription with the last one."""
+
+
+class PubSub(Protocol):
+    """At-most-once fan-out: a message published on a channel reaches every process subscribed to
+    it at that moment, in publish order per publisher; nothing is stored and nothing is replayed
+    (durability lives in the EventLog and the inbox). Each process keeps ONE upstream
+    subscription per channel however many local handlers it has, and calls each handler in the
+    reader task: handlers must not block (put the payload on a bounded queue and return).
+
+    When the connection to the broker drops, the implementation reconnects and re-subscribes by
+    itself, and calls `on_reconnect` handlers so that callers can recover what they missed.
+    """
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """Publish; returns how many processes received it."""
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription: ...
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None: ...

@@ -1,0 +1,89 @@
+"""The `peernet` command line: the local stack, the server, tokens, and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from peernet.config import load_config
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from stack import manager  # imported here: the core imports nothing of ours at import time
+
+    cfg = load_config()
+    if args.action == "up":
+        manager.up(cfg)
+        return 0
+    if args.action == "down":
+        manager.down(cfg)
+        return 0
+    return 0 if manager.print_status(cfg) else 1
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from peernet.tokens import issue_token
+
+    cfg = load_config()
+    print(issue_token(args.user, cfg.gateway))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serve.deployment import run_forever
+
+    return run_forever(load_config(), dev_tokens=args.dev_tokens)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    cfg = load_config()
+    for section, values in asdict(cfg).items():
+        for name, value in values.items():
+            shown = "***" if name == "token_secret" else value
+            print(f"{section}.{name} = {shown}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peernet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="the local services: Kafka, Redis, MongoDB-wire server")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("serve", help="start Ray and serve the PeerNet app (runs until stopped)")
+    p.add_argument("--dev-tokens", action="store_true",
+                   help="enable POST /v1/dev/token (same as PEERNET_DEV_TOKENS=1)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("token", help="print a signed development token for USER")
+    p.add_argument("user")
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("config", help="print the configuration in force")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("bench", help="the load benchmark harness (see `peernet bench --help`)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The wire codec of the client protocol: one MessagePack map per binary frame, one JSON object
+per text frame. Decoding failures become `bad_frame` errors; nothing here raises anything else."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+
+from peernet.errors import ErrorCode, PeerNetError
+
+Frame = dict[str, Any]
+
+
+def decode_frame(data: bytes | str) -> Frame:
+    """Decode one frame: `bytes` as MessagePack, `str` as JSON.
+
+    Raises PeerNetError(bad_frame) when the data does not decode, is not a map, or has no string `t`.
+    """
+    try:
+        if isinstance(data, str):
+            obj = json.loads(data)
+        else:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # any decoder failure is the client's bad frame
+        raise PeerNetError(ErrorCode.BAD_FRAME, f"frame does not decode: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise PeerNetError(ErrorCode.BAD_FRAME, "frame is not a map")
+    t = obj.get("t")
+    if not isinstance(t, str):
+        raise PeerNetError(ErrorCode.BAD_FRAME, "frame has no string field 't'")
+    return obj
+
+
+def encode_frame(frame: Frame, binary: bool) -> bytes | str:
+    """Encode one frame for a connection speaking MessagePack (`binary`) or JSON."""
+    if binary:
+        return msgpack.packb(frame, use_bin_type=True)
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def pack(obj: Any) -> bytes:
+    """MessagePack for internal payloads (pub/sub, cache); the one format between processes."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -1,0 +1,211 @@
+"""Configuration: one frozen dataclass per component, read from `PEERNET_*` environment
+variables in one place (`load_config`). Every variable, its default and meaning is listed in
+README.md; `peernet config` prints the values in force."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    """Where the backing services are. A service given by its variable is the user's own: the
+    local stack neither installs nor starts it."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    mongo_db: str = "peernet"
+    kafka_external: bool = False
+    redis_external: bool = False
+    mongo_external: bool = False
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    """The Kafka topics PeerNet creates, with explicit partition counts."""
+
+    events: str = "peernet.events"
+    events_partitions: int = 8
+    inbox: str = "peernet.inbox"
+    inbox_partitions: int = 8
+    replication_factor: int = 1
+    # The inbox topic is compacted on key user/(seq mod slots): it keeps each user's newest
+    # `inbox_slots` items for ever.
+    inbox_slots: int = 10_000
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The local development stack (`peernet stack up`)."""
+
+    home: Path = PROJECT_ROOT / ".peernet"
+    kafka_version: str = "4.1.1"
+    kafka_heap_mb: int = 512
+    redis_port: int = 6379
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    mongo_port: int = 27017
+    mongo_cache: str = "256M"
+    secantus_version: str = "0.7.0b3"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The WebSocket gateway: limits of each connection and the Serve deployment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 2
+    max_connections_per_replica: int = 10_000
+    max_frame_bytes: int = 64 * 1024
+    max_body_chars: int = 4_000
+    rate_per_s: float = 200.0
+    rate_burst: int = 400
+    # Frames over the limit within one flood window that close the connection (4429).
+    flood_close_after: int = 1_000
+    outbound_queue: int = 1_000
+    hello_timeout_s: float = 10.0
+    heartbeat_ms: int = 25_000
+    token_secret: str = "peernet-dev-secret-change-me"
+    token_ttl_s: int = 24 * 3600
+    dev_tokens: bool = False
+    cid_ttl_s: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    """The fixed pools of shard actors that host the virtual per-user actors."""
+
+    session_shards: int = 2
+    inbox_retention_items: int = 10_000
+    inbox_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Deliveries batched into one shard call and one Kafka produce.
+    max_batch: int = 500
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: `peernet serve` starts a local Ray head
+    tmpdir: str = ""  # empty: .peernet/ray, or /tmp/peernet-ray when that path is too long
+    auth_mode: str = "disabled"
+    num_cpus: int = 0  # 0: Ray's own count
+    object_store_mb: int = 256
+
+
+@dataclass(frozen=True)
+class PeerNetConfig:
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Environment variable -> (section, field). The one table of every PEERNET_* variable.
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "PEERNET_KAFKA_BOOTSTRAP": ("services", "kafka_bootstrap"),
+    "PEERNET_REDIS_URL": ("services", "redis_url"),
+    "PEERNET_MONGO_URL": ("services", "mongo_url"),
+    "PEERNET_MONGO_DB": ("services", "mongo_db"),
+    "PEERNET_EVENTS_TOPIC": ("topics", "events"),
+    "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
+    "PEERNET_INBOX_TOPIC": ("topics", "inbox"),
+    "PEERNET_INBOX_PARTITIONS": ("topics", "inbox_partitions"),
+    "PEERNET_KAFKA_REPLICATION": ("topics", "replication_factor"),
+    "PEERNET_INBOX_SLOTS": ("topics", "inbox_slots"),
+    "PEERNET_HOME": ("stack", "home"),
+    "PEERNET_KAFKA_VERSION": ("stack", "kafka_version"),
+    "PEERNET_KAFKA_HEAP_MB": ("stack", "kafka_heap_mb"),
+    "PEERNET_STACK_REDIS_PORT": ("stack", "redis_port"),
+    "PEERNET_STACK_KAFKA_PORT": ("stack", "kafka_port"),
+    "PEERNET_STACK_KAFKA_CONTROLLER_PORT": ("stack", "kafka_controller_port"),
+    "PEERNET_STACK_MONGO_PORT": ("stack", "mongo_port"),
+    "PEERNET_HOST": ("gateway", "host"),
+    "PEERNET_PORT": ("gateway", "port"),
+    "PEERNET_REPLICAS": ("gateway", "replicas"),
+    "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
+    "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),
+    "PEERNET_MAX_BODY_CHARS": ("gateway", "max_body_chars"),
+    "PEERNET_RATE_PER_S": ("gateway", "rate_per_s"),
+    "PEERNET_RATE_BURST": ("gateway", "rate_burst"),
+    "PEERNET_FLOOD_CLOSE_AFTER": ("gateway", "flood_close_after"),
+    "PEERNET_OUTBOUND_QUEUE": ("gateway", "outbound_queue"),
+    "PEERNET_HELLO_TIMEOUT_S": ("gateway", "hello_timeout_s"),
+    "PEERNET_HEARTBEAT_MS": ("gateway", "heartbeat_ms"),
+    "PEERNET_TOKEN_SECRET": ("gateway", "token_secret"),
+    "PEERNET_TOKEN_TTL_S": ("gateway", "token_ttl_s"),
+    "PEERNET_DEV_TOKENS": ("gateway", "dev_tokens"),
+    "PEERNET_CID_TTL_S": ("gateway", "cid_ttl_s"),
+    "PEERNET_SESSION_SHARDS": ("shards", "session_shards"),
+    "PEERNET_INBOX_RETENTION_ITEMS": ("shards", "inbox_retention_items"),
+    "PEERNET_INBOX_RETENTION_MS": ("shards", "inbox_retention_ms"),
+    "PEERNET_MAX_BATCH": ("shards", "max_batch"),
+    "PEERNET_RAY_ADDRESS": ("ray", "address"),
+    "PEERNET_RAY_TMPDIR": ("ray", "tmpdir"),
+    "PEERNET_RAY_AUTH_MODE": ("ray", "auth_mode"),
+    "PEERNET_RAY_NUM_CPUS": ("ray", "num_cpus"),
+    "PEERNET_RAY_OBJECT_STORE_MB": ("ray", "object_store_mb"),
+}
+
+_EXTERNAL_FLAGS = {
+    "PEERNET_KAFKA_BOOTSTRAP": "kafka_external",
+    "PEERNET_REDIS_URL": "redis_external",
+    "PEERNET_MONGO_URL": "mongo_external",
+}
+
+
+class ConfigError(ValueError):
+    """A PEERNET_* variable whose value does not parse."""
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
+    """Read the configuration from `env` (default: os.environ). Unset variables keep defaults."""
+    env = os.environ if env is None else env
+    base = PeerNetConfig()
+    sections: dict[str, dict[str, object]] = {f.name: {} for f in fields(base)}
+    for var, (section, name) in ENV_VARS.items():
+        if var in env:
+            current = getattr(getattr(base, section), name)
+            sections[section][name] = _parse(var, env[var], type(current))
+    for var, flag in _EXTERNAL_FLAGS.items():
+        if env.get(var):
+            sections["services"][flag] = True
+    return PeerNetConfig(**{
+        name: type(getattr(base, name))(**{**_asdict(getattr(base, name)), **values})
+        for name, values in sections.items()
+    })
+
+
+def _asdict(obj: object) -> dict[str, object]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}  # type: ignore[arg-type]
+
+
+def ray_tmpdir(cfg: PeerNetConfig) -> str:
+    """Ray's temp dir: short enough for Ray's unix sockets (about 107 bytes in all)."""
+    if cfg.ray.tmpdir:
+        return cfg.ray.tmpdir
+    candidate = str(cfg.stack.home / "ray")
+    return candidate if len(candidate) <= 48 else "/tmp/peernet-ray"
