@@ -36,7 +36,8 @@ class Event:
         except Exception as exc:
             raise EnvelopeError(f"undecodable event: {type(exc).__name__}") from None
         if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION:
-            raise EnvelopeError(f"unsupported event schema: {obj.get('v') if isinstance(obj, dict) else obj!r}")
+            version = obj.get("v") if isinstance(obj, dict) else obj
+            raise EnvelopeError(f"unsupported event schema: {version!r}")
         try:
             return cls(type=obj["type"], actor=obj["actor"], data=obj["data"], id=obj["id"],
                        ts=obj["ts"], v=obj["v"])

@@ -1,0 +1,304 @@
+"""Per-user sessions as virtual actors: plain `Session` objects hosted by a fixed pool of
+`SessionShard`s, each user owned by the shard `shard_for(user, count)`.
+
+The path of an inbox item: the gateway appends an event to the events topic (keyed by
+conversation, so one conversation has one order) with its recipients in a header. Every shard
+reads the whole events topic in its own consumer group and keeps the events for users it owns.
+For each, the user's Session assigns the next seq (no gaps), the shard appends the item to the
+inbox topic (durable, acks=all), then to the Redis inbox cache together with its checkpoint, then
+publishes it on the user's channel `u:{user}`, which only the gateway replicas holding that user
+subscribe to. Offsets are committed only after all that, so a crash replays, never skips.
+
+On start, and whenever the cache was wiped, a shard replays the inbox topic from the cache's
+checkpoint, so the cache holds everything the log holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from actors.inbox_items import inbox_item, parse_recipients
+from bus.eventlog import EventLog, LogConsumer, Record
+from bus.inbox import InboxCache, Item
+from bus.pubsub import PubSub
+from peernet.codec import pack, unpack
+from peernet.config import PeerNetConfig
+from peernet.envelope import EnvelopeError, Event
+from peernet.errors import PeerNetError
+from peernet.routing import shard_for
+
+log = logging.getLogger("peernet.session")
+
+T = TypeVar("T")
+
+# How many of a user's newest item ids a session remembers to drop redelivered events.
+RECENT_IDS = 256
+# How often a shard verifies that the inbox cache still holds its checkpoint (was not wiped).
+CACHE_CHECK_S = 5.0
+
+
+def user_channel(user: str) -> str:
+    """The pub/sub channel of everything pushed to `user`'s connections."""
+    return f"u:{user}"
+
+
+class Session:
+    """One user's inbox sequence: assigns seq with no gaps and drops events it has seen."""
+
+    __slots__ = ("last_seq", "recent", "user")
+
+    def __init__(self, user: str, last_seq: int, recent_ids: Sequence[str] = ()) -> None:
+        self.user = user
+        self.last_seq = last_seq
+        self.recent: OrderedDict[str, None] = OrderedDict((i, None) for i in recent_ids)
+
+    def admit(self, item_id: str) -> int | None:
+        """The seq for a new item, or None when this id is already in the inbox."""
+        if item_id in self.recent:
+            return None
+        self.last_seq += 1
+        self.remember(item_id)
+        return self.last_seq
+
+    def remember(self, item_id: str) -> None:
+        self.recent[item_id] = None
+        if len(self.recent) > RECENT_IDS:
+            self.recent.popitem(last=False)
+
+
+@dataclass
+class ShardStats:
+    events_seen: int = 0
+    items_delivered: int = 0
+    duplicates_dropped: int = 0
+    errors: int = 0
+    catch_ups: int = 0
+    items_restored: int = 0
+    sessions: int = 0
+    last_error: str = ""
+    started: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class SessionShard:
+    """Hosts the Sessions of the users it owns and delivers their inbox items."""
+
+    def __init__(self, index: int, count: int, cfg: PeerNetConfig, log_: EventLog,
+                 cache: InboxCache, pubsub: PubSub) -> None:
+        self.index = index
+        self.count = count
+        self._cfg = cfg
+        self._log = log_
+        self._cache = cache
+        self._pubsub = pubsub
+        self._sessions: dict[str, Session] = {}
+        self._checkpoint: dict[int, int] = {}
+        self._consumer: LogConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Set when the cache may have lost data (an error, a reconnect, a periodic check):
+        # the next append first verifies the checkpoint and rebuilds the cache if it is gone.
+        self._cache_suspect = False
+        self._last_cache_check = 0.0
+        self.stats = ShardStats()
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"session-{self.index}-of-{self.count}"
+
+    def owns(self, user: str) -> bool:
+        return shard_for(user, self.count) == self.index
+
+    async def start(self) -> None:
+        await self._retry("catch up", self._catch_up)
+        self._consumer = self._log.consumer(self._cfg.topics.events,
+                                            group=f"peernet.sessions.{self.index}-of-{self.count}")
+        await self._retry("start consumer", self._consumer.start)
+        self._task = asyncio.create_task(self._run(), name=f"session-shard-{self.index}")
+        self.stats.started = True
+        log.info("session shard %d/%d started: %d sessions restored", self.index, self.count,
+                 len(self._sessions))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    # -- the delivery loop -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while not self._stopping:
+            try:
+                records = await consumer.poll(max_records=self._cfg.shards.max_batch, timeout_ms=200)
+            except PeerNetError as exc:
+                self._count_error("poll", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if not records:
+                continue
+            await self.process(records)
+            await self._retry("commit", consumer.commit)
+
+    async def process(self, records: Sequence[Record]) -> None:
+        """Deliver the events of `records` to the inboxes of the users this shard owns."""
+        pending: list[tuple[str, Item]] = []
+        for record in records:
+            self.stats.events_seen += 1
+            mine = [u for u in parse_recipients(record.headers) if self.owns(u)]
+            if not mine:
+                continue
+            try:
+                event = Event.decode(record.value)
+            except EnvelopeError as exc:
+                self._count_error("decode", exc)
+                continue
+            for user in mine:
+                item = inbox_item(event, user)
+                if item is None:
+                    continue
+                session = await self._session(user)
+                seq = session.admit(event.id)
+                if seq is None:
+                    self.stats.duplicates_dropped += 1
+                    continue
+                item["seq"] = seq
+                pending.append((user, item))
+        if pending:
+            await self._persist(pending)
+
+    async def _persist(self, pending: list[tuple[str, Item]]) -> None:
+        topic = self._cfg.topics.inbox
+        entries = [(user.encode(), pack({"user": user, "item": item}), ()) for user, item in pending]
+        # Until the log has them, nothing else happens; the same seqs are retried, so a failed
+        # attempt can leave a duplicate in the log but never a gap or a second numbering.
+        appended = await self._retry("append inbox", lambda: self._log.append_many(topic, entries))
+        for meta in appended:
+            self._checkpoint[meta.partition] = max(self._checkpoint.get(meta.partition, 0),
+                                                   meta.offset + 1)
+        await self._retry("cache inbox", lambda: self._cache_append(pending))
+        await self._publish(pending)
+        self.stats.items_delivered += len(pending)
+
+    async def _cache_append(self, items: list[tuple[str, Item]]) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._last_cache_check > CACHE_CHECK_S:
+            self._cache_suspect, self._last_cache_check = True, now
+        try:
+            if self._cache_suspect and await self._cache.checkpoint(self.checkpoint_name) is None:
+                # The cache lost our checkpoint: it was wiped. Rebuild it from the log first.
+                log.warning("session shard %d: inbox cache was wiped; rebuilding from the log",
+                            self.index)
+                await self._catch_up(wiped=True)
+            await self._cache.append(items, checkpoint_name=self.checkpoint_name,
+                                     checkpoint=self._checkpoint)
+        except PeerNetError:
+            self._cache_suspect = True
+            raise
+        self._cache_suspect = False
+
+    async def _publish(self, items: list[tuple[str, Item]]) -> None:
+        # Best effort: a connection that misses a push sees the gap and the item stays in the
+        # inbox for `resume`.
+        results = await asyncio.gather(
+            *(self._pubsub.publish(user_channel(user), pack(item)) for user, item in items),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self._count_error("publish", result)
+                break
+
+    # -- sessions and recovery ---------------------------------------------------------------
+
+    async def _session(self, user: str) -> Session:
+        session = self._sessions.get(user)
+        if session is None:
+            recent = await self._retry("load session", lambda: self._cache.recent(user, RECENT_IDS))
+            last = int(recent[-1]["seq"]) if recent else 0
+            session = Session(user, last, [str(i["id"]) for i in recent])
+            self._sessions[user] = session
+            self.stats.sessions = len(self._sessions)
+        return session
+
+    async def _catch_up(self, *, wiped: bool = False) -> None:
+        """Replay the inbox topic from the cache's checkpoint into the cache (and sessions).
+
+        Items past what was known to be cached were never pushed: they are published now.
+        """
+        self.stats.catch_ups += 1
+        stored = await self._cache.checkpoint(self.checkpoint_name) or {}
+        published_upto = dict(self._checkpoint) if wiped else dict(stored)
+        partitions = list(range(self._cfg.topics.inbox_partitions))
+        reader = self._log.consumer(self._cfg.topics.inbox, partitions=partitions)
+        await reader.start()
+        try:
+            for p in partitions:
+                await reader.seek(p, stored.get(p, 0))
+            ends = await reader.end_offsets()
+            restored = 0
+            while True:
+                positions = await reader.positions()
+                if all(positions.get(p, 0) >= ends.get(p, 0) for p in partitions):
+                    break
+                records = await reader.poll(max_records=self._cfg.shards.max_batch, timeout_ms=500)
+                batch: list[tuple[str, Item]] = []
+                unpublished: list[tuple[str, Item]] = []
+                for record in records:
+                    entry = unpack(record.value)
+                    user, item = entry["user"], entry["item"]
+                    if not self.owns(user):
+                        continue
+                    session = self._sessions.get(user)
+                    if session is None:
+                        session = self._sessions[user] = Session(user, 0)
+                    session.last_seq = max(session.last_seq, int(item["seq"]))
+                    session.remember(str(item["id"]))
+                    batch.append((user, item))
+                    if record.offset >= published_upto.get(record.partition, 0):
+                        unpublished.append((user, item))
+                checkpoint = await reader.positions()
+                self._checkpoint = {p: o for p, o in checkpoint.items()}
+                if batch:
+                    await self._cache.append(batch, checkpoint_name=self.checkpoint_name,
+                                             checkpoint=self._checkpoint)
+                    await self._publish(unpublished)
+                    restored += len(batch)
+            if not stored and not restored:
+                self._checkpoint = {p: ends.get(p, 0) for p in partitions}
+                await self._cache.append([], checkpoint_name=self.checkpoint_name,
+                                         checkpoint=self._checkpoint)
+            self.stats.items_restored += restored
+            self.stats.sessions = len(self._sessions)
+            log.info("session shard %d: catch-up restored %d items from the inbox log",
+                     self.index, restored)
+        finally:
+            await reader.stop()
+
+    async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.05
+        while True:
+            try:
+                return await action()
+            except PeerNetError as exc:
+                if self._stopping:
+                    raise
+                self._count_error(what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _count_error(self, what: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{what}: {exc}"
+        log.warning("session shard %d: %s failed: %s", self.index, what, exc)

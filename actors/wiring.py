@@ -1,0 +1,133 @@
+"""The one module that wraps PeerNet's actor logic in Ray: names, options, placement, and the
+supervisor that (re)starts the logic inside restarted actors.
+
+Each actor builds its own backends from the PEERNET_* environment (connections do not travel
+between processes) and starts its logic on the first `ensure_started` call; the supervisor calls
+it every second, so an actor that Ray restarted after a crash is running again within a second
+of coming back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from actors.projector import Projector
+from actors.session import SessionShard
+from bus.backends import Backends, backends
+from peernet.config import PeerNetConfig, load_config
+
+NAMESPACE = "peernet"
+PROJECTOR_NAME = "projector"
+
+log = logging.getLogger("peernet.wiring")
+
+
+def session_shard_name(index: int, count: int) -> str:
+    return f"session-shard-{index}-of-{count}"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Actors restart for ever after a crash or a kill (state is rebuilt from the log and Redis), and
+# take no CPU reservation: they are I/O-bound and the machine is shared with the services.
+_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+
+
+@ray.remote(**_ACTOR_OPTIONS)
+class SessionShardActor:
+    def __init__(self, index: int, count: int) -> None:
+        _setup_logging()
+        self._index = index
+        self._count = count
+        self._lock = asyncio.Lock()
+        self._backends: Backends | None = None
+        self._shard: SessionShard | None = None
+
+    async def ensure_started(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._shard is None:
+                cfg = load_config()
+                b = backends(cfg, client_id=f"peernet-{session_shard_name(self._index, self._count)}")
+                await b.start()
+                shard = SessionShard(self._index, self._count, cfg, b.log, b.inbox, b.pubsub)
+                await shard.start()
+                self._backends, self._shard = b, shard
+        return asdict(self._shard.stats)
+
+    async def stats(self) -> dict[str, Any]:
+        return asdict(self._shard.stats) if self._shard else {"started": False}
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+@ray.remote(**_ACTOR_OPTIONS)
+class ProjectorActor:
+    def __init__(self) -> None:
+        _setup_logging()
+        self._lock = asyncio.Lock()
+        self._projector: Projector | None = None
+
+    async def ensure_started(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._projector is None:
+                cfg = load_config()
+                b = backends(cfg, client_id="peernet-projector")
+                await b.start()
+                projector = Projector(cfg, b.log, b.store)
+                await projector.start()
+                self._projector = projector
+        return asdict(self._projector.stats)
+
+    async def stats(self) -> dict[str, Any]:
+        return asdict(self._projector.stats) if self._projector else {"started": False}
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+def actor_names(cfg: PeerNetConfig) -> list[str]:
+    n = cfg.shards.session_shards
+    return [session_shard_name(i, n) for i in range(n)] + [PROJECTOR_NAME]
+
+
+def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
+    """Create (or find) every named actor of PeerNet; spread them over the nodes."""
+    n = cfg.shards.session_shards
+    handles: dict[str, ActorHandle] = {}
+    for i in range(n):
+        name = session_shard_name(i, n)
+        handles[name] = SessionShardActor.options(  # type: ignore[attr-defined]
+            name=name, namespace=NAMESPACE, get_if_exists=True,
+            scheduling_strategy="SPREAD").remote(i, n)
+    handles[PROJECTOR_NAME] = ProjectorActor.options(  # type: ignore[attr-defined]
+        name=PROJECTOR_NAME, namespace=NAMESPACE, get_if_exists=True,
+        scheduling_strategy="SPREAD").remote()
+    return handles
+
+
+def lookup_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
+    return {name: ray.get_actor(name, namespace=NAMESPACE) for name in actor_names(cfg)}
+
+
+async def ensure_started(handles: dict[str, ActorHandle], timeout_s: float) -> dict[str, Any]:
+    """Call ensure_started on every actor; the answer (stats) or the failure, per actor."""
+
+    async def one(name: str, handle: ActorHandle) -> Any:
+        try:
+            return await asyncio.wait_for(handle.ensure_started.remote(), timeout_s)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+
+    names = list(handles)
+    results = await asyncio.gather(*(one(n, handles[n]) for n in names))
+    return dict(zip(names, results, strict=True))

@@ -1,0 +1,45 @@
+"""The real backends of a process, opened from configuration in one place."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from bus.inbox_redis import RedisInboxCache
+from bus.kafka import KafkaEventLog
+from bus.mongo import MongoDocumentStore
+from bus.redis import RedisCache, RedisPubSub, redis_client
+from peernet.config import PeerNetConfig
+
+
+@dataclass
+class Backends:
+    log: KafkaEventLog
+    cache: RedisCache
+    pubsub: RedisPubSub
+    inbox: RedisInboxCache
+    store: MongoDocumentStore
+
+    async def start(self) -> None:
+        await self.log.start()
+        await self.cache.start()
+        await self.pubsub.start()
+        await self.store.start()
+
+    async def stop(self) -> None:
+        for part in (self.pubsub, self.log, self.cache, self.store):
+            with contextlib.suppress(Exception):
+                await part.stop()
+
+
+def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
+    s = cfg.services
+    return Backends(
+        log=KafkaEventLog(s.kafka_bootstrap, client_id=client_id),
+        cache=RedisCache(s.redis_url),
+        pubsub=RedisPubSub(s.redis_url),
+        inbox=RedisInboxCache(redis_client(s.redis_url),
+                              retention_items=cfg.shards.inbox_retention_items,
+                              retention_ms=cfg.shards.inbox_retention_ms),
+        store=MongoDocumentStore(s.mongo_url, s.mongo_db),
+    )

@@ -1,0 +1,137 @@
+"""The Starlette app: the WebSocket endpoint and the HTTP API, built from injected dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from peernet.errors import ErrorCode, PeerNetError
+from peernet.tokens import TokenError, issue_token, verify_token
+from serve import metrics
+from serve.connection import Connection
+from serve.deps import GatewayDeps
+from serve.handlers import build_handlers
+from serve.hub import Hub
+from serve.messaging import Messenger
+from serve.validate import conv_participants
+
+log = logging.getLogger("peernet.app")
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status)
+
+
+def build_app(deps: GatewayDeps) -> Starlette:
+    hub = Hub(deps.pubsub)
+    messenger = Messenger(deps.cfg, deps.log, deps.cache)
+    handlers = build_handlers(messenger)
+
+    async def websocket(ws: WebSocket) -> None:
+        await Connection(ws, deps, hub, handlers).run()
+
+    async def healthz(request: Request) -> Response:
+        checks = {"kafka": deps.log.ping, "redis": deps.cache.ping, "mongo": deps.store.ping,
+                  **deps.checks}
+
+        async def run(check: Any) -> str:
+            try:
+                await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
+                return "ok"
+            except Exception as exc:
+                return f"down: {type(exc).__name__}: {exc}"[:300]
+
+        results = dict(zip(checks, await asyncio.gather(*(run(c) for c in checks.values())),
+                           strict=True))
+        healthy = all(v == "ok" for v in results.values())
+        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable", "checks": results}
+        if not healthy:
+            body["failing"] = [k for k, v in results.items() if v != "ok"]
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def dev_token(request: Request) -> Response:
+        if not deps.cfg.gateway.dev_tokens:
+            return _error(404, ErrorCode.NOT_FOUND, "development tokens are disabled")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, ErrorCode.BAD_REQUEST, "body must be JSON")
+        user = body.get("user") if isinstance(body, dict) else None
+        try:
+            return JSONResponse({"token": issue_token(user, deps.cfg.gateway)})  # type: ignore[arg-type]
+        except PeerNetError as exc:
+            return _error(400, exc.code, exc.message)
+
+    def authed(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise TokenError("missing bearer token")
+        return verify_token(header[7:].strip(), deps.cfg.gateway)
+
+    async def conversation_messages(request: Request) -> Response:
+        try:
+            user = authed(request)
+        except TokenError as exc:
+            return _error(401, ErrorCode.FORBIDDEN, str(exc))
+        conv = request.path_params["conv"]
+        parts = conv_participants(conv)
+        if parts is None:
+            return _error(404, ErrorCode.NOT_FOUND, "no such conversation")
+        if user not in parts:
+            return _error(403, ErrorCode.FORBIDDEN, "only participants may read a conversation")
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+            before_raw = request.query_params.get("before")
+            before = int(before_raw) if before_raw else None
+        except ValueError:
+            return _error(400, ErrorCode.BAD_REQUEST, "limit and before must be integers")
+        if not 1 <= limit <= 100:
+            return _error(400, ErrorCode.BAD_REQUEST, "limit must be from 1 to 100")
+        query: dict[str, Any] = {"conv": conv}
+        if before is not None:
+            query["pos"] = {"$lt": before}
+        try:
+            docs = await deps.store.find("messages", query, sort=[("pos", -1)], limit=limit)
+        except PeerNetError as exc:
+            return _error(503, exc.code, exc.message)
+        items = [{"id": d["_id"], "conv": d["conv"], "from": d["from"], "to": d["to"],
+                  "body": d["body"], "ts": d["ts"]} for d in docs]
+        nxt = str(docs[-1]["pos"]) if len(docs) == limit else None
+        return JSONResponse({"items": items, "next": nxt})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for start in deps.on_startup:
+            await start()
+        log.info("gateway %s ready", deps.replica)
+        try:
+            yield
+        finally:
+            for stop in deps.on_shutdown:
+                with contextlib.suppress(Exception):
+                    await stop()
+
+    routes = [
+        WebSocketRoute("/v1/ws", websocket),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
+        Route("/v1/dev/token", dev_token, methods=["POST"]),
+        Route("/v1/conversations/{conv}/messages", conversation_messages),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.hub = hub
+    return app

@@ -1,0 +1,286 @@
+"""One client connection: the handshake, the read loop with its limits, and the writer that
+keeps the inbox in seq order on the socket.
+
+States: opened -> (hello within the deadline) -> live -> closed. The writer owns the order of
+inbox items: it drops seqs the socket already had and fills any gap from the inbox cache, so a
+lost pub/sub message costs a read, never an item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from peernet.codec import Frame, decode_frame
+from peernet.errors import CloseCode, ErrorCode, PeerNetError
+from peernet.ids import new_id, now_ms
+from peernet.tokens import TokenError, verify_token
+from serve import metrics
+from serve.hub import Hub, Outgoing
+from serve.limits import FloodDetector, TokenBucket
+
+if TYPE_CHECKING:
+    from serve.deps import GatewayDeps
+    from serve.handlers import HandlerTable
+
+log = logging.getLogger("peernet.connection")
+
+REPLAY_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Send the inbox from `after` to `upto`, then `resumed`."""
+
+    after: int
+    upto: int
+    complete: bool
+
+
+class _Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, deps: GatewayDeps, hub: Hub, handlers: HandlerTable) -> None:
+        self.ws = ws
+        self.deps = deps
+        self.cfg = deps.cfg.gateway
+        self.hub = hub
+        self.handlers = handlers
+        self.user = ""
+        self.session = new_id()
+        self.binary = True
+        self.last_seq = 0  # the newest inbox seq this socket has been sent (or had on resume)
+        self.watching: set[str] = set()
+        self._queue: asyncio.Queue[Outgoing | Replay | None] = asyncio.Queue(self.cfg.outbound_queue)
+        self._early: list[Outgoing] | None = []  # pushes that arrive before the welcome
+        self._writer: asyncio.Task[None] | None = None
+        self._close_code: int | None = None
+        self._closer: asyncio.Future[None] | None = None
+        self._attached = False
+
+    # -- outbound ----------------------------------------------------------------------------
+
+    def push(self, out: Outgoing) -> None:
+        if self._early is not None:
+            self._early.append(out)
+            return
+        self._enqueue(out)
+
+    def send(self, frame: Frame) -> None:
+        self._enqueue(Outgoing(frame))
+
+    def _enqueue(self, item: Outgoing | Replay | None) -> None:
+        if self._close_code is not None:
+            return
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.close(CloseCode.SLOW_OR_FLOODING, "slow consumer")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket now, from any task; frames still queued are dropped."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        metrics.CLOSES.labels(str(code)).inc()
+        log.info("closing connection of %s: %d %s", self.user or "?", code, reason)
+        self._closer = asyncio.ensure_future(self._close_now(code, reason))
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, Replay):
+                await self._replay(item)
+                continue
+            seq = item.seq
+            if seq is not None:
+                if seq <= self.last_seq:
+                    continue  # already sent (a replay overlapped a push, or a republish)
+                if seq > self.last_seq + 1:
+                    await self._fill(seq - 1)
+                self.last_seq = seq
+                ts = item.frame.get("ts")
+                if isinstance(ts, int):
+                    metrics.DELIVERY_LATENCY.observe(max(0, now_ms() - ts) / 1000)
+            await self._send(item)
+
+    async def _send(self, out: Outgoing) -> None:
+        data = out.encoded(self.binary)
+        if isinstance(data, bytes):
+            await self.ws.send_bytes(data)
+        else:
+            await self.ws.send_text(data)
+        metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
+
+    async def _fill(self, upto: int) -> None:
+        """Send the inbox items after `last_seq` up to `upto` from the cache."""
+        while self.last_seq < upto:
+            items = await self.deps.inbox.read(self.user, self.last_seq,
+                                               min(REPLAY_PAGE, upto - self.last_seq))
+            items = [i for i in items if int(i["seq"]) <= upto]
+            if not items:
+                log.warning("inbox of %s lacks seq %d..%d; skipped", self.user, self.last_seq + 1,
+                            upto)
+                self.last_seq = upto
+                return
+            for item in items:
+                self.last_seq = int(item["seq"])
+                await self._send(Outgoing(item))
+
+    async def _replay(self, job: Replay) -> None:
+        self.last_seq = job.after
+        await self._fill(job.upto)
+        self.last_seq = max(self.last_seq, job.upto)
+        await self._send(Outgoing({"t": "resumed", "from": job.after, "to": job.upto,
+                                   "complete": job.complete}))
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        metrics.CONNECTIONS.inc()
+        try:
+            await self._serve()
+        except _Closed as closed:
+            self.close(closed.code, closed.reason)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.CONNECTIONS.dec()
+            if self._attached:
+                self.hub.detach_now(self)
+            await self._finish()
+
+    async def _finish(self) -> None:
+        if self._writer is not None:
+            if self._close_code is None:
+                self._writer.cancel()
+            else:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._queue.put_nowait(None)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._writer, 5)
+
+    async def _receive(self, timeout: float) -> bytes | str:
+        try:
+            message = await asyncio.wait_for(self.ws.receive(), timeout)
+        except TimeoutError:
+            raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data: bytes | str | None = message.get("bytes")
+        if data is None:
+            data = message.get("text") or ""
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        if size > self.cfg.max_frame_bytes:
+            raise _Closed(CloseCode.MESSAGE_TOO_BIG, "frame too large")
+        return data
+
+    async def _serve(self) -> None:
+        first = await self._receive(self.cfg.hello_timeout_s)
+        self.binary = isinstance(first, bytes)
+        try:
+            hello = decode_frame(first)
+        except PeerNetError:
+            raise _Closed(CloseCode.BAD_TOKEN, "the first frame must be hello") from None
+        if hello.get("t") != "hello":
+            raise _Closed(CloseCode.BAD_TOKEN, "the first frame must be hello")
+        try:
+            self.user = verify_token(hello.get("token"), self.cfg)
+        except TokenError as exc:
+            raise _Closed(CloseCode.BAD_TOKEN, str(exc)) from None
+        await self._welcome(hello)
+
+        bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
+        flood = FloodDetector(self.cfg.flood_close_after)
+        idle = 2 * self.cfg.heartbeat_ms / 1000
+        while True:
+            data = await self._receive(idle)
+            if not bucket.take():
+                metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
+                if flood.refuse():
+                    raise _Closed(CloseCode.SLOW_OR_FLOODING, "persistent flooding")
+                self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"), None)
+                continue
+            await self._dispatch(data)
+
+    async def _welcome(self, hello: Frame) -> None:
+        resume = hello.get("resume")
+        bad_resume = resume is not None and (not isinstance(resume, int) or isinstance(resume, bool)
+                                             or resume < 0)
+        try:
+            await self.hub.attach(self)
+            self._attached = True
+            bounds = await self.deps.inbox.bounds(self.user)
+        except PeerNetError as exc:
+            self._error(exc, None)
+            raise _Closed(CloseCode.GOING_AWAY, "backend unavailable") from None
+        self.last_seq = bounds.latest
+        self._writer = asyncio.create_task(self._write_loop())
+        self.send({"t": "welcome", "user": self.user, "session": self.session, "seq": bounds.latest,
+                   "heartbeat": self.cfg.heartbeat_ms, "replica": self.deps.replica})
+        if bad_resume:
+            # Replaying everything the inbox holds loses nothing; the client drops duplicates.
+            self._error(PeerNetError(ErrorCode.BAD_REQUEST,
+                                     "resume must be a non-negative integer; replaying the inbox"),
+                        None)
+            resume = 0
+        if resume is not None:
+            after = min(int(resume), bounds.latest)
+            complete = bounds.oldest == 0 or after >= bounds.oldest - 1
+            self._enqueue(Replay(after, bounds.latest, complete))
+        early, self._early = self._early or [], None
+        for out in early:
+            self._enqueue(out)
+
+    async def _dispatch(self, data: bytes | str) -> None:
+        rid: Any = None
+        try:
+            frame = decode_frame(data)
+            t = frame["t"]
+            metrics.FRAMES_IN.labels(t if t in self.handlers else "unknown").inc()
+            rid = frame.get("rid")
+            if rid is not None and not _valid_rid(rid):
+                rid = None
+                raise PeerNetError(ErrorCode.BAD_REQUEST,
+                                   "rid must be an int or a string of at most 64 characters")
+            handler = self.handlers.get(t)
+            if handler is None:
+                raise PeerNetError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {t!r}"[:200])
+            reply = await handler(self, frame)
+        except PeerNetError as exc:
+            self._error(exc, rid)
+            return
+        if reply is not None:
+            if rid is not None:
+                reply["rid"] = rid
+            self.send(reply)
+
+    def _error(self, exc: PeerNetError, rid: Any) -> None:
+        metrics.ERRORS.labels(exc.code.value).inc()
+        frame: Frame = {"t": "error", "code": exc.code.value, "message": exc.message}
+        if rid is not None:
+            frame["rid"] = rid
+        self.send(frame)
+
+
+def _valid_rid(rid: Any) -> bool:
+    if isinstance(rid, bool):
+        return False
+    return isinstance(rid, int) or (isinstance(rid, str) and len(rid) <= 64)

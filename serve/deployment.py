@@ -1,0 +1,170 @@
+"""The one module that serves the gateway on Ray Serve, and `peernet serve`, the main job:
+Ray, the topics, the shard actors and their supervisor, and the gateway replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.applications import Starlette
+
+from actors.wiring import NAMESPACE, actor_names, create_actors, ensure_started
+from bus.backends import backends
+from bus.kafka import KafkaEventLog
+from bus.topics import peernet_topics
+from peernet.config import PeerNetConfig, load_config, ray_tmpdir
+from serve.app import build_app
+from serve.deps import GatewayDeps
+
+log = logging.getLogger("peernet.serve")
+
+APP_NAME = "peernet"
+SUPERVISE_EVERY_S = 1.0
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
+                  graceful_shutdown_timeout_s=5)
+@serve.ingress()
+class Gateway:
+    """One gateway replica: the Starlette app with this process's own backends."""
+
+    def __init__(self) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self._cfg = load_config()
+        self._handles: dict[str, Any] = {}
+
+    async def __serve_build_asgi_app__(self) -> Starlette:
+        cfg = self._cfg
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (tests)
+            replica = f"pid{os.getpid()}"
+        b = backends(cfg, client_id=f"peernet-gateway-{replica}")
+        deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
+                           store=b.store, checks={"ray": self._ray_check}, replica=replica,
+                           on_startup=[b.start], on_shutdown=[b.stop])
+        return build_app(deps)
+
+    async def _ray_check(self) -> None:
+        if not self._handles:
+            self._handles = {n: ray.get_actor(n, namespace=NAMESPACE) for n in actor_names(self._cfg)}
+        stats = await asyncio.gather(*(h.stats.remote() for h in self._handles.values()))
+        down = [n for n, s in zip(self._handles, stats, strict=True) if not s.get("started")]
+        if down:
+            raise RuntimeError(f"actors not started: {', '.join(down)}")
+
+
+def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith("PEERNET_")}
+    env.setdefault("PEERNET_HOME", str(cfg.stack.home))
+    return env
+
+
+def state_file(cfg: PeerNetConfig) -> Path:
+    return cfg.stack.home / "run" / "serve.json"
+
+
+async def _ensure_topics(cfg: PeerNetConfig) -> None:
+    log_ = KafkaEventLog(cfg.services.kafka_bootstrap, client_id="peernet-admin")
+    await log_.ensure_topics(peernet_topics(cfg))
+
+
+def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start (or join) Ray, create the topics and actors, and deploy the gateway.
+
+    Returns the state written to `state_file` and the actor handles: the actors live as long as
+    the caller keeps the handles (they are owned by this driver and die with it).
+    """
+    os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
+    env = _peernet_env(cfg)
+    t0 = time.monotonic()
+    asyncio.run(_ensure_topics(cfg))
+    print(f"peernet: topics ready ({time.monotonic() - t0:.1f}s)", flush=True)
+    init_args: dict[str, Any] = {"namespace": NAMESPACE, "runtime_env": {"env_vars": env},
+                                 "logging_level": logging.WARNING, "log_to_driver": False}
+    if cfg.ray.address:
+        init_args["address"] = cfg.ray.address
+    else:
+        tmp = ray_tmpdir(cfg)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        init_args.update(include_dashboard=False, _temp_dir=tmp,
+                         object_store_memory=cfg.ray.object_store_mb * 1024 * 1024)
+        if cfg.ray.num_cpus:
+            init_args["num_cpus"] = cfg.ray.num_cpus
+    info: Any = ray.init(**init_args)
+    gcs = info.address_info.get("gcs_address")
+    print(f"peernet: ray ready at {gcs} "
+          f"({time.monotonic() - t0:.1f}s)", flush=True)
+    handles = create_actors(cfg)
+    results = asyncio.run(ensure_started(handles, timeout_s=120))
+    for name, result in results.items():
+        outcome = "started" if isinstance(result, dict) else f"FAILED: {result}"
+        print(f"peernet: actor {name} {outcome}", flush=True)
+    serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port},
+                detached=False)
+    gateway = Gateway.options(  # type: ignore[attr-defined]
+        num_replicas=cfg.gateway.replicas,
+        max_ongoing_requests=cfg.gateway.max_connections_per_replica,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
+    )
+    serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    state: dict[str, Any] = {"pid": os.getpid(), "url": url, "gcs_address": gcs,
+             "namespace": NAMESPACE, "started_at": time.time(),
+             "startup_s": round(time.monotonic() - t0, 1)}
+    path = state_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    print(f"peernet: serving on {url} with {cfg.gateway.replicas} gateway replicas "
+          f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)
+    return state, handles
+
+
+def supervise(handles: dict[str, Any], stop: list[bool]) -> None:
+    """Keep every actor's logic running: a restarted actor is started again within a second."""
+
+    async def loop() -> None:
+        while not stop:
+            results = await ensure_started(handles, timeout_s=60)
+            for name, result in results.items():
+                if not isinstance(result, dict):
+                    log.warning("actor %s: %s", name, result)
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+
+    asyncio.run(loop())
+
+
+def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if dev_tokens:
+        os.environ["PEERNET_DEV_TOKENS"] = "1"
+        cfg = load_config()
+    stop: list[bool] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.append(True)
+
+    _, handles = start(cfg)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        supervise(handles, stop)
+    finally:
+        print("peernet: shutting down", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            state_file(cfg).unlink(missing_ok=True)
+    return 0
+
+
+__all__ = ["Gateway", "run_forever", "start", "supervise"]

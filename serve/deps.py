@@ -1,0 +1,31 @@
+"""What the gateway needs from the outside world, injected: the app knows nothing of Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bus.cache import Cache
+from bus.eventlog import EventLog
+from bus.inbox import InboxCache
+from bus.pubsub import PubSub
+from bus.store import DocumentStore
+from peernet.config import PeerNetConfig
+
+HealthCheck = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class GatewayDeps:
+    cfg: PeerNetConfig
+    log: EventLog
+    cache: Cache
+    inbox: InboxCache
+    pubsub: PubSub
+    store: DocumentStore
+    # Named health checks beside kafka/redis/mongo (e.g. "ray"), each raising when down.
+    checks: dict[str, HealthCheck] = field(default_factory=dict)
+    replica: str = "local"
+    # Started with the app (lifespan) and stopped with it, in order.
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

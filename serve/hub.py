@@ -1,0 +1,111 @@
+"""Hub: the connections this replica holds, by user, and their one pub/sub subscription each.
+
+A user's channel `u:{user}` is subscribed while this replica holds at least one of the user's
+connections, so deliveries reach only the replicas that hold the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from actors.inbox_items import INBOX_FRAME_TYPES
+from actors.session import user_channel
+from bus.pubsub import PubSub, Subscription
+from peernet.codec import encode_frame, unpack
+
+log = logging.getLogger("peernet.hub")
+
+
+class Outgoing:
+    """One frame on its way to one or many connections, encoded at most once per encoding."""
+
+    __slots__ = ("_encoded", "frame", "seq")
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        self.frame = frame
+        # Only inbox items are sequenced; other frames (welcome) may carry a `seq` field too.
+        seq = frame.get("seq") if frame.get("t") in INBOX_FRAME_TYPES else None
+        self.seq: int | None = seq if isinstance(seq, int) else None
+        self._encoded: dict[bool, bytes | str] = {}
+
+    def encoded(self, binary: bool) -> bytes | str:
+        data = self._encoded.get(binary)
+        if data is None:
+            data = self._encoded[binary] = encode_frame(self.frame, binary)
+        return data
+
+
+class Receiver(Protocol):
+    user: str
+
+    def push(self, out: Outgoing) -> None:
+        """Queue a frame without blocking (a full queue closes the connection)."""
+
+
+class Hub:
+    def __init__(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+        self._conns: dict[str, set[Receiver]] = {}
+        self._subs: dict[str, asyncio.Task[Subscription]] = {}
+        self._unsubscribing: set[asyncio.Future[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        return sum(len(c) for c in self._conns.values())
+
+    def users(self) -> int:
+        return len(self._conns)
+
+    def local(self, user: str) -> set[Receiver]:
+        return self._conns.get(user, set())
+
+    async def attach(self, conn: Receiver) -> None:
+        """Hold `conn`; returns once its user's channel is subscribed on this replica."""
+        self._conns.setdefault(conn.user, set()).add(conn)
+        task = self._subs.get(conn.user)
+        if task is None:
+            task = self._subs[conn.user] = asyncio.ensure_future(
+                self._pubsub.subscribe(user_channel(conn.user), self._dispatch))
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            if self._subs.get(conn.user) is task:
+                del self._subs[conn.user]
+            self.detach_now(conn)
+            raise
+
+    def detach_now(self, conn: Receiver) -> None:
+        conns = self._conns.get(conn.user)
+        if conns is None:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self._conns[conn.user]
+            task = self._subs.pop(conn.user, None)
+            if task is not None:
+                pending = asyncio.ensure_future(self._unsubscribe(task))
+                self._unsubscribing.add(pending)
+                pending.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, task: asyncio.Task[Subscription]) -> None:
+        try:
+            sub = await task
+            await sub.unsubscribe()
+        except Exception as exc:  # the subscription failed or the broker is gone: nothing to undo
+            log.debug("unsubscribe failed: %s", exc)
+
+    def _dispatch(self, channel: str, payload: bytes) -> None:
+        user = channel[2:]
+        conns = self._conns.get(user)
+        if not conns:
+            return
+        try:
+            frame = unpack(payload)
+        except Exception:
+            log.error("undecodable push on %s dropped", channel)
+            return
+        out = Outgoing(frame)
+        for conn in list(conns):
+            conn.push(out)
