@@ -1,0 +1,168 @@
+"""`python -m bench` / `peernet bench`: drive a running PeerNet (or the Socket.IO baseline) with
+open-loop WebSocket clients, account for every acknowledged message, and write the results.
+
+Exit status: 0 when nothing was lost (with --find-max: when the ladder ran), 1 when an
+acknowledged delivery was lost or a target could not be driven, 2 on bad parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench.params import (
+    DEFAULT_MIX,
+    DEFAULT_SERVICE_PORTS,
+    SCENARIOS,
+    BenchParams,
+    ParamError,
+    parse_mix,
+    parse_ports,
+)
+from bench.progress import ProgressLine
+
+DEFAULT_URL = os.environ.get("PEERNET_BENCH_URL", "http://127.0.0.1:8000")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+EPILOG = """\
+examples:
+  python -m bench dm --clients 200 --rate 500 --duration 30
+  python -m bench fanout --clients 200 --followers 50 --rate 20
+  python -m bench presence --clients 200 --churners 100 --watch 20 --rate 40
+  python -m bench mixed --clients 300 --rate 300 --mix dm=0.7,fanout=0.1,presence=0.2
+  python -m bench dm --find-max --rate 100 --step-factor 1.5 --bound-ms 100
+  python -m bench dm --vs socketio --find-max --rate 100     # PeerNet, then the baseline
+  python -m bench dm --target socketio                       # the baseline alone
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchParams()
+    ap = argparse.ArgumentParser(prog="peernet bench", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", nargs="?", default="dm", choices=SCENARIOS,
+                    help="dm: pairs/small groups chatting; fanout: authors posting to followers; "
+                         "presence: connect/disconnect churn seen by watchers; mixed: all three")
+    g = ap.add_argument_group("target")
+    g.add_argument("--url", action="append", dest="urls", metavar="URL",
+                   help=f"PeerNet HTTP address, repeatable (clients spread over them); default {DEFAULT_URL} "
+                        "(or $PEERNET_BENCH_URL)")
+    g.add_argument("--target", choices=("peernet", "socketio"), default="peernet",
+                   help="what to drive; socketio starts the baseline servers itself")
+    g.add_argument("--vs", choices=("socketio",), help="then run the same dm scenario against the baseline")
+    g.add_argument("--baseline-ports", default="8101,8102",
+                   help="ports of the baseline's server processes (default 8101,8102)")
+    g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the baseline's Redis")
+    g.add_argument("--service-ports", default=",".join(f"{k}={v}" for k, v in DEFAULT_SERVICE_PORTS.items()),
+                   help="count only the service instances listening on these ports (default %(default)s)")
+    g.add_argument("--json-frames", action="store_true", help="speak JSON text frames instead of MessagePack")
+
+    g = ap.add_argument_group("load")
+    g.add_argument("--clients", type=int, default=d.clients, help=f"simulated users (default {d.clients})")
+    g.add_argument("--rate", type=float, default=d.rate,
+                   help=f"actions per second in total: DMs, posts or presence changes (default {d.rate:g}); "
+                        "with --find-max the first step")
+    g.add_argument("--duration", type=float, default=d.duration,
+                   help=f"measured seconds per rate, after the warm-up (default {d.duration:g})")
+    g.add_argument("--warmup", type=float, default=d.warmup,
+                   help=f"seconds of load before measuring; accounted, not timed (default {d.warmup:g})")
+    g.add_argument("--drain", type=float, default=d.drain,
+                   help=f"seconds to wait for in-flight deliveries after the last send (default {d.drain:g})")
+    g.add_argument("--size", type=int, default=d.size, help=f"message body characters (default {d.size})")
+    g.add_argument("--group-size", type=int, default=d.group_size,
+                   help=f"dm: users per chat group; each writes to the others (default {d.group_size})")
+    g.add_argument("--authors", type=int, default=d.authors,
+                   help="fanout: authors (default: a tenth of the clients)")
+    g.add_argument("--followers", type=int, default=d.followers,
+                   help=f"fanout: followers per author (default {d.followers})")
+    g.add_argument("--churners", type=int, default=d.churners,
+                   help="presence: users that connect and disconnect (default: half the clients)")
+    g.add_argument("--watch", type=int, default=d.watch,
+                   help=f"presence: churners each watcher watches (default {d.watch})")
+    g.add_argument("--mix", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_MIX.items()),
+                   help="mixed: shares of rate and clients (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the plan and schedule (default 1)")
+    g.add_argument("--procs", type=int, default=d.procs, help="load processes (default 1)")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds before an unacknowledged request counts as failed "
+                        f"(default {d.request_timeout:g})")
+    g.add_argument("--connect-concurrency", type=int, default=d.connect_concurrency,
+                   help=f"handshakes in flight at once while connecting (default {d.connect_concurrency})")
+    g.add_argument("--run-tag", default="", help="name this run's users b<TAG>_<n> (default: random)")
+
+    g = ap.add_argument_group("find the maximum rate")
+    g.add_argument("--find-max", action="store_true",
+                   help="raise the rate by --step-factor until p99 > --bound-ms or anything is lost")
+    g.add_argument("--bound-ms", type=float, default=d.bound_ms, help=f"p99 bound (default {d.bound_ms:g})")
+    g.add_argument("--step-factor", type=float, default=d.step_factor, help=f"default {d.step_factor:g}")
+    g.add_argument("--max-rate", type=float, default=d.max_rate, help="stop the ladder here")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="results go to OUT/<timestamp>/ (default bench/results)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+    return ap
+
+
+def params_from_args(args: argparse.Namespace) -> BenchParams:
+    return BenchParams(
+        scenario=args.scenario, target=args.target, urls=tuple(args.urls or [DEFAULT_URL]),
+        clients=args.clients, rate=args.rate, duration=args.duration, warmup=args.warmup, drain=args.drain,
+        size=args.size, group_size=args.group_size, authors=args.authors, followers=args.followers,
+        churners=args.churners, watch=args.watch, mix=parse_mix(args.mix), seed=args.seed, procs=args.procs,
+        request_timeout=args.request_timeout, connect_concurrency=args.connect_concurrency,
+        binary=not args.json_frames, run_tag=args.run_tag, service_ports=parse_ports(args.service_ports),
+        find_max=args.find_max, bound_ms=args.bound_ms,
+        step_factor=args.step_factor, max_rate=args.max_rate, max_steps=args.max_steps,
+    ).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = params_from_args(args)
+        if args.vs and params.scenario != "dm":
+            raise ParamError("--vs socketio compares the dm scenario only")
+        ports = tuple(int(p) for p in args.baseline_ports.split(",") if p.strip())
+    except (ParamError, ValueError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"peernet bench: error: {exc}", file=sys.stderr)
+        return 2
+
+    from bench.report import build_report, results_dir, write_results
+    from bench.runner import run_bench
+
+    progress = ProgressLine(enabled=not args.quiet)
+    outdir = results_dir(args.out, time.time())
+    run = asyncio.run(run_bench(params, vs=args.vs, progress=progress, baseline_ports=ports,
+                                redis_url=args.redis_url, log_dir=outdir))
+    report = build_report(run, ["peernet", "bench", *argv])
+    files = write_results(report, outdir, plots=not args.no_plots)
+    losses = report["losses"]
+    print(f"lost {losses['lost']} of {losses['acknowledged_deliveries']} acknowledged deliveries; "
+          f"results in {outdir}/ ({', '.join(files)})")
+    for t in report["targets"]:
+        held = t["max_held_rate"]
+        if t["error"]:
+            print(f"  {t['name']}: FAILED: {t['error']}")
+        elif params.find_max:
+            print(f"  {t['name']}: largest rate held {held if held is not None else 'none'}/s")
+        for ph in t["phases"]:
+            print(f"  {t['name']} {ph['rate_target']:g}/s: {ph['verdict']}")
+    if any(t["error"] for t in report["targets"]):
+        return 1
+    if losses["lost"] and not params.find_max:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

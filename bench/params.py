@@ -1,0 +1,139 @@
+"""The parameters of one benchmark invocation: one frozen dataclass, validated once, recorded
+verbatim in the results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+SCENARIOS = ("dm", "fanout", "presence", "mixed")
+TARGETS = ("peernet", "socketio")
+
+# Rate shares of the `mixed` scenario when --mix is not given (clients split in the same shares).
+DEFAULT_MIX: dict[str, float] = {"dm": 0.7, "fanout": 0.1, "presence": 0.2}
+# Where PeerNet's services listen by default; the probe counts only the instances on these ports.
+DEFAULT_SERVICE_PORTS: dict[str, int] = {"kafka": 9092, "redis": 6379, "mongo": 27017}
+
+
+class ParamError(ValueError):
+    """A parameter is out of range or inconsistent with another."""
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """Everything that determines what the load generator does.
+
+    `rate` is the total arrival rate of the scenario's actions per second (DMs, posts, or presence
+    changes); each phase sends for `warmup + duration` seconds and then drains.
+    """
+
+    scenario: str = "dm"
+    target: str = "peernet"
+    urls: tuple[str, ...] = ("http://127.0.0.1:8000",)
+    clients: int = 100
+    rate: float = 100.0
+    duration: float = 20.0
+    warmup: float = 5.0
+    drain: float = 10.0
+    size: int = 100
+    group_size: int = 2
+    authors: int = 0
+    followers: int = 10
+    churners: int = 0
+    watch: int = 10
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    seed: int = 1
+    procs: int = 1
+    request_timeout: float = 15.0
+    connect_concurrency: int = 64
+    binary: bool = True
+    run_tag: str = ""
+    service_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SERVICE_PORTS))
+    # --find-max
+    find_max: bool = False
+    bound_ms: float = 100.0
+    step_factor: float = 1.5
+    max_rate: float = 100_000.0
+    max_steps: int = 12
+
+    def validate(self) -> BenchParams:
+        """Return self, or raise ParamError naming the first bad parameter."""
+        if self.scenario not in SCENARIOS:
+            raise ParamError(f"scenario must be one of {', '.join(SCENARIOS)}")
+        if self.target not in TARGETS:
+            raise ParamError(f"target must be one of {', '.join(TARGETS)}")
+        if self.target == "socketio" and self.scenario != "dm":
+            raise ParamError("the Socket.IO baseline implements the dm scenario only")
+        if not self.urls:
+            raise ParamError("at least one --url is needed")
+        checks: list[tuple[bool, str]] = [
+            (self.clients >= 2, "--clients must be at least 2"),
+            (self.rate > 0, "--rate must be positive"),
+            (self.duration > 0, "--duration must be positive"),
+            (self.warmup >= 0, "--warmup must not be negative"),
+            (self.drain >= 0, "--drain must not be negative"),
+            (1 <= self.size <= 4000, "--size must be 1 to 4000 characters"),
+            (self.group_size >= 2, "--group-size must be at least 2"),
+            (self.authors >= 0, "--authors must not be negative"),
+            (self.followers >= 1, "--followers must be at least 1"),
+            (self.churners >= 0, "--churners must not be negative"),
+            (self.watch >= 1, "--watch must be at least 1"),
+            (self.procs >= 1, "--procs must be at least 1"),
+            (self.request_timeout > 0, "--request-timeout must be positive"),
+            (self.connect_concurrency >= 1, "--connect-concurrency must be at least 1"),
+            (self.bound_ms > 0, "--bound-ms must be positive"),
+            (self.step_factor > 1.0, "--step-factor must be greater than 1"),
+            (self.max_steps >= 1, "--max-steps must be at least 1"),
+            (len(self.run_tag) <= 8 and (self.run_tag.isalnum() or not self.run_tag)
+             and self.run_tag == self.run_tag.lower(), "--run-tag: at most 8 of [a-z0-9]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParamError(message)
+        if self.scenario == "mixed":
+            if set(self.mix) - {"dm", "fanout", "presence"}:
+                raise ParamError("--mix takes the shares dm, fanout and presence")
+            if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ParamError("--mix shares must be non-negative and not all zero")
+        return self
+
+    def with_(self, **changes: Any) -> BenchParams:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["urls"] = list(self.urls)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchParams:
+        d = dict(d)
+        d["urls"] = tuple(d.get("urls", ()))
+        return cls(**d)
+
+
+def parse_ports(text: str) -> dict[str, int]:
+    """Parse `kafka=9092,redis=6379,mongo=27017`."""
+    out: dict[str, int] = {}
+    for name, share in parse_mix(text).items():
+        if share != int(share) or not 0 < share < 65536:
+            raise ParamError(f"--service-ports: {name}={share:g} is not a port")
+        out[name] = int(share)
+    return out
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """Parse `dm=0.7,fanout=0.1,presence=0.2` into shares."""
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ParamError(f"--mix: expected NAME=SHARE, got {part!r}")
+        try:
+            mix[name.strip()] = float(value)
+        except ValueError:
+            raise ParamError(f"--mix: {value!r} is not a number") from None
+    return mix

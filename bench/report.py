@@ -1,0 +1,401 @@
+"""The results of a run: one JSON document with every figure, the exact parameters and the
+versions; a Markdown summary that leads with losses; PNG plots (latency by percentile, and
+latency percentiles against rate for --find-max)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import __version__
+from bench.runner import SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
+
+SCHEMA = 1
+DURABILITY = (
+    "PeerNet acknowledges a DM only once it is durable in Kafka (written with acks from all "
+    "in-sync replicas) and delivers at least once, replaying from the inbox after a reconnect. "
+    "The Socket.IO baseline acknowledges after handing the message to Redis pub/sub: nothing is "
+    "stored, and a message whose recipient is disconnected, or a server that restarts, loses it. "
+    "The two paths do not give the same guarantee; the ratios compare cost, not equivalence."
+)
+_PACKAGES = ("websockets", "msgpack", "hdrhistogram", "psutil", "httpx", "matplotlib", "python-socketio",
+             "python-engineio", "uvicorn", "redis", "peernet")
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"bench": __version__, "python": sys.version.split()[0],
+                           "implementation": platform.python_implementation()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                           text=True, timeout=5).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        out["bench_modified"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "memory_mib": psutil.virtual_memory().total // (1024 * 1024),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
+    acc = o.accounting
+    measured_s = max(o.seconds - 0.0, 1e-9)
+    return {
+        "phase": o.phase,
+        "rate_target": o.rate,
+        "seconds": o.seconds,
+        "held": o.held,
+        "verdict": o.verdict,
+        "headline_kinds": o.headline_kinds(scenario),
+        "headline_p99_ms": round(o.headline_p99_ms, 3),
+        "sent": o.sent,
+        "acked_rate": round(acc.total.acked / measured_s, 1),
+        "accounting": acc.to_dict(),
+        "send_lag_ms": o.send_lag.summary(),
+        "late_after_drain": o.late,
+        "foreign_frames": o.foreign,
+        "frames_between_phases": o.stray,
+        "presence_unexplained": o.unexplained_presence,
+        "inbox_gaps": o.inbox_gaps,
+        "connections": o.conn_stats,
+        "server": o.server,
+        "histograms": {k: h.encode() for k, h in sorted(acc.latency.items())},
+        "cdf_ms": {k: [[round(v, 3), round(p, 5)] for v, p in h.cdf()] for k, h in sorted(acc.latency.items())
+                   if not k.endswith("_ack")},
+    }
+
+
+def target_dict(t: TargetResult, scenario: str) -> dict[str, Any]:
+    phases = [phase_dict(p, scenario) for p in t.phases]
+    lost = sum(p.accounting.total.lost for p in t.phases)
+    return {
+        "name": t.name,
+        "urls": t.urls,
+        "error": t.error or None,
+        "health": t.health or None,
+        "connections": t.connections,
+        "setup_s": t.setup_s,
+        "memory": t.memory,
+        "max_held_rate": t.max_held_rate,
+        "lost": lost,
+        "phases": phases,
+        "processes": t.processes,
+        "notes": t.notes,
+    }
+
+
+def _equal_load(a: TargetResult, b: TargetResult) -> tuple[PhaseOutcome, PhaseOutcome] | None:
+    """The highest rate both targets ran and both held; else the lowest rate both ran."""
+    ra = {p.rate: p for p in a.phases}
+    rb = {p.rate: p for p in b.phases}
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        return None
+    both = [r for r in common if ra[r].held and rb[r].held]
+    r = both[-1] if both else common[0]
+    return ra[r], rb[r]
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    if x is None or y is None or y == 0:
+        return None
+    return round(x / y, 3)
+
+
+def comparison(run: BenchRun) -> dict[str, Any] | None:
+    if not run.vs or len(run.targets) < 2:
+        return None
+    peer, base = run.targets[0], run.targets[1]
+    out: dict[str, Any] = {"durability": DURABILITY, "bound_ms": run.params.bound_ms,
+                           "target": peer.name, "baseline": base.name}
+    if run.params.find_max:
+        out["max_rate"] = {peer.name: peer.max_held_rate, base.name: base.max_held_rate,
+                           "ratio": _ratio(peer.max_held_rate, base.max_held_rate)}
+    else:
+        out["max_rate"] = {"note": "run with --find-max to compare the largest rate that holds"}
+    pair = _equal_load(peer, base)
+    if pair is not None:
+        pa, pb = pair
+        kind = SCENARIO_KINDS[run.params.scenario][0]
+        ha, hb = pa.accounting.hist(kind), pb.accounting.hist(kind)
+        out["equal_load"] = {
+            "rate": pa.rate,
+            "both_held": pa.held and pb.held,
+            "kind": kind,
+            peer.name: {"p50_ms": ha.percentile_ms(50), "p99_ms": ha.percentile_ms(99),
+                        "lost": pa.accounting.total.lost},
+            base.name: {"p50_ms": hb.percentile_ms(50), "p99_ms": hb.percentile_ms(99),
+                        "lost": pb.accounting.total.lost},
+            "p50_ratio": _ratio(ha.percentile_ms(50), hb.percentile_ms(50)),
+            "p99_ratio": _ratio(ha.percentile_ms(99), hb.percentile_ms(99)),
+        }
+    return out
+
+
+def build_report(run: BenchRun, argv: list[str]) -> dict[str, Any]:
+    targets = [target_dict(t, run.params.scenario) for t in run.targets]
+    acked = sum(p.accounting.total.expected for t in run.targets for p in t.phases)
+    lost = sum(t["lost"] for t in targets)
+    return {
+        "schema": SCHEMA,
+        "created": dt.datetime.fromtimestamp(run.started, dt.UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(run.ended - run.started, 1),
+        "command": argv,
+        "run_tag": run.run,
+        "params": run.params.to_dict(),
+        "rates": rate_ladder(run.params),
+        "losses": {"lost": lost, "acknowledged_deliveries": acked,
+                   "by_target": {t["name"]: t["lost"] for t in targets}},
+        "targets": targets,
+        "comparison": comparison(run),
+        "versions": versions(),
+        "machine": machine(),
+        "notes": run.notes,
+    }
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+_KIND_TITLE = {"dm": "DM delivery", "post": "feed push", "presence": "presence event"}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    p = report["params"]
+    losses = report["losses"]
+    lines: list[str] = []
+    title = f"# bench: `{p['scenario']}` on {', '.join(t['name'] for t in report['targets'])}"
+    lines += [title, ""]
+    by_t = ", ".join(f"{n} {_fmt(v)}" for n, v in losses["by_target"].items())
+    head = "No losses" if losses["lost"] == 0 else "LOSSES"
+    lines += [f"**{head}: {losses['lost']:,} lost of {losses['acknowledged_deliveries']:,} acknowledged "
+              f"deliveries** ({by_t}).", ""]
+    for t in report["targets"]:
+        for ph in t["phases"]:
+            c = ph["accounting"]["total"]
+            if c["duplicated"] or c["reordered"] or c["order_mismatch"] or c["failed"] or ph["inbox_gaps"]:
+                lines.append(f"- {t['name']} at {ph['rate_target']:g}/s: {c['duplicated']} duplicated, "
+                             f"{c['reordered']} reordered, {c['order_mismatch']} out of conversation order, "
+                             f"{c['failed']} failed actions, {ph['inbox_gaps']} inbox seq gaps")
+    if lines[-1] != "":
+        lines.append("")
+
+    comp = report.get("comparison")
+    if comp:
+        lines += ["## PeerNet against the baseline", ""]
+        mr = comp["max_rate"]
+        if "ratio" in mr:
+            lines.append(f"- Largest rate with p99 <= {comp['bound_ms']:g} ms and nothing lost: "
+                         f"{comp['target']} {_fmt(mr.get(comp['target']))}/s, {comp['baseline']} "
+                         f"{_fmt(mr.get(comp['baseline']))}/s, ratio **{_fmt(mr['ratio'], 2)}**.")
+        else:
+            lines.append(f"- Largest rate: {mr['note']}.")
+        eq = comp.get("equal_load")
+        if eq:
+            a, b = eq[comp["target"]], eq[comp["baseline"]]
+            held = "" if eq["both_held"] else ", not held by both"
+            lines.append(
+                f"- At equal load ({eq['rate']:g}/s{held}): "
+                f"p50 {_fmt(a['p50_ms'], 2)} vs {_fmt(b['p50_ms'], 2)} ms "
+                f"(ratio **{_fmt(eq['p50_ratio'], 2)}**), "
+                f"p99 {_fmt(a['p99_ms'], 2)} vs {_fmt(b['p99_ms'], 2)} ms "
+                f"(ratio **{_fmt(eq['p99_ratio'], 2)}**).")
+        lines += [f"- {comp['durability']}", ""]
+
+    for t in report["targets"]:
+        lines += [f"## {t['name']}", ""]
+        if t["error"]:
+            lines += [f"**Failed:** {t['error']}", ""]
+        lines.append(f"- URLs: {', '.join(t['urls'])}; {t['connections']:,} connections, set up in "
+                     f"{t['setup_s']:.1f} s")
+        mem = t["memory"]
+        if mem:
+            lines.append(f"- Server memory: {_fmt(mem.get('server_rss_before_mib'))} MiB before the clients, "
+                         f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
+                         f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
+                         f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
+        if t["max_held_rate"] is not None or p["find_max"]:
+            lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
+                         f"{_fmt(t['max_held_rate'])}/s")
+        for n in t["notes"]:
+            lines.append(f"- Note: {n}")
+        lines.append("")
+        if t["phases"]:
+            lines += _phase_table(t["phases"], p["scenario"])
+            lines += _server_table(t["phases"][-1])
+    lines += ["## Parameters", "", "```", " ".join(report["command"]), "```", "",
+              "| parameter | value |", "|---|---|"]
+    for k, v in p.items():
+        lines.append(f"| {k} | {json.dumps(v)} |")
+    v = report["versions"]
+    lines += ["", "## Versions and machine", "",
+              ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), "",
+              ", ".join(f"{k} {val}" for k, val in report["machine"].items()), ""]
+    return "\n".join(lines)
+
+
+_PHASE_HEADER = [
+    "| rate/s | acked/s | lost | dup | reord | failed | what | p50 | p90 | p99 | p99.9 | max | ack p99 "
+    "| send lag p99 | verdict |",
+    "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+def _phase_table(phases: list[dict[str, Any]], scenario: str) -> list[str]:
+    lines = list(_PHASE_HEADER)
+    for ph in phases:
+        c = ph["accounting"]["total"]
+        lat = ph["accounting"]["latency_ms"]
+        for kind in ph["headline_kinds"] or [SCENARIO_KINDS[scenario][0]]:
+            s = lat.get(kind, {})
+            ack = lat.get(f"{kind}_ack", {})
+            cells = [
+                f"{ph['rate_target']:g}", f"{ph['acked_rate']:,.1f}", str(c["lost"]), str(c["duplicated"]),
+                str(c["reordered"]), str(c["failed"]), _KIND_TITLE.get(kind, kind),
+                *(_fmt(s.get(n), 2) for n in ("p50", "p90", "p99", "p99_9", "max")),
+                _fmt(ack.get("p99"), 2), _fmt(ph["send_lag_ms"].get("p99"), 2), ph["verdict"],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Latencies in ms from each action's scheduled time (open loop), warm-up excluded.", ""]
+    return lines
+
+
+def _server_table(ph: dict[str, Any]) -> list[str]:
+    srv = ph.get("server", {})
+    if not srv.get("by_category"):
+        return []
+    lines = [f"Server processes during the {ph['rate_target']:g}/s phase:", "",
+             "| process | count | RSS peak MiB | CPU mean % | CPU peak % |",
+             "|---|---:|---:|---:|---:|"]
+    for cat, v in srv["by_category"].items():
+        lines.append(f"| {cat} | {v['processes']} | {v['rss_peak_mib']} | {v['cpu_mean_pct']} "
+                     f"| {v['cpu_peak_pct']} |")
+    lag = ", ".join(f"{k} peak {v:g}" for k, v in srv["kafka_lag_peak"].items())
+    lines += ["", f"System CPU mean {srv.get('system_cpu_mean_pct')}% (100% = all cores). "
+              f"Kafka consumer lag: {lag or srv.get('kafka_lag_note', '-')}", ""]
+    return lines
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def write_plots(report: dict[str, Any], outdir: Path) -> list[str]:
+    """latency_cdf.png always (when anything was measured); percentiles_vs_rate.png with more
+    than one rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    written: list[str] = []
+    scenario = report["params"]["scenario"]
+    bound = report["params"]["bound_ms"]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plotted = False
+    for t in report["targets"]:
+        held = [ph for ph in t["phases"] if ph["held"]] or t["phases"]
+        if not held:
+            continue
+        ph = held[-1]
+        for kind in ph["headline_kinds"]:
+            pts = [(v, pct) for v, pct in ph["cdf_ms"].get(kind, []) if pct < 100.0]
+            if not pts:
+                continue
+            xs = [1.0 / (1.0 - pct / 100.0) for _, pct in pts]
+            ax.plot(xs, [v for v, _ in pts], label=f"{t['name']} {kind} @ {ph['rate_target']:g}/s")
+            plotted = True
+    if plotted:
+        ax.set_xscale("log")
+        ticks = [1, 2, 10, 100, 1000, 10000]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * (1 - 1 / x):g}%" if x > 1 else "0%"))
+        ax.axhline(bound, color="grey", linestyle=":", label=f"bound {bound:g} ms")
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency from scheduled send (ms)")
+        ax.set_title(f"{scenario}: latency by percentile")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = outdir / "latency_cdf.png"
+        fig.savefig(path, dpi=110)
+        written.append(path.name)
+    plt.close(fig)
+
+    if any(len(t["phases"]) > 1 for t in report["targets"]):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        styles = {"p50": "-", "p90": "--", "p99": "-.", "p99_9": ":"}
+        for t in report["targets"]:
+            kind = SCENARIO_KINDS[scenario][0]
+            rows = [(ph["rate_target"], ph["accounting"]["latency_ms"].get(kind)) for ph in t["phases"]]
+            rows = [(r, s) for r, s in rows if s]
+            if not rows:
+                continue
+            for name, style in styles.items():
+                ax.plot([r for r, _ in rows], [s[name] for _, s in rows], style, marker="o", markersize=3,
+                        label=f"{t['name']} {name.replace('_', '.')}")
+        ax.axhline(bound, color="grey", linestyle=":", label=f"bound {bound:g} ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (actions/s)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{scenario}: latency percentiles against rate")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = outdir / "percentiles_vs_rate.png"
+        fig.savefig(path, dpi=110)
+        written.append(path.name)
+        plt.close(fig)
+    return written
+
+
+def results_dir(base: Path, when: float) -> Path:
+    stamp = dt.datetime.fromtimestamp(when).strftime("%Y%m%d-%H%M%S")
+    path = base / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    return path
+
+
+def write_results(report: dict[str, Any], outdir: Path, *, plots: bool = True) -> list[str]:
+    """Write results.json, summary.md and the plots into `outdir`; return the file names."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "results.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    (outdir / "summary.md").write_text(render_markdown(report))
+    files = ["results.json", "summary.md"]
+    if plots:
+        files += write_plots(report, outdir)
+    return files

@@ -1,0 +1,423 @@
+"""The coordinator: starts the load processes, runs phases (one rate each, or a `--find-max`
+ladder), merges what every process saw into one accounting, and samples the server meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from bench.baseline_socketio import BaselineCluster
+from bench.client import ConnStats, SetupError, now_us
+from bench.control import Channel, Message, PipeChannel, queue_pair
+from bench.latency import LatencyHistogram
+from bench.ledger import Accounting, Acked, Failed, PresenceSeen, Receipt, Transition, account, match_presence
+from bench.params import BenchParams
+from bench.peernet_client import http_url
+from bench.plan import CHURN, DM, POST, Plan, build_plan, churn_interval_s, new_run_tag, per_sender_rate
+from bench.probe import PEERNET_CATEGORIES, SOCKETIO_CATEGORIES, ServerProbe
+from bench.progress import ProgressLine
+from bench.worker import LoadWorker, WorkerSpec, process_main
+
+# Lead time between announcing a phase and its first action, so every process starts together.
+PHASE_LEAD_S = 1.0
+# Pause between connecting and the idle-memory sample, so the server's allocations settle.
+SETTLE_S = 1.0
+# Per-connection frame rate above which PeerNet's default limit (200/s) would refuse frames.
+RATE_LIMIT_WARN = 150.0
+
+SCENARIO_KINDS = {"dm": (DM,), "fanout": (POST,), "presence": (CHURN,), "mixed": (DM, POST, CHURN)}
+
+
+@dataclass
+class PhaseOutcome:
+    """One phase at one rate, merged over every load process."""
+
+    phase: int
+    rate: float
+    seconds: float
+    started_us: int
+    ended_us: int
+    accounting: Accounting
+    send_lag: LatencyHistogram
+    sent: int
+    late: int
+    foreign: int
+    stray: int
+    unexplained_presence: int
+    inbox_gaps: int
+    conn_stats: dict[str, Any]
+    server: dict[str, Any]
+    held: bool = False
+    verdict: str = ""
+    headline_p99_ms: float = 0.0
+
+    def headline_kinds(self, scenario: str) -> list[str]:
+        return [k for k in SCENARIO_KINDS[scenario] if self.accounting.hist(k).count > 0]
+
+
+@dataclass
+class TargetResult:
+    name: str
+    urls: list[str]
+    connections: int = 0
+    setup_s: float = 0.0
+    memory: dict[str, Any] = field(default_factory=dict)
+    phases: list[PhaseOutcome] = field(default_factory=list)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    health: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def max_held_rate(self) -> float | None:
+        held = [p.rate for p in self.phases if p.held]
+        return max(held) if held else None
+
+
+@dataclass
+class BenchRun:
+    params: BenchParams
+    run: str
+    vs: str | None
+    targets: list[TargetResult]
+    started: float
+    ended: float
+    notes: list[str] = field(default_factory=list)
+
+
+class WorkerHandle:
+    """The coordinator's side of one load process (or in-process worker task)."""
+
+    def __init__(self, channel: Channel, *, process: Any = None,
+                 task: asyncio.Task[None] | None = None) -> None:
+        self.channel = channel
+        self.process = process
+        self.task = task
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.latest: Message | None = None
+        self.reader = asyncio.create_task(self._read())
+        if task is not None:
+            task.add_done_callback(self._task_done)
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.process, "pid", None)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.inbox.put_nowait({"op": "failed", "error": f"load worker crashed: {exc!r}"})
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self.channel.recv()
+            except (EOFError, OSError) as exc:
+                await self.inbox.put({"op": "failed", "error": f"load process exited ({type(exc).__name__})"})
+                return
+            if msg.get("op") == "progress":
+                self.latest = msg
+                continue
+            await self.inbox.put(msg)
+            if msg.get("op") in ("bye", "failed"):
+                return
+
+    async def expect(self, op: str, within_s: float) -> Message:
+        try:
+            msg = await asyncio.wait_for(self.inbox.get(), within_s)
+        except TimeoutError:
+            raise SetupError(f"no {op!r} from a load process within {within_s:.0f} s") from None
+        if msg.get("op") == "failed":
+            raise SetupError(str(msg.get("error")))
+        if msg.get("op") != op:
+            raise SetupError(f"load process sent {msg.get('op')!r}, expected {op!r}")
+        return msg
+
+    async def send(self, msg: Message) -> None:
+        await self.channel.send(msg)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.channel.send({"op": "stop"})
+            await self.expect("bye", 30)
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, 10)
+        if self.process is not None:
+            await asyncio.to_thread(self.process.join, 10)
+            if self.process.is_alive():
+                self.process.terminate()
+                await asyncio.to_thread(self.process.join, 5)
+            if isinstance(self.channel, PipeChannel):
+                self.channel.close()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.reader
+
+
+def start_workers(params: BenchParams, run: str) -> list[WorkerHandle]:
+    """One worker in this process when --procs is 1, else that many spawned load processes."""
+    if params.procs == 1:
+        mine, theirs = queue_pair()
+        worker = LoadWorker(WorkerSpec(params.to_dict(), run, 0, 1), theirs)
+        return [WorkerHandle(mine, task=asyncio.create_task(worker.run(), name="load-worker"))]
+    ctx = mp.get_context("spawn")
+    handles = []
+    for i in range(params.procs):
+        parent_end, child_end = ctx.Pipe()
+        spec = WorkerSpec(params.to_dict(), run, i, params.procs)
+        proc = ctx.Process(target=process_main, args=(spec.to_dict(), child_end), daemon=True,
+                           name=f"bench-load-{i}")
+        proc.start()
+        child_end.close()
+        handles.append(WorkerHandle(PipeChannel(parent_end), process=proc))
+    return handles
+
+
+def rate_ladder(params: BenchParams) -> list[float]:
+    """The rates of a run: `--rate` alone, or for --find-max `--rate` times `--step-factor` to
+    the n-th power, up to `--max-rate` and `--max-steps` steps."""
+    if not params.find_max:
+        return [params.rate]
+    rates: list[float] = []
+    r = params.rate
+    while len(rates) < params.max_steps and r <= params.max_rate * (1 + 1e-9):
+        rates.append(float(f"{r:.3g}"))
+        r *= params.step_factor
+    return rates
+
+
+def plan_notes(plan: Plan, params: BenchParams, rate: float) -> list[str]:
+    notes = []
+    per_conn = per_sender_rate(plan, rate)
+    if params.target == "peernet" and per_conn > RATE_LIMIT_WARN:
+        notes.append(f"each sender sends {per_conn:.0f} frames/s at {rate:g}/s; PeerNet's default limit "
+                     "is 200/s per connection: use more --clients")
+    gap = churn_interval_s(plan, rate)
+    if gap < 1.0:
+        notes.append(f"each churner changes state every {gap:.2f} s at {rate:g}/s; below 1 s presence "
+                     "events may be coalesced or mismatched: use more --clients or --churners")
+    return notes
+
+
+class Coordinator:
+    """Drives one target through its phases."""
+
+    def __init__(self, params: BenchParams, run: str, progress: ProgressLine) -> None:
+        self.params = params
+        self.run = run
+        self.plan = build_plan(params, run)
+        self.progress = progress
+
+    async def run_target(self, probe: ServerProbe) -> TargetResult:
+        p = self.params
+        result = TargetResult(p.target, list(p.urls))
+        await probe.start()
+        handles: list[WorkerHandle] = []
+        try:
+            before = probe.samples[-1]
+            started = time.monotonic()
+            self.progress.say(f"[{p.target}] connecting {p.clients} clients "
+                              f"({len(self.plan.always_connected)} stay connected) "
+                              f"with {p.procs} load process(es)")
+            handles = start_workers(p, self.run)
+            probe.add_load_pids(h.pid for h in handles if h.pid is not None)
+            ready_timeout = 60 + p.clients / 20
+            readies = await asyncio.gather(*(h.expect("ready", ready_timeout) for h in handles))
+            result.setup_s = round(time.monotonic() - started, 2)
+            result.connections = sum(int(r["connections"]) for r in readies)
+            await asyncio.sleep(SETTLE_S)
+            after = await probe.mark("connected")
+            result.memory = self._memory(probe, before, after, result.connections)
+            for i, rate in enumerate(rate_ladder(p)):
+                result.notes.extend(n for n in plan_notes(self.plan, p, rate) if n not in result.notes)
+                outcome = await self.run_phase(handles, probe, i, rate)
+                result.phases.append(outcome)
+                self.progress.say(self._phase_line(outcome))
+                if p.find_max and not outcome.held:
+                    break
+        except SetupError as exc:
+            result.error = str(exc)
+            self.progress.say(f"[{p.target}] failed: {exc}")
+        finally:
+            await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
+            await probe.stop()
+            result.processes = probe.processes()
+            if probe.lag_note not in ("ok", "no metrics URL for this target"):
+                result.notes.append(f"Kafka consumer lag not measured: {probe.lag_note}")
+        return result
+
+    @staticmethod
+    def _memory(probe: ServerProbe, before: Any, after: Any, connections: int) -> dict[str, Any]:
+        mib = 1024 * 1024
+        out: dict[str, Any] = {
+            "server_rss_before_mib": round(probe.server_rss(before) / mib, 1),
+            "server_rss_connected_mib": round(probe.server_rss(after) / mib, 1),
+            "by_category_connected_mib": {k: round(v / mib, 1) for k, v in sorted(after.rss.items())},
+        }
+        if connections:
+            for label, services in (("per_connection_kib", True),
+                                    ("per_connection_kib_without_services", False)):
+                delta = probe.server_rss(after, services) - probe.server_rss(before, services)
+                out[label] = round(delta / connections / 1024, 1)
+        return out
+
+    def _phase_line(self, o: PhaseOutcome) -> str:
+        t = o.accounting.total
+        return (f"[{self.params.target} {o.rate:g}/s] lost {t.lost} of {t.expected} deliveries, "
+                f"dup {t.duplicated}, reordered {t.reordered}, failed {t.failed}; "
+                f"p99 {o.headline_p99_ms:.1f} ms -> {o.verdict}")
+
+    async def run_phase(self, handles: list[WorkerHandle], probe: ServerProbe, phase: int,
+                        rate: float) -> PhaseOutcome:
+        p = self.params
+        seconds = p.warmup + p.duration
+        t0_us = now_us() + int(PHASE_LEAD_S * 1e6)
+        for h in handles:
+            await h.send({"op": "phase", "phase": phase, "rate": rate, "t0_us": t0_us})
+        ticker = asyncio.create_task(self._show_progress(handles, rate, t0_us))
+        try:
+            send_wait = seconds + PHASE_LEAD_S + p.request_timeout + 60
+            sent_msgs = await asyncio.gather(*(h.expect("sent", send_wait) for h in handles))
+            acked = [Acked(a[0], a[1], a[2], a[3], tuple(a[4]), a[5], a[6], bool(a[7]))
+                     for m in sent_msgs for a in m["acked"]]
+            failed = [Failed(*f) for m in sent_msgs for f in m["failed"]]
+            transitions = [Transition(t[0], t[1], bool(t[2]), t[3])
+                           for m in sent_msgs for t in m["transitions"]]
+            acked_ks = [a.k for a in acked]
+            deadline_us = now_us() + int(p.drain * 1e6)
+            for h in handles:
+                await h.send({"op": "expect", "acked": acked_ks, "deadline_us": deadline_us})
+            results = await asyncio.gather(*(h.expect("result", p.drain + 60) for h in handles))
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self.progress.done()
+        ended_us = now_us()
+        receipts = [Receipt(r[0], r[1], r[2], r[3]) for m in results for r in m["receipts"]]
+        seen = [PresenceSeen(s[0], s[1], bool(s[2]), s[3]) for m in results for s in m["seen"]]
+        matched, unexplained = match_presence(transitions, seen)
+        accounting = account(acked, failed, receipts + matched)
+        send_lag = LatencyHistogram()
+        for m in sent_msgs:
+            send_lag.merge(LatencyHistogram.decode(m["send_lag"]))
+        outcome = PhaseOutcome(
+            phase=phase, rate=rate, seconds=seconds, started_us=t0_us, ended_us=ended_us,
+            accounting=accounting, send_lag=send_lag,
+            sent=sum(int(m["sent"]) for m in sent_msgs),
+            late=sum(int(m["late"]) for m in results),
+            foreign=sum(int(m["foreign"]) for m in results),
+            stray=sum(int(m["stray"]) for m in results),
+            unexplained_presence=unexplained,
+            inbox_gaps=sum(int(m["inbox_gaps"]) for m in results),
+            conn_stats=ConnStats.merge_dicts([m["stats"] for m in results]),
+            server=probe.window(t0_us, ended_us),
+        )
+        self._judge(outcome)
+        return outcome
+
+    def _judge(self, o: PhaseOutcome) -> None:
+        """A phase holds when nothing is lost, nothing fails, and the worst p99 of its delivery
+        latencies is within the bound."""
+        kinds = o.headline_kinds(self.params.scenario)
+        o.headline_p99_ms = max((o.accounting.hist(k).percentile_ms(99.0) for k in kinds), default=0.0)
+        t = o.accounting.total
+        if t.lost:
+            o.verdict = f"{t.lost} lost"
+        elif t.failed:
+            o.verdict = f"{t.failed} actions failed"
+        elif not kinds:
+            o.verdict = "nothing measured"
+        elif o.headline_p99_ms > self.params.bound_ms:
+            o.verdict = f"p99 {o.headline_p99_ms:.1f} ms > {self.params.bound_ms:g} ms"
+        else:
+            o.held = True
+            o.verdict = "held"
+
+    async def _show_progress(self, handles: list[WorkerHandle], rate: float, t0_us: int) -> None:
+        name = self.params.target
+        while True:
+            await asyncio.sleep(1.0)
+            msgs = [h.latest for h in handles if h.latest is not None]
+            hist = LatencyHistogram()
+            for m in msgs:
+                hist.merge(LatencyHistogram.decode(m["hist"]))
+            elapsed = (now_us() - t0_us) / 1e6
+            sent = sum(int(m["sent"]) for m in msgs)
+            acked = sum(int(m["acked"]) for m in msgs)
+            failed = sum(int(m["failed"]) for m in msgs)
+            delivered = sum(int(m["delivered"]) for m in msgs)
+            self.progress.update(
+                f"[{name} {rate:g}/s] {elapsed:6.1f}s  sent {sent}  acked {acked}  failed {failed}  "
+                f"delivered {delivered}  p99 {hist.percentile_ms(99.0):.1f} ms")
+
+
+async def peernet_health(url: str) -> dict[str, Any]:
+    """GET /healthz, or why it could not be read."""
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            resp = await client.get(http_url(url) + "/healthz")
+    except httpx.HTTPError as exc:
+        return {"status": "unreachable", "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        body: Any = resp.json()
+    except ValueError:
+        body = resp.text[:200]
+    return {"http_status": resp.status_code, "body": body}
+
+
+async def run_bench(params: BenchParams, *, vs: str | None = None, progress: ProgressLine | None = None,
+                    baseline_ports: tuple[int, ...] = (8101, 8102),
+                    redis_url: str = "redis://127.0.0.1:6379/0", log_dir: Any = None) -> BenchRun:
+    """Run the scenario against the target, then (with `vs`) the same against the baseline."""
+    params.validate()
+    progress = progress or ProgressLine(enabled=False)
+    run = params.run_tag or new_run_tag()
+    started = time.time()
+    out = BenchRun(params, run, vs, [], started, started)
+    names = [params.target] + ([vs] if vs and vs != params.target else [])
+    for name in names:
+        p = params.with_(target=name)
+        if name == "socketio":
+            cluster = BaselineCluster(baseline_ports, redis_url=redis_url, log_dir=log_dir)
+            try:
+                await cluster.start()
+            except SetupError as exc:
+                out.targets.append(TargetResult(name, cluster.urls, error=str(exc)))
+                progress.say(f"[socketio] failed to start the baseline: {exc}")
+                continue
+            try:
+                p = p.with_(urls=tuple(cluster.urls))
+                redis_port = urlparse(redis_url).port or 6379
+                probe = ServerProbe(SOCKETIO_CATEGORIES, service_ports={"redis": redis_port},
+                                    own_pids=dict.fromkeys(cluster.pids, "socketio"))
+                result = await Coordinator(p, run, progress).run_target(probe)
+                result.notes.append(
+                    f"baseline: python-socketio AsyncServer + AsyncRedisManager ({redis_url}) under uvicorn, "
+                    f"{len(cluster.urls)} server processes on ports {', '.join(map(str, baseline_ports))}; "
+                    "messages are not stored anywhere (at-most-once)")
+            finally:
+                await cluster.stop()
+        else:
+            health = await peernet_health(p.urls[0])
+            if health.get("status") == "unreachable":
+                result = TargetResult(name, list(p.urls), error=f"PeerNet at {p.urls[0]} is unreachable: "
+                                                                 f"{health.get('error')}")
+                progress.say(f"[peernet] {result.error}")
+            else:
+                base = http_url(p.urls[0])
+                probe = ServerProbe(PEERNET_CATEGORIES, metrics_url=base + "/metrics",
+                                    server_port=urlparse(base).port or 80, service_ports=p.service_ports)
+                result = await Coordinator(p, run, progress).run_target(probe)
+            result.health = health
+        out.targets.append(result)
+    out.ended = time.time()
+    return out

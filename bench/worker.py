@@ -1,0 +1,327 @@
+"""A load process: owns every user whose index is its own modulo the process count, keeps their
+connections, performs their scheduled actions open-loop and records what arrives.
+
+It speaks to the coordinator over a control channel:
+  -> ready | failed          after setup (tokens, connections, follows, watches)
+  <- phase                   run one phase at a rate, starting at t0
+  -> progress                about once a second while a phase runs
+  -> sent                    its actions resolved: what was acknowledged, what failed
+  <- expect                  every process's acknowledged actions, and the drain deadline
+  -> result                  what its users received
+  <- stop, -> bye
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.client import Connection, ConnStats, Frame, RequestFailed, SetupError, Target, now_us
+from bench.control import Channel, Message
+from bench.latency import LatencyHistogram
+from bench.ledger import Acked, Failed, PresenceSeen, Receipt, Transition
+from bench.params import BenchParams
+from bench.plan import CHURN, DM, POST, Event, Plan, build_plan, encode_body, parse_body, schedule
+
+PROGRESS_INTERVAL_S = 1.0
+# Actions due within this much are performed now rather than after a sleep.
+DISPATCH_SLACK_US = 1000
+
+
+def make_target(name: str, urls: list[str], params: BenchParams) -> Target:
+    if name == "socketio":
+        from bench.socketio_client import SocketIOTarget
+
+        return SocketIOTarget(urls, request_timeout=params.request_timeout)
+    from bench.peernet_client import PeerNetTarget
+
+    return PeerNetTarget(urls, binary=params.binary, request_timeout=params.request_timeout)
+
+
+@dataclass
+class WorkerSpec:
+    params: dict[str, Any]
+    run: str
+    index: int
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "run": self.run, "index": self.index, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
+        return cls(d["params"], d["run"], d["index"], d["count"])
+
+
+@dataclass
+class PhaseState:
+    """What one phase has done and seen so far in this process."""
+
+    phase: int
+    t0_us: int
+    warm_end_us: int
+    acked: list[Acked] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+    seen: list[PresenceSeen] = field(default_factory=list)
+    first: set[tuple[int, int]] = field(default_factory=set)
+    owed: dict[int, int] = field(default_factory=dict)
+    sent: int = 0
+    late: int = 0
+    hist: LatencyHistogram = field(default_factory=LatencyHistogram)
+    send_lag: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+class LoadWorker:
+    def __init__(self, spec: WorkerSpec, channel: Channel, target: Target | None = None) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.params = BenchParams.from_dict(spec.params)
+        self.plan: Plan = build_plan(self.params, spec.run)
+        self.user_index = self.plan.user_index()
+        self.owned = [i for i in range(len(self.plan.users)) if i % spec.count == spec.index]
+        self.target = target or make_target(self.params.target, list(self.params.urls), self.params)
+        self.stats = ConnStats()
+        self.conns: dict[int, Connection] = {}
+        self.state: PhaseState | None = None
+        self.foreign = 0
+        self.stray = 0
+        self._churn_locks: dict[int, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def owns(self, i: int) -> bool:
+        return i % self.spec.count == self.spec.index
+
+    # --- the control loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.setup()
+        except (SetupError, RequestFailed) as exc:
+            await self.channel.send({"op": "failed", "error": str(exc)})
+            await self.teardown()
+            return
+        online = sum(1 for c in self.conns.values() if c.online)
+        await self.channel.send({"op": "ready", "connections": online,
+                                 "setup_s": round(time.monotonic() - started, 3)})
+        ticker = asyncio.create_task(self._tick_loop())
+        try:
+            while True:
+                cmd = await self.channel.recv()
+                if cmd.get("op") == "phase":
+                    await self.run_phase(cmd)
+                else:
+                    break
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await self.teardown()
+        await self.channel.send({"op": "bye"})
+
+    async def setup(self) -> None:
+        plan = self.plan
+        await self.target.prepare([(i, plan.users[i]) for i in self.owned])
+        for i in self.owned:
+            self.conns[i] = self.target.connection(i, plan.users[i], self.on_frame, self.stats)
+        sem = asyncio.Semaphore(self.params.connect_concurrency)
+        churning = set(plan.churners)
+
+        async def opened(i: int) -> None:
+            async with sem:
+                await self.conns[i].open()
+
+        await asyncio.gather(*(opened(i) for i in self.owned if i not in churning))
+
+        async def ask(i: int, frame: Frame) -> None:
+            async with sem:
+                await self.conns[i].request(frame, idempotent=True)
+
+        jobs = []
+        for author, followers in plan.followers.items():
+            for f in followers:
+                if self.owns(f):
+                    jobs.append(ask(f, {"t": "follow", "user": plan.users[author]}))
+        for watcher, watched in plan.watching.items():
+            if self.owns(watcher):
+                jobs.append(ask(watcher, {"t": "watch", "users": [plan.users[c] for c in watched]}))
+        await asyncio.gather(*jobs)
+
+    async def teardown(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.conns.values()), return_exceptions=True)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            now = time.monotonic()
+            for c in list(self.conns.values()):
+                if c.online:
+                    await c.tick(now)
+            st = self.state
+            if st is not None:
+                await self.channel.send({
+                    "op": "progress", "sent": st.sent, "acked": len(st.acked), "failed": len(st.failed),
+                    "delivered": len(st.first) + len(st.seen), "hist": st.hist.encode(),
+                })
+
+    # --- a phase ------------------------------------------------------------------------------
+    async def run_phase(self, cmd: Message) -> None:
+        p = self.params
+        phase = int(cmd["phase"])
+        rate = float(cmd["rate"])
+        t0_us = int(cmd["t0_us"])
+        st = PhaseState(phase, t0_us, t0_us + int(p.warmup * 1e6))
+        self.state = st
+        inflight: set[asyncio.Task[None]] = set()
+        unyielded = 0
+        for ev in schedule(self.plan, p.seed, phase, rate, p.warmup + p.duration):
+            mine = sum(1 for r in self.plan.recipients(ev) if self.owns(r))
+            if mine:
+                st.owed[ev.k] = mine
+            if not self.owns(ev.actor):
+                continue
+            due_us = t0_us + ev.at_us
+            wait_us = due_us - now_us()
+            if wait_us > DISPATCH_SLACK_US:
+                await asyncio.sleep(wait_us / 1e6)
+                unyielded = 0
+            elif unyielded >= 50:
+                # Behind schedule: still let the readers run, or arrivals queue up unmeasured.
+                await asyncio.sleep(0)
+                unyielded = 0
+            unyielded += 1
+            task = asyncio.create_task(self._act(st, ev, due_us))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.gather(*list(inflight))
+        await self.channel.send({
+            "op": "sent",
+            "acked": [list(a) for a in st.acked],
+            "failed": [list(f) for f in st.failed],
+            "transitions": [list(t) for t in st.transitions],
+            "sent": st.sent,
+            "send_lag": st.send_lag.encode(),
+        })
+        expect = await self.channel.recv()
+        acked_ks = set(expect.get("acked", []))
+        deadline_us = int(expect["deadline_us"])
+        need = sum(n for k, n in st.owed.items() if k in acked_ks)
+        while now_us() < deadline_us:
+            have = sum(1 for k, _ in st.first if k in acked_ks) + len(st.seen)
+            if have >= need:
+                break
+            await asyncio.sleep(0.05)
+        self.state = None
+        # Every churner ends the phase offline, as the next phase's schedule assumes.
+        await asyncio.gather(*(self.conns[c].close() for c in self.plan.churners
+                               if self.owns(c) and self.conns[c].online), return_exceptions=True)
+        gaps = sum(int(getattr(c, "inbox_gaps", lambda: 0)()) for c in self.conns.values())
+        await self.channel.send({
+            "op": "result",
+            "receipts": [list(r) for r in st.receipts],
+            "seen": [list(s) for s in st.seen],
+            "late": st.late,
+            "foreign": self.foreign,
+            "stray": self.stray,
+            "inbox_gaps": gaps,
+            "stats": self.stats.to_dict(),
+        })
+
+    async def _act(self, st: PhaseState, ev: Event, due_us: int) -> None:
+        st.send_lag.record_us(max(1, now_us() - due_us))
+        st.sent += 1
+        warm = due_us < st.warm_end_us
+        conn = self.conns[ev.actor]
+        plan = self.plan
+        if ev.kind == CHURN:
+            await self._churn(st, ev, due_us, warm)
+            return
+        body = encode_body(plan.run, st.phase, ev.k, due_us, self.params.size)
+        frame: Frame
+        if ev.kind == DM:
+            frame = {"t": "dm", "to": plan.users[ev.target], "body": body,
+                     "cid": f"{plan.run}-{st.phase}-{ev.k}"}
+        else:
+            frame = {"t": "post", "body": body}
+        try:
+            # A DM carries a cid, so it may be sent again after a reconnect; a post may not.
+            await conn.request(frame, idempotent=ev.kind == DM)
+        except RequestFailed as exc:
+            st.failed.append(Failed(ev.k, ev.kind, exc.reason))
+            return
+        st.acked.append(Acked(ev.k, ev.kind, plan.conv(ev), ev.actor, plan.recipients(ev),
+                              due_us, now_us(), warm))
+
+    async def _churn(self, st: PhaseState, ev: Event, due_us: int, warm: bool) -> None:
+        lock = self._churn_locks.setdefault(ev.actor, asyncio.Lock())
+        conn = self.conns[ev.actor]
+        async with lock:
+            online = bool(ev.target)
+            start = now_us()
+            st.transitions.append(Transition(ev.k, ev.actor, online, start))
+            try:
+                if online:
+                    await conn.open()
+                else:
+                    await conn.close()
+            except SetupError as exc:
+                st.failed.append(Failed(ev.k, CHURN, f"connect: {exc}"[:120]))
+                return
+            st.acked.append(Acked(ev.k, CHURN, self.plan.conv(ev), ev.actor, self.plan.recipients(ev),
+                                  due_us, now_us(), warm))
+
+    # --- what arrives -------------------------------------------------------------------------
+    def on_frame(self, index: int, frame: Frame, recv_us: int) -> None:
+        t = frame.get("t")
+        if t == "msg":
+            self._message(index, DM, frame.get("body"), frame.get("from"), recv_us)
+        elif t == "feed":
+            item = frame.get("item")
+            if isinstance(item, dict):
+                self._message(index, POST, item.get("body"), item.get("author"), recv_us)
+        elif t == "presence":
+            st = self.state
+            user = self.user_index.get(str(frame.get("user")))
+            if user is None:
+                self.foreign += 1
+            elif st is None:
+                self.stray += 1
+            else:
+                st.seen.append(PresenceSeen(index, user, frame.get("status") == "online", recv_us))
+
+    def _message(self, index: int, kind: str, body: Any, sender: Any, recv_us: int) -> None:
+        tag = parse_body(body)
+        if tag is None or tag.run != self.plan.run:
+            self.foreign += 1
+            return
+        st = self.state
+        if st is None:
+            self.stray += 1
+            return
+        if tag.phase != st.phase:
+            st.late += 1
+            return
+        st.receipts.append(Receipt(tag.k, kind, index, recv_us))
+        key = (tag.k, index)
+        if key in st.first:
+            return
+        st.first.add(key)
+        if tag.sched_us >= st.warm_end_us and sender != self.plan.users[index]:
+            st.hist.record_us(recv_us - tag.sched_us)
+
+
+def process_main(spec_dict: dict[str, Any], end: Any) -> None:
+    """Entry point of a load process (multiprocessing, spawn)."""
+    from bench.control import PipeChannel
+
+    channel = PipeChannel(end)
+    worker = LoadWorker(WorkerSpec.from_dict(spec_dict), channel)
+    try:
+        asyncio.run(worker.run())
+    finally:
+        channel.close()
