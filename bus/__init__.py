@@ -2,4 +2,85 @@
 
 Kafka records, Redis replies and MongoDB documents never leave this package: callers see the
 types defined in the seam modules (`eventlog`, `pubsub`, `cache`, `store`, `inbox`).
+
+The seam types are imported here; the implementations (`bus.kafka`, `bus.redis`, `bus.mongo`,
+`bus.memory`) are imported on first use, so that importing `bus` does not load aiokafka, redis,
+motor or bson.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bus.cache import Cache
+from bus.eventlog import Appended, EventLog, Headers, LogConsumer, Record, TopicSpec
+from bus.pubsub import Handler, PubSub, Subscription
+from bus.store import Document, DocumentStore, DuplicateKeyError
+
+if TYPE_CHECKING:
+    from bus.kafka import KafkaEventLog, KafkaLogConsumer
+    from bus.memory import (
+        MemoryCache,
+        MemoryDocumentStore,
+        MemoryEventLog,
+        MemoryLogConsumer,
+        MemoryPubSub,
+    )
+    from bus.mongo import MongoDocumentStore
+    from bus.redis import RedisCache, RedisPubSub, redis_client
+
+_LAZY = {
+    "KafkaEventLog": "bus.kafka",
+    "KafkaLogConsumer": "bus.kafka",
+    "RedisCache": "bus.redis",
+    "RedisPubSub": "bus.redis",
+    "redis_client": "bus.redis",
+    "MongoDocumentStore": "bus.mongo",
+    "MemoryEventLog": "bus.memory",
+    "MemoryLogConsumer": "bus.memory",
+    "MemoryPubSub": "bus.memory",
+    "MemoryCache": "bus.memory",
+    "MemoryDocumentStore": "bus.memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bus' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [  # noqa: RUF022 - grouped by seam, not sorted
+    # EventLog seam
+    "Appended",
+    "EventLog",
+    "Headers",
+    "LogConsumer",
+    "Record",
+    "TopicSpec",
+    # PubSub seam
+    "Handler",
+    "PubSub",
+    "Subscription",
+    # Cache seam
+    "Cache",
+    # DocumentStore seam
+    "Document",
+    "DocumentStore",
+    "DuplicateKeyError",
+    # real implementations
+    "KafkaEventLog",
+    "KafkaLogConsumer",
+    "MongoDocumentStore",
+    "RedisCache",
+    "RedisPubSub",
+    "redis_client",
+    # in-memory implementations (unit tests)
+    "MemoryCache",
+    "MemoryDocumentStore",
+    "MemoryEventLog",
+    "MemoryLogConsumer",
+    "MemoryPubSub",
+]

@@ -1,0 +1,431 @@
+"""EventLog on Apache Kafka through aiokafka: an idempotent acks=all producer, and consumers in a
+group (manual commits) or on assigned partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+
+from bus.eventlog import Appended, Headers, Record, TopicSpec
+from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# What a dead or restarting broker surfaces as, besides aiokafka's own KafkaError.
+_WIRE_ERRORS = (KafkaError, OSError, TimeoutError)
+
+
+def _unavailable(what: str, exc: BaseException) -> PeerNetError:
+    detail = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    return unavailable(f"kafka: {what}: {type(exc).__name__}: {detail}")
+
+
+async def _bounded(aw: Awaitable[_T], timeout_s: float, what: str) -> _T:
+    """Await `aw` for at most `timeout_s`; any wire failure becomes PeerNetError(unavailable)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await aw
+    except _WIRE_ERRORS as exc:
+        raise _unavailable(what, exc) from exc
+
+
+class KafkaEventLog:
+    """EventLog on Kafka.
+
+    One idempotent producer (acks=all, default murmur2 partitioner, so a key maps to the same
+    partition from every process and client that uses Kafka's default). Every call is bounded by
+    `delivery_timeout_ms`: a dead broker gives PeerNetError(unavailable), never a hang. A record
+    whose append timed out may still be written later by the producer's retries (at-least-once).
+    The producer survives broker restarts; if its sender dies (a fatal idempotence error) it is
+    replaced on the next append.
+    """
+
+    def __init__(self, bootstrap: str, *, request_timeout_ms: int = 5000,
+                 delivery_timeout_ms: int = 10_000, linger_ms: int = 2,
+                 client_id: str = "peernet", ping_timeout_ms: int = 2000) -> None:
+        self._bootstrap = bootstrap
+        self._request_timeout_ms = request_timeout_ms
+        self._delivery_timeout_s = delivery_timeout_ms / 1000
+        self._linger_ms = linger_ms
+        self._client_id = client_id
+        self._ping_timeout_s = ping_timeout_ms / 1000
+        self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()
+        self._stopped = False
+        # Producers replaced after their sender died: surfaced, not swallowed.
+        self.producer_restarts = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return self._bootstrap
+
+    async def __aenter__(self) -> KafkaEventLog:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect the producer; PeerNetError(unavailable) if the cluster does not answer."""
+        self._stopped = False
+        await self._ready_producer()
+
+    async def stop(self) -> None:
+        """Flush what is pending for at most `delivery_timeout_ms`, then close: records that
+        could not be flushed by then belonged to appends that already raised `unavailable`."""
+        self._stopped = True
+        async with self._producer_lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            await _stop_producer(producer, self._delivery_timeout_s)
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=self._linger_ms,
+            compression_type=None,
+            request_timeout_ms=self._request_timeout_ms,
+            retry_backoff_ms=100,
+        )
+
+    async def _ready_producer(self) -> AIOKafkaProducer:
+        producer = self._producer
+        if producer is not None and not _sender_dead(producer):
+            return producer
+        async with self._producer_lock:
+            if self._stopped:
+                raise unavailable("kafka: event log is stopped")
+            if self._producer is not None and _sender_dead(self._producer):
+                log.error("kafka producer's sender died; replacing the producer")
+                self.producer_restarts += 1
+                dead, self._producer = self._producer, None
+                await _stop_producer(dead, 0)
+            if self._producer is None:
+                fresh = self._new_producer()
+                try:
+                    # start() bootstraps and fetches a producer id; both retry without end
+                    # while the broker is away.
+                    await _bounded(fresh.start(), self._delivery_timeout_s, "start producer")
+                except BaseException:
+                    await _stop_producer(fresh, 0)
+                    raise
+                self._producer = fresh
+            return self._producer
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
+                                    client_id=f"{self._client_id}-admin",
+                                    request_timeout_ms=self._request_timeout_ms)
+        try:
+            await _bounded(admin.start(), self._delivery_timeout_s, "admin start")
+            existing = set(await _bounded(admin.list_topics(), self._delivery_timeout_s,
+                                          "list topics"))
+            missing = [s for s in specs if s.name not in existing]
+            if missing:
+                response = await _bounded(admin.create_topics([
+                    NewTopic(s.name, s.partitions, s.replication_factor,
+                             topic_configs=dict(s.config))
+                    for s in missing
+                ]), self._delivery_timeout_s, "create topics")
+                for topic, code, *rest in response.topic_errors:
+                    if code == 0:
+                        continue
+                    error = for_code(code)
+                    if error is TopicAlreadyExistsError:
+                        continue  # created meanwhile by another process
+                    raise PeerNetError(ErrorCode.UNAVAILABLE,
+                                       f"kafka: cannot create topic {topic}: {error.__name__} "
+                                       f"{rest[0] if rest else ''}",
+                                       retriable=bool(getattr(error, "retriable", False)))
+                await self._wait_for_leaders(admin, [s.name for s in missing])
+        finally:
+            await _stop_quietly(admin)
+
+    async def _wait_for_leaders(self, admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+        """Wait until every partition of new `topics` has a leader, so that the first append
+        does not spend its time budget on metadata retries."""
+        async with asyncio.timeout(self._delivery_timeout_s):
+            while True:
+                described = await admin.describe_topics(topics)
+                if all(t["error_code"] == 0 and t["partitions"]
+                       and all(p["leader"] >= 0 for p in t["partitions"]) for t in described):
+                    return
+                await asyncio.sleep(0.05)
+
+    async def append(self, topic: str, value: bytes, *, key: bytes | None = None,
+                     headers: Headers = ()) -> Appended:
+        (appended,) = await self.append_many(topic, [(key, value, headers)])
+        return appended
+
+    async def append_many(self, topic: str,
+                          items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        producer = await self._ready_producer()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                for key, value, headers in items:
+                    futures.append(await producer.send(topic, value, key=key,
+                                                       headers=list(headers)))
+        except MessageSizeTooLargeError as exc:
+            raise bad_request(f"kafka: record too large for {topic}: {exc}") from exc
+        except _WIRE_ERRORS as exc:
+            raise _unavailable(f"append to {topic}", exc) from exc
+        # asyncio.wait, not wait_for: cancelling a delivery future on timeout would only hide
+        # the record's fate; the producer keeps retrying it either way.
+        _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        if pending:
+            raise unavailable(f"kafka: {len(pending)} of {len(futures)} records to {topic} "
+                              f"not acknowledged within {self._delivery_timeout_s:.1f}s")
+        out: list[Appended] = []
+        for fut in futures:
+            failure = fut.exception()
+            if isinstance(failure, MessageSizeTooLargeError):
+                raise bad_request(f"kafka: record too large for {topic}: {failure}") from failure
+            if failure is not None:
+                raise _unavailable(f"append to {topic}", failure) from failure
+            md = fut.result()
+            out.append(Appended(md.topic, md.partition, md.offset))
+        return out
+
+    def consumer(self, topic: str, *, group: str | None = None,
+                 partitions: Sequence[int] | None = None,
+                 from_beginning: bool = True) -> KafkaLogConsumer:
+        return KafkaLogConsumer(self._bootstrap, topic, group=group, partitions=partitions,
+                                from_beginning=from_beginning,
+                                request_timeout_ms=self._request_timeout_ms,
+                                timeout_s=self._delivery_timeout_s,
+                                client_id=self._client_id)
+
+    async def ping(self) -> None:
+        producer = self._producer
+        if producer is not None and not _sender_dead(producer):
+            await _bounded(producer.client.fetch_all_metadata(), self._ping_timeout_s, "ping")
+            return
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
+                                    client_id=f"{self._client_id}-ping",
+                                    request_timeout_ms=int(self._ping_timeout_s * 1000))
+        try:
+            async with asyncio.timeout(self._ping_timeout_s):
+                await admin.start()
+                await admin.list_topics()
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("ping", exc) from exc
+        finally:
+            await _stop_quietly(admin)
+
+
+class _TrackAssignment(ConsumerRebalanceListener):
+    def __init__(self, owner: KafkaLogConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Offsets of revoked partitions may not be committed by us any more: another member
+        # now owns them and re-reads from the last commit.
+        for tp in revoked:
+            self._owner._uncommitted.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
+
+
+class KafkaLogConsumer:
+    """LogConsumer on an AIOKafkaConsumer (auto-commit off: offsets advance only by `commit`)."""
+
+    def __init__(self, bootstrap: str, topic: str, *, group: str | None,
+                 partitions: Sequence[int] | None, from_beginning: bool,
+                 request_timeout_ms: int, timeout_s: float, client_id: str) -> None:
+        if group is None and partitions is None:
+            raise ValueError("a consumer needs a group or explicit partitions")
+        if group is not None and partitions is not None:
+            raise ValueError("a consumer reads either in a group or assigned partitions")
+        self._topic = topic
+        self._group = group
+        self._partitions = list(partitions) if partitions is not None else None
+        self._timeout_s = timeout_s
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            client_id=f"{client_id}-consumer",
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            request_timeout_ms=request_timeout_ms,
+            # Short fetch waits keep poll's latency near the caller's timeout_ms.
+            fetch_max_wait_ms=100,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            isolation_level="read_uncommitted",
+        )
+        # partition -> offset after the last record poll returned, not yet committed
+        self._uncommitted: dict[int, int] = {}
+        self._started = False
+
+    async def __aenter__(self) -> KafkaLogConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Join the group (or take the assigned partitions) and fix the start positions, so that
+        a record appended after `start` returns is read even when not `from_beginning`."""
+        c = self._consumer
+        if self._partitions is None:
+            c.subscribe([self._topic], listener=_TrackAssignment(self))
+        else:
+            c.assign([TopicPartition(self._topic, p) for p in self._partitions])
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await c.start()
+                for tp in c.assignment():
+                    await c.position(tp)
+        except _WIRE_ERRORS as exc:
+            await _stop_consumer(c)
+            raise _unavailable(f"start consumer of {self._topic}", exc) from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        """Leave the group (if the broker answers) and close, in bounded time."""
+        self._started = False
+        await _stop_consumer(self._consumer)
+
+    async def poll(self, *, max_records: int = 500, timeout_ms: int = 200) -> list[Record]:
+        try:
+            batches = await asyncio.wait_for(
+                self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records),
+                timeout_ms / 1000 + self._timeout_s)
+        except _WIRE_ERRORS as exc:
+            raise _unavailable(f"poll {self._topic}", exc) from exc
+        out: list[Record] = []
+        for tp in sorted(batches, key=lambda t: t.partition):
+            msgs = batches[tp]
+            if not msgs:
+                continue
+            out.extend(
+                Record(m.topic, m.partition, m.offset, m.key,
+                       # a compaction tombstone has no value; PeerNet never writes one
+                       m.value if m.value is not None else b"",
+                       tuple((k, bytes(v)) for k, v in (m.headers or ())),
+                       m.timestamp)
+                for m in msgs)
+            self._uncommitted[tp.partition] = msgs[-1].offset + 1
+        return out
+
+    async def commit(self) -> None:
+        if self._group is None:
+            raise RuntimeError("commit needs a consumer group")
+        if not self._uncommitted:
+            return
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        offsets = {TopicPartition(self._topic, p): o
+                   for p, o in self._uncommitted.items() if p in assigned}
+        if offsets:
+            await _bounded(self._consumer.commit(offsets), self._timeout_s, "commit")
+        for tp, o in offsets.items():
+            if self._uncommitted.get(tp.partition) == o:
+                del self._uncommitted[tp.partition]
+
+    async def seek(self, partition: int, offset: int) -> None:
+        self._consumer.seek(TopicPartition(self._topic, partition), offset)
+        self._uncommitted.pop(partition, None)
+
+    async def end_offsets(self) -> dict[int, int]:
+        tps = list(self._consumer.assignment())
+        if not tps:
+            return {}
+        ends = await _bounded(self._consumer.end_offsets(tps), self._timeout_s, "end offsets")
+        return {tp.partition: o for tp, o in ends.items()}
+
+    async def positions(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for tp in self._consumer.assignment():
+            out[tp.partition] = await _bounded(self._consumer.position(tp), self._timeout_s,
+                                               "position")
+        return out
+
+    def assignment(self) -> list[int]:
+        """The partitions this consumer reads now (a group member's share changes on
+        rebalance)."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+
+def _sender_dead(producer: AIOKafkaProducer) -> bool:
+    # aiokafka has no public health flag: a sender task that has ended (OutOfOrderSequence,
+    # an unexpected error) fails every later send, so the producer must be replaced.
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
+async def _stop_producer(producer: AIOKafkaProducer, flush_s: float) -> None:
+    """Stop a producer in bounded time. aiokafka's stop() waits without end for pending batches
+    while the broker is away; after `flush_s` its sender is cancelled, which lets stop() close."""
+    stopping = asyncio.ensure_future(producer.stop())
+    try:
+        await asyncio.wait_for(asyncio.shield(stopping), flush_s)
+        return
+    except TimeoutError:
+        sender = getattr(producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is not None and not task.done():
+            log.warning("kafka producer: pending records not flushed within %.1fs; dropped", flush_s)
+            task.cancel()
+    except Exception:
+        log.warning("stopping the kafka producer failed", exc_info=True)
+        return
+    try:
+        await asyncio.wait_for(stopping, 10)
+    except Exception:
+        log.warning("stopping the kafka producer failed", exc_info=True)
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float = 10.0) -> None:
+    stopping = asyncio.ensure_future(consumer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+    if not done:
+        stopping.cancel()
+        log.warning("kafka consumer did not stop within %.0fs", timeout_s)
+    elif stopping.cancelled():
+        # aiokafka 0.14's Fetcher.close() cancels its fetch tasks and awaits them; one cancelled
+        # in its retry sleep (broker down) re-raises CancelledError, and stop() ends half-way.
+        # Finish it here: the remaining fetch tasks, then the connections.
+        fetcher = getattr(consumer, "_fetcher", None)
+        pending = [t for t in getattr(fetcher, "_pending_tasks", ()) if not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        client = getattr(consumer, "_client", None)
+        if client is not None:
+            await client.close()
+    elif stopping.exception() is not None:
+        log.warning("stopping the kafka consumer failed: %r", stopping.exception())
+
+
+async def _stop_quietly(client: Any) -> None:
+    """Stop an aiokafka client, logging rather than raising: used on paths that already fail."""
+    try:
+        stop = client.close if isinstance(client, AIOKafkaAdminClient) else client.stop
+        await asyncio.wait_for(stop(), 10)
+    except Exception:
+        log.warning("stopping %s failed", type(client).__name__, exc_info=True)

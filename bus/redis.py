@@ -1,0 +1,380 @@
+"""Cache and PubSub on Redis (redis.asyncio): SET NX PX for idempotency keys, and one pub/sub
+connection per process with a single reader task that reconnects by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bus.pubsub import Handler
+from peernet.errors import PeerNetError, unavailable
+
+log = logging.getLogger(__name__)
+
+# What a dead, restarting or unreachable server surfaces as.
+_WIRE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+def redis_client(url: str, *, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 2.0) -> aioredis.Redis:
+    """A redis.asyncio client for `url` (bytes replies, bounded timeouts): the one factory that
+    every Redis-backed module of `bus/` uses."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s, health_check_interval=30)
+
+
+def _unavailable(what: str, exc: BaseException) -> PeerNetError:
+    return unavailable(f"redis: {what}: {type(exc).__name__}: {exc}")
+
+
+def _px(ttl_s: float | None) -> int | None:
+    if ttl_s is None:
+        return None
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    return max(1, round(ttl_s * 1000))
+
+
+class RedisCache:
+    """Cache on Redis: every call is one command; set_if_absent is SET NX (atomic)."""
+
+    def __init__(self, url: str, *, socket_timeout_s: float = 5.0) -> None:
+        self._url = url
+        self._socket_timeout_s = socket_timeout_s
+        self._client: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = redis_client(self._url, socket_timeout_s=self._socket_timeout_s)
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _c(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisCache is not started")
+        return self._client
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._c().get(key)
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("get", exc) from exc
+        if value is None or isinstance(value, bytes):
+            return value
+        return bytes(value, "utf-8")  # only if someone configured decode_responses
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        px = _px(ttl_s)
+        try:
+            await self._c().set(key, value, px=px)
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("set", exc) from exc
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        px = _px(ttl_s)
+        try:
+            return bool(await self._c().set(key, value, px=px, nx=True))
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("set_if_absent", exc) from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._c().delete(key)
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("delete", exc) from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._c().ping()
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("ping", exc) from exc
+
+
+class _RedisSubscription:
+    def __init__(self, owner: RedisPubSub, channel: str, handler: Handler) -> None:
+        self._owner = owner
+        self.channel = channel
+        self.handler = handler
+        self._active = True
+
+    async def unsubscribe(self) -> None:
+        if self._active:
+            self._active = False
+            await self._owner._remove(self)
+
+
+class RedisPubSub:
+    """PubSub on Redis.
+
+    One dedicated connection per instance (use one instance per process) carries every
+    SUBSCRIBE: a channel is subscribed upstream once however many local handlers it has. A single
+    reader task reads that connection and calls handlers in order. When the connection drops it
+    reconnects with exponential backoff, re-subscribes every channel, and once Redis has confirmed
+    them calls the `on_reconnect` callbacks: messages published during the gap are lost (pub/sub
+    is at most once) and the callbacks are how callers recover them. Errors are logged and
+    counted in `reconnects`, `connection_errors` and `handler_errors`, never swallowed silently.
+    """
+
+    def __init__(self, url: str, *, subscribe_timeout_s: float = 5.0,
+                 ping_interval_s: float = 5.0, max_backoff_s: float = 2.0,
+                 name: str | None = None) -> None:
+        self._url = url
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._max_backoff_s = max_backoff_s
+        # Named so that operators (and tests) can find this connection in CLIENT LIST.
+        self.connection_name = name or f"peernet-pubsub-{uuid.uuid4().hex[:12]}"
+        self._publisher: aioredis.Redis | None = None
+        self._conn: Connection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._handlers: dict[str, list[_RedisSubscription]] = {}
+        # channel -> future done when Redis has confirmed the current subscription
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._unsub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._connected = asyncio.Event()
+        self._resubscribing: set[str] = set()
+        self._reconnect_pending = False
+        self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._ping_outstanding = False
+        self.reconnects = 0
+        self.connection_errors = 0
+        self.handler_errors = 0
+
+    async def __aenter__(self) -> RedisPubSub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the reader; PeerNetError(unavailable) if Redis does not answer in time."""
+        if self._reader is not None:
+            return
+        self._publisher = redis_client(self._url)
+        self._reader = asyncio.create_task(self._read_forever(), name=self.connection_name)
+        try:
+            await asyncio.wait_for(self._connected.wait(), self._subscribe_timeout_s)
+        except TimeoutError:
+            await self.stop()
+            raise unavailable(f"redis: pub/sub cannot connect to {self._url}") from None
+
+    async def stop(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                pass
+        await self._drop_connection()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.aclose()
+        for fut in self._confirmed.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def publish(self, channel: str, payload: bytes) -> int:
+        if self._publisher is None:
+            raise RuntimeError("RedisPubSub is not started")
+        try:
+            return int(await self._publisher.publish(channel, payload))
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("publish", exc) from exc
+
+    async def subscribe(self, channel: str, handler: Handler) -> _RedisSubscription:
+        """Add a local handler; returns once Redis has confirmed the channel's subscription (so a
+        message published after this returns is delivered), or raises PeerNetError(unavailable)
+        and adds nothing."""
+        if self._reader is None:
+            raise RuntimeError("RedisPubSub is not started")
+        sub = _RedisSubscription(self, channel, handler)
+        handlers = self._handlers.setdefault(channel, [])
+        handlers.append(sub)
+        if len(handlers) == 1:
+            self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            await self._send_quietly("SUBSCRIBE", channel)
+        confirmed = self._confirmed[channel]
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            await sub.unsubscribe()
+            raise unavailable(f"redis: subscribe to {channel!r} not confirmed") from None
+        return sub
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._reconnect_callbacks.append(callback)
+
+    def channels(self) -> list[str]:
+        """The channels this process is subscribed to upstream."""
+        return sorted(self._handlers)
+
+    async def _remove(self, sub: _RedisSubscription) -> None:
+        handlers = self._handlers.get(sub.channel)
+        if handlers is None or sub not in handlers:
+            return
+        handlers.remove(sub)
+        if handlers:
+            return
+        del self._handlers[sub.channel]
+        fut = self._confirmed.pop(sub.channel, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        if self._conn is None:
+            return  # the next connection will not subscribe it
+        waiter = asyncio.get_running_loop().create_future()
+        self._unsub_waiters.setdefault(sub.channel, deque()).append(waiter)
+        await self._send_quietly("UNSUBSCRIBE", sub.channel)
+        # Best effort: wait for Redis to confirm so that NUMSUB is exact when this returns.
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+
+    async def _send_quietly(self, *args: str) -> None:
+        """Send a command on the pub/sub connection; if it is down, the reader's reconnect does
+        the right thing (subscribes every channel that has handlers), so errors are its job."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.send_command(*args)
+        except (RedisError, OSError) as exc:
+            log.warning("redis pub/sub: %s failed: %r", args[0], exc)
+
+    def _new_connection(self) -> Connection:
+        kwargs: dict[str, Any] = dict(parse_url(self._url))
+        cls = kwargs.pop("connection_class", Connection)
+        # RESP2: pub/sub messages arrive as plain arrays, read by this module's reader only.
+        return cls(**kwargs, protocol=2, client_name=self.connection_name,
+                   socket_connect_timeout=2.0, socket_timeout=self._ping_interval_s * 2)
+
+    async def _read_forever(self) -> None:
+        attempt = 0
+        first = True
+        while True:
+            try:
+                conn = self._new_connection()
+                await conn.connect()
+                self._conn = conn
+                self._ping_outstanding = False
+                channels = list(self._handlers)
+                for channel in channels:
+                    fut = self._confirmed.get(channel)
+                    if fut is None or fut.done():
+                        self._confirmed[channel] = asyncio.get_running_loop().create_future()
+                self._resubscribing = set(channels)
+                self._reconnect_pending = not first
+                if channels:
+                    await conn.send_command("SUBSCRIBE", *channels)
+                self._connected.set()
+                if not channels:
+                    self._maybe_reconnected()
+                first = False
+                attempt = 0
+                await self._read_connection(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # RedisError/OSError are the expected ones; anything else is a bug, but the
+                # reader must outlive it: it is counted and logged with its traceback.
+                self.connection_errors += 1
+                expected = isinstance(exc, (RedisError, OSError))
+                log.log(logging.WARNING if expected else logging.ERROR,
+                        "redis pub/sub connection lost (%d errors so far): %r",
+                        self.connection_errors, exc, exc_info=not expected)
+            finally:
+                self._connected.clear()
+                await self._drop_connection()
+            attempt += 1
+            delay = min(self._max_backoff_s, 0.05 * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def _read_connection(self, conn: Connection) -> None:
+        while True:
+            reply = await conn.read_response(timeout=self._ping_interval_s)
+            if reply is None:
+                # Idle: a PING proves the connection is alive (a half-open TCP connection
+                # would otherwise never raise). Two silent intervals in a row: reconnect.
+                if self._ping_outstanding:
+                    raise RedisTimeoutError("pub/sub connection did not answer PING")
+                self._ping_outstanding = True
+                await conn.send_command("PING")
+                continue
+            self._ping_outstanding = False
+            self._dispatch(reply)
+
+    def _dispatch(self, reply: Any) -> None:
+        if not isinstance(reply, list) or not reply:
+            return  # +PONG while subscribed to nothing
+        kind = bytes(reply[0]).lower()
+        if kind == b"message":
+            channel = bytes(reply[1]).decode("utf-8")
+            payload = bytes(reply[2])
+            for sub in list(self._handlers.get(channel, ())):
+                try:
+                    sub.handler(channel, payload)
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("pub/sub handler for %r failed", channel)
+        elif kind == b"subscribe":
+            channel = bytes(reply[1]).decode("utf-8")
+            fut = self._confirmed.get(channel)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if self._resubscribing:
+                self._resubscribing.discard(channel)
+                self._maybe_reconnected()
+        elif kind == b"unsubscribe":
+            if reply[1] is None:
+                return
+            channel = bytes(reply[1]).decode("utf-8")
+            waiters = self._unsub_waiters.get(channel)
+            if waiters:
+                waiter = waiters.popleft()
+                if not waiters:
+                    del self._unsub_waiters[channel]
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _maybe_reconnected(self) -> None:
+        if not self._reconnect_pending or self._resubscribing:
+            return
+        self._reconnect_pending = False
+        self.reconnects += 1
+        log.info("redis pub/sub reconnected; %d channels re-subscribed", len(self._handlers))
+        for callback in list(self._reconnect_callbacks):
+            try:
+                callback()
+            except Exception:
+                self.handler_errors += 1
+                log.exception("pub/sub on_reconnect callback failed")
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        for waiters in self._unsub_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # the connection's subscriptions are gone anyway
+        self._unsub_waiters.clear()
+        if conn is not None:
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:
+                log.debug("redis pub/sub disconnect failed", exc_info=True)

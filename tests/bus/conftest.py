@@ -1,0 +1,252 @@
+"""Fixtures of the bus contract suites: one kit per seam, parametrized over the real
+implementation (marked `stack`, against the running local stack) and the in-memory one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from bus_helpers import (
+    SERVICE_WAIT_S,
+    CacheKit,
+    LogKit,
+    PubSubKit,
+    Services,
+    StoreKit,
+    closed_port,
+    service_addresses,
+    unique,
+)
+
+from bus.cache import Cache
+from bus.eventlog import EventLog
+from bus.kafka import KafkaEventLog
+from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
+from bus.mongo import MongoDocumentStore
+from bus.pubsub import PubSub
+from bus.redis import RedisCache, RedisPubSub, redis_client
+from bus.store import DocumentStore
+from peernet.config import PeerNetConfig, load_config
+from peernet.errors import PeerNetError
+
+REAL = pytest.param("real", marks=pytest.mark.stack)
+MEMORY = "memory"
+
+# Short timeouts: a dead service must fail a test in seconds, not minutes.
+KAFKA_REQUEST_TIMEOUT_MS = 3000
+KAFKA_DELIVERY_TIMEOUT_MS = 5000
+
+
+async def _wait_until_up(name: str, ping: Callable[[], Awaitable[None]]) -> None:
+    """The local stack may be restarting (another engineer, or a fault test): wait, then fail
+    with the error, rather than fail at once."""
+    deadline = time.monotonic() + SERVICE_WAIT_S
+    while True:
+        try:
+            await ping()
+            return
+        except (PeerNetError, OSError) as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not answer within {SERVICE_WAIT_S:.0f}s: {exc!r}")
+            await asyncio.sleep(1.0)
+
+
+@pytest.fixture(scope="session")
+def bus_cfg() -> PeerNetConfig:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def services(request: pytest.FixtureRequest, bus_cfg: PeerNetConfig) -> Services:
+    """The real services, once the shared `local_stack` fixture (tests/conftest.py) has brought
+    the local stack up. Only tests of real backends ask for it (kits: lazily), so that the
+    memory half of the suites runs without any service."""
+    try:
+        request.getfixturevalue("local_stack")
+    except pytest.FixtureLookupError:
+        pass  # no shared fixture: use the services as they are
+    return service_addresses(bus_cfg)
+
+
+def _real_services(request: pytest.FixtureRequest) -> Services:
+    services: Services = request.getfixturevalue("services")
+    return services
+
+
+# --- EventLog --------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[REAL, MEMORY])
+async def log_kit(request: pytest.FixtureRequest) -> AsyncIterator[LogKit]:
+    kind: str = request.param
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    server = MemoryEventLog()
+
+    def new() -> EventLog:
+        if kind == "memory":
+            return server.client()
+        return KafkaEventLog(services.kafka_bootstrap,
+                             request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
+                             delivery_timeout_ms=KAFKA_DELIVERY_TIMEOUT_MS,
+                             client_id=unique("test"))
+
+    async def make() -> EventLog:
+        log = new()
+        kit.created.append(log)
+        if kind == "real":
+            await _wait_until_up("kafka", log.start)
+        else:
+            await log.start()
+        return log
+
+    def unreachable() -> EventLog:
+        if kind == "memory":
+            down = MemoryEventLog()
+            down.set_down(True)
+            return down
+        return KafkaEventLog(f"127.0.0.1:{closed_port()}", request_timeout_ms=1000,
+                             delivery_timeout_ms=2000, ping_timeout_ms=1000)
+
+    kit = LogKit(kind, make, unreachable)
+    yield kit
+    for log in kit.created:
+        await log.stop()
+
+
+# --- PubSub ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[REAL, MEMORY])
+async def pubsub_kit(request: pytest.FixtureRequest) -> AsyncIterator[PubSubKit]:
+    kind: str = request.param
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    url = services.redis_url
+    server = MemoryPubSub()
+    admin = redis_client(url) if kind == "real" else None
+
+    async def make() -> PubSub:
+        ps: PubSub = server.client() if kind == "memory" else RedisPubSub(url)
+        kit.created.append(ps)
+        if kind == "real":
+            await _wait_until_up("redis", ps.start)
+        else:
+            await ps.start()
+        return ps
+
+    async def numsub(channel: str) -> int:
+        if admin is None:
+            return server.subscriber_count(channel)
+        ((_, count),) = await admin.pubsub_numsub(channel)
+        return int(count)
+
+    async def drop(ps: PubSub) -> None:
+        if isinstance(ps, MemoryPubSub):
+            ps.drop_connection()
+            return
+        assert admin is not None and isinstance(ps, RedisPubSub)
+        for client in await admin.client_list():
+            if client.get("name") == ps.connection_name:
+                await admin.client_kill_filter(_id=client["id"])
+                return
+        raise AssertionError(f"no Redis connection named {ps.connection_name}")
+
+    kit = PubSubKit(kind, make, numsub, drop)
+    yield kit
+    for ps in kit.created:
+        await ps.stop()
+    if admin is not None:
+        await admin.aclose()
+
+
+# --- Cache -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[REAL, MEMORY])
+async def cache_kit(request: pytest.FixtureRequest) -> AsyncIterator[CacheKit]:
+    kind: str = request.param
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    server = MemoryCache()
+
+    async def make() -> Cache:
+        cache: Cache = server.client() if kind == "memory" else RedisCache(services.redis_url)
+        kit.created.append(cache)
+        await cache.start()
+        if kind == "real":
+            await _wait_until_up("redis", cache.ping)
+        return cache
+
+    def unreachable() -> Cache:
+        if kind == "memory":
+            down = MemoryCache()
+            down.set_down(True)
+            return down
+        return RedisCache(f"redis://127.0.0.1:{closed_port()}/0", socket_timeout_s=1.0)
+
+    kit = CacheKit(kind, make, unreachable, unique("test:cache"))
+    yield kit
+    if kind == "real":
+        # Leave nothing behind in the shared Redis.
+        client = redis_client(services.redis_url)
+        keys = [k async for k in client.scan_iter(match=f"{kit.prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    for cache in kit.created:
+        await cache.stop()
+
+
+# --- DocumentStore ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=[REAL, MEMORY])
+async def store_kit(request: pytest.FixtureRequest) -> AsyncIterator[StoreKit]:
+    kind: str = request.param
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    server = MemoryDocumentStore()
+    db = unique("test_bus").replace("-", "_")
+
+    async def make() -> DocumentStore:
+        store: DocumentStore = (server.client() if kind == "memory"
+                                else MongoDocumentStore(services.mongo_url, db))
+        kit.created.append(store)
+        await store.start()
+        if kind == "real":
+            await _wait_until_up("mongo", store.ping)
+        return store
+
+    def unreachable() -> DocumentStore:
+        if kind == "memory":
+            down = MemoryDocumentStore()
+            down.set_down(True)
+            return down
+        return MongoDocumentStore(f"mongodb://127.0.0.1:{closed_port()}/?directConnection=true",
+                                  "unreachable", server_selection_timeout_ms=500)
+
+    kit = StoreKit(kind, make, unreachable)
+    yield kit
+    for store in kit.created:
+        if isinstance(store, MongoDocumentStore):
+            await store.drop_database()
+            break
+    for store in kit.created:
+        await store.stop()
+
+
+# --- the local stack's processes -------------------------------------------------------------
+
+
+@pytest.fixture
+def stack_control(bus_cfg: PeerNetConfig) -> Iterator[Any]:
+    """stack.manager, for tests that kill and restart a service. Skips when the services are
+    not this project's stack (`peernet stack up`): a hand-started or external service is not
+    ours to kill. Leaves every service it finds running, running."""
+    from stack import manager
+
+    running = {name: manager.pid_of(bus_cfg, name) is not None for name in manager.SERVICES}
+    yield manager
+    for name, was_running in running.items():
+        if was_running and manager.pid_of(bus_cfg, name) is None:
+            manager.start_service(bus_cfg, name, wait=True, timeout=SERVICE_WAIT_S)

@@ -1,0 +1,85 @@
+"""The Cache contract, run against Redis and the in-memory cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from bus_helpers import CacheKit
+
+from peernet.errors import ErrorCode, PeerNetError
+
+
+async def test_set_get_delete(cache_kit: CacheKit) -> None:
+    cache = await cache_kit.make()
+    key = f"{cache_kit.prefix}:a"
+    assert await cache.get(key) is None
+    await cache.set(key, b"\x00one")
+    assert await cache.get(key) == b"\x00one"
+    await cache.set(key, b"two")
+    assert await cache.get(key) == b"two"
+    # visible to another client (process) as soon as set returns
+    other = await cache_kit.make()
+    assert await other.get(key) == b"two"
+    await other.delete(key)
+    assert await cache.get(key) is None
+    await cache.delete(key)  # absent: harmless
+
+
+async def test_ttl_expires(cache_kit: CacheKit) -> None:
+    cache = await cache_kit.make()
+    short, kept = f"{cache_kit.prefix}:short", f"{cache_kit.prefix}:kept"
+    await cache.set(short, b"v", ttl_s=0.2)
+    await cache.set(kept, b"v", ttl_s=30)
+    assert await cache.get(short) == b"v"
+    await asyncio.sleep(0.35)
+    assert await cache.get(short) is None
+    assert await cache.get(kept) == b"v"
+    # set without ttl clears an earlier one
+    await cache.set(kept, b"w")
+    assert await cache.get(kept) == b"w"
+    with pytest.raises(ValueError):
+        await cache.set(short, b"v", ttl_s=0)
+
+
+async def test_set_if_absent_is_atomic_across_clients(cache_kit: CacheKit) -> None:
+    a, b = await cache_kit.make(), await cache_kit.make()
+    key = f"{cache_kit.prefix}:once"
+    results = await asyncio.gather(*(
+        client.set_if_absent(key, str(i).encode(), ttl_s=30)
+        for i, client in enumerate([a, b] * 10)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert await a.get(key) == str(winner).encode()
+    assert await b.set_if_absent(key, b"late") is False
+
+
+async def test_set_if_absent_after_expiry(cache_kit: CacheKit) -> None:
+    cache = await cache_kit.make()
+    key = f"{cache_kit.prefix}:lease"
+    assert await cache.set_if_absent(key, b"first", ttl_s=0.2) is True
+    assert await cache.set_if_absent(key, b"second", ttl_s=0.2) is False
+    await asyncio.sleep(0.35)
+    assert await cache.set_if_absent(key, b"third") is True
+    assert await cache.get(key) == b"third"
+
+
+async def test_ping(cache_kit: CacheKit) -> None:
+    cache = await cache_kit.make()
+    await cache.ping()
+
+
+async def test_unreachable_cache_is_unavailable(cache_kit: CacheKit) -> None:
+    cache = cache_kit.unreachable()
+    await cache.start()
+    try:
+        t0 = time.monotonic()
+        for call in (cache.ping(), cache.get("k"), cache.set("k", b"v"),
+                     cache.set_if_absent("k", b"v"), cache.delete("k")):
+            with pytest.raises(PeerNetError) as caught:
+                await call
+            assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retriable
+        assert time.monotonic() - t0 < 10
+    finally:
+        await cache.stop()

@@ -1,0 +1,196 @@
+"""The PubSub contract, run against Redis and the in-memory broker; and delivery between two OS
+processes through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+from bus_helpers import PubSubKit, Services, eventually, eventually_equal, unique
+
+from bus.redis import RedisPubSub
+from peernet.config import PROJECT_ROOT
+
+
+class Inbox:
+    """A handler that records what it gets."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    def __call__(self, channel: str, payload: bytes) -> None:
+        self.got.append((channel, payload))
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [p for _, p in self.got]
+
+
+async def test_publish_reaches_every_local_handler_once(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    channel = unique("test:ch")
+    a, b = Inbox(), Inbox()
+    await ps.subscribe(channel, a)
+    await ps.subscribe(channel, b)
+    # one process subscribed, however many handlers it has
+    assert await ps.publish(channel, b"hello") == 1
+    await eventually(lambda: a.got and b.got)
+    assert a.got == b.got == [(channel, b"hello")]
+    assert await ps.publish(unique("test:nobody"), b"x") == 0
+
+
+async def test_one_upstream_subscription_per_channel(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    channel = unique("test:ch")
+    assert await pubsub_kit.numsub(channel) == 0
+    first = await ps.subscribe(channel, Inbox())
+    second = await ps.subscribe(channel, Inbox())
+    assert await pubsub_kit.numsub(channel) == 1
+    await first.unsubscribe()
+    assert await pubsub_kit.numsub(channel) == 1
+    await second.unsubscribe()
+    await second.unsubscribe()  # twice: harmless
+    await eventually_equal(lambda: pubsub_kit.numsub(channel), 0)
+
+
+async def test_unsubscribed_handler_gets_nothing_more(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    channel = unique("test:ch")
+    stays, leaves = Inbox(), Inbox()
+    await ps.subscribe(channel, stays)
+    sub = await ps.subscribe(channel, leaves)
+    await ps.publish(channel, b"1")
+    await eventually(lambda: len(leaves.got) == 1 and len(stays.got) == 1)
+    await sub.unsubscribe()
+    await ps.publish(channel, b"2")
+    await eventually(lambda: len(stays.got) == 2)
+    assert leaves.payloads == [b"1"]
+
+
+async def test_fan_out_to_processes_in_publish_order(pubsub_kit: PubSubKit) -> None:
+    publisher = await pubsub_kit.make()
+    one, two = await pubsub_kit.make(), await pubsub_kit.make()
+    channel = unique("test:ch")
+    in_one, in_two = Inbox(), Inbox()
+    await one.subscribe(channel, in_one)
+    await two.subscribe(channel, in_two)
+    sent = [f"m{i}".encode() for i in range(20)]
+    for payload in sent:
+        assert await publisher.publish(channel, payload) == 2
+    await eventually(lambda: len(in_one.got) == 20 and len(in_two.got) == 20)
+    assert in_one.payloads == in_two.payloads == sent
+
+
+async def test_payload_is_copied(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    channel = unique("test:ch")
+    inbox = Inbox()
+    await ps.subscribe(channel, inbox)
+    buf = bytearray(b"original")
+    await ps.publish(channel, buf)  # type: ignore[arg-type]
+    buf[:] = b"mutated!"
+    await eventually(lambda: inbox.got)
+    assert inbox.payloads == [b"original"]
+    assert type(inbox.payloads[0]) is bytes
+
+
+async def test_failing_handler_does_not_stop_delivery(pubsub_kit: PubSubKit,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    ps = await pubsub_kit.make()
+    channel = unique("test:ch")
+    inbox = Inbox()
+
+    def broken(channel: str, payload: bytes) -> None:
+        raise RuntimeError("handler bug")
+
+    await ps.subscribe(channel, broken)
+    await ps.subscribe(channel, inbox)
+    await ps.publish(channel, b"1")
+    await ps.publish(channel, b"2")
+    await eventually(lambda: len(inbox.got) == 2)
+    assert getattr(ps, "handler_errors") == 2  # noqa: B009 - counted, not swallowed
+    assert "handler bug" in caplog.text
+
+
+async def test_reconnect_resubscribes_and_calls_on_reconnect(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    publisher = await pubsub_kit.make()
+    channel = unique("test:ch")
+    inbox = Inbox()
+    reconnected: list[float] = []
+    ps.on_reconnect(lambda: reconnected.append(time.monotonic()))
+    await ps.subscribe(channel, inbox)
+    await ps.subscribe(channel, Inbox())
+    await publisher.publish(channel, b"before")
+    await eventually(lambda: inbox.got)
+
+    await pubsub_kit.drop(ps)
+    await eventually(lambda: reconnected, within_s=10)
+    # on_reconnect runs once the channels are subscribed again: publishing now reaches us.
+    assert await pubsub_kit.numsub(channel) == 1
+    assert await publisher.publish(channel, b"after") == 1
+    await eventually(lambda: len(inbox.got) == 2)
+    assert inbox.payloads == [b"before", b"after"]
+    assert len(reconnected) == 1
+
+
+_PEER = textwrap.dedent("""
+    import asyncio, sys
+    from bus.redis import RedisPubSub
+
+    async def main(url, inbound, outbound):
+        ps = RedisPubSub(url)
+        await ps.start()
+        got = asyncio.get_running_loop().create_future()
+        await ps.subscribe(inbound, lambda ch, p: got.done() or got.set_result(p))
+        print("ready", flush=True)
+        payload = await asyncio.wait_for(got, 20)
+        receivers = await ps.publish(outbound, b"echo:" + payload)
+        print("echoed", receivers, flush=True)
+        await ps.stop()
+
+    asyncio.run(main(*sys.argv[1:4]))
+""")
+
+
+@pytest.mark.stack
+async def test_delivery_between_two_os_processes(services: Services) -> None:
+    """(done when) a message published in one OS process reaches a subscriber in another, and
+    back."""
+    url = services.redis_url
+    inbound, outbound = unique("test:to-peer"), unique("test:from-peer")
+    here = RedisPubSub(url)
+    await here.start()
+    echoes = Inbox()
+    await here.subscribe(outbound, echoes)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    peer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PEER, url, inbound, outbound,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        cwd=str(PROJECT_ROOT))
+    try:
+        assert peer.stdout is not None
+        line = await asyncio.wait_for(peer.stdout.readline(), 30)
+        assert line.strip() == b"ready", line + await _stderr(peer)
+        assert await here.publish(inbound, b"ping") == 1
+        await eventually(lambda: echoes.got, within_s=10)
+        assert echoes.got == [(outbound, b"echo:ping")]
+        line = await asyncio.wait_for(peer.stdout.readline(), 10)
+        assert line.strip() == b"echoed 1"
+        assert await asyncio.wait_for(peer.wait(), 10) == 0
+    finally:
+        if peer.returncode is None:
+            peer.kill()
+            await peer.wait()
+        await here.stop()
+
+
+async def _stderr(proc: asyncio.subprocess.Process) -> bytes:
+    if proc.returncode is None:
+        proc.kill()
+    _, err = await proc.communicate()
+    return err
