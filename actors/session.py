@@ -109,7 +109,8 @@ class SessionShard:
 
     @property
     def checkpoint_name(self) -> str:
-        return f"session-{self.index}-of-{self.count}"
+        # Offsets belong to one topic: a new inbox topic must never reuse an old checkpoint.
+        return f"session-{self.index}-of-{self.count}@{self._cfg.topics.inbox}"
 
     def owns(self, user: str) -> bool:
         return shard_for(user, self.count) == self.index

@@ -1,0 +1,114 @@
+"""Session fixtures shared by every suite: the configuration, the real local stack, and a real
+PeerNet server (`peernet serve`: Ray, the shard actors and two Serve gateway replicas) started
+as its own process on test topics, so that tests never touch a developer's data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from peernet.config import PROJECT_ROOT, PeerNetConfig, load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wsclient import Server
+
+SERVER_START_TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="session")
+def cfg() -> PeerNetConfig:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def local_stack(cfg: PeerNetConfig) -> PeerNetConfig:
+    """The real local services, started by the project's own code if they are not running."""
+    from stack import manager
+
+    manager.up(cfg)
+    return cfg
+
+
+def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
+    run = uuid.uuid4().hex[:8]
+    port = os.environ.get("PEERNET_TEST_PORT", "18080")
+    return {
+        **os.environ,
+        "PEERNET_PORT": port,
+        "PEERNET_DEV_TOKENS": "1",
+        "PEERNET_EVENTS_TOPIC": f"peernet.test-{run}.events",
+        "PEERNET_INBOX_TOPIC": f"peernet.test-{run}.inbox",
+        "PEERNET_MONGO_DB": f"peernet_test_{run}",
+        "PEERNET_RAY_TMPDIR": f"/tmp/peernet-test-ray-{run}",
+        "PEERNET_HELLO_TIMEOUT_S": "2",
+        "PEERNET_HEARTBEAT_MS": "15000",
+        # A flood is recognised sooner than the default so the test stays short.
+        "PEERNET_FLOOD_CLOSE_AFTER": "300",
+        "PEERNET_RAY_NUM_CPUS": "2",
+    }
+
+
+@pytest.fixture(scope="session")
+def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Server]:
+    if os.environ.get("PEERNET_TEST_REUSE_SERVER"):
+        # Development loop: run the tests against a `peernet serve` you started yourself.
+        cfg = load_config()
+        state = json.loads((cfg.stack.home / "run" / "serve.json").read_text())
+        yield Server(url=state["url"], ws_url=state["url"].replace("http", "ws", 1) + "/v1/ws",
+                     env=dict(os.environ), cfg=cfg, gcs_address=state["gcs_address"],
+                     log_path=Path("/dev/null"))
+        return
+    env = _server_env(local_stack)
+    cfg = load_config(env)
+    log_path = tmp_path_factory.mktemp("server") / "peernet-serve.log"
+    home_state = cfg.stack.home / "run" / "serve.json"
+    home_state.unlink(missing_ok=True)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "peernet.cli", "serve"], env=env,
+                                cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{cfg.gateway.port}"
+    server = Server(url=url, ws_url=f"ws://127.0.0.1:{cfg.gateway.port}/v1/ws", env=env, cfg=cfg,
+                    gcs_address="", log_path=log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"peernet serve exited with {proc.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"peernet serve not healthy in {SERVER_START_TIMEOUT_S:.0f}s:\n"
+                            f"{server.log_tail()}")
+            try:
+                if home_state.exists() and httpx.get(url + "/healthz", timeout=3).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        state = json.loads(home_state.read_text())
+        yield Server(url=url, ws_url=server.ws_url, env=env, cfg=cfg,
+                     gcs_address=state["gcs_address"], log_path=log_path)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def peernet_url(peernet_server: Server) -> str:
+    """The base URL of a running PeerNet with development tokens enabled."""
+    return peernet_server.url

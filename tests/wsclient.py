@@ -1,0 +1,133 @@
+"""A small protocol client for tests: connect, hello, send requests, collect frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from peernet.config import PeerNetConfig
+
+Frame = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running `peernet serve` started by the tests."""
+
+    url: str
+    ws_url: str
+    env: dict[str, str]
+    cfg: PeerNetConfig
+    gcs_address: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def unique_user(prefix: str = "u") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+async def dev_token(url: str, user: str) -> str:
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{url}/v1/dev/token", json={"user": user}, timeout=10)
+        reply.raise_for_status()
+        return str(reply.json()["token"])
+
+
+class Client:
+    """One connection. Frames not yet consumed wait in arrival order; `next` takes the first
+    that matches and leaves the others for later calls."""
+
+    def __init__(self, ws: ClientConnection, user: str, binary: bool) -> None:
+        self.ws = ws
+        self.user = user
+        self.binary = binary
+        self.pending: list[Frame] = []
+        self._arrived = asyncio.Condition()
+        self.welcome: Frame = {}
+        self.closed: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+        self._rid = 0
+
+    @classmethod
+    async def connect(cls, ws_url: str, http_url: str, user: str, *, resume: int | None = None,
+                      binary: bool = True, token: str | None = None) -> Client:
+        ws = await websockets.connect(ws_url, max_size=None)
+        client = cls(ws, user, binary)
+        hello: Frame = {"t": "hello", "token": token or await dev_token(http_url, user)}
+        if resume is not None:
+            hello["resume"] = resume
+        await client.send(hello)
+        client.welcome = await client.expect("welcome")
+        return client
+
+    async def _read(self) -> None:
+        try:
+            async for data in self.ws:
+                frame = msgpack.unpackb(data) if isinstance(data, bytes) else json.loads(data)
+                async with self._arrived:
+                    self.pending.append(frame)
+                    self._arrived.notify_all()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if not self.closed.done():
+                self.closed.set_result((self.ws.close_code, self.ws.close_reason or ""))
+
+    async def send(self, frame: Frame) -> None:
+        await self.ws.send(msgpack.packb(frame) if self.binary else json.dumps(frame))
+
+    async def send_raw(self, data: bytes | str) -> None:
+        await self.ws.send(data)
+
+    async def request(self, frame: Frame, timeout: float = 10) -> Frame:
+        """Send with a fresh rid; the reply (ok, error, or any frame) that carries it."""
+        self._rid += 1
+        rid = self._rid
+        await self.send({**frame, "rid": rid})
+        return await self.next(lambda f: f.get("rid") == rid, timeout)
+
+    async def next(self, match: Any = None, timeout: float = 10) -> Frame:
+        """The first waiting frame that `match` accepts, removed from the waiting ones."""
+        async with asyncio.timeout(timeout), self._arrived:
+            while True:
+                for i, frame in enumerate(self.pending):
+                    if match is None or match(frame):
+                        return self.pending.pop(i)
+                await self._arrived.wait()
+
+    async def expect(self, t: str, timeout: float = 10) -> Frame:
+        return await self.next(lambda f: f.get("t") == t, timeout)
+
+    async def items(self, count: int, timeout: float = 30) -> list[Frame]:
+        """The next `count` inbox items (msg/note), in arrival order."""
+        out: list[Frame] = []
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                out.append(await self.next(lambda f: f.get("t") in ("msg", "note"), timeout))
+        return out
+
+    def cut(self) -> None:
+        """Drop the TCP connection without a close handshake (a network cut)."""
+        self.ws.transport.abort()
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+    async def wait_closed(self, timeout: float = 10) -> tuple[int | None, str]:
+        return await asyncio.wait_for(asyncio.shield(self.closed), timeout)
