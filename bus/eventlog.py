@@ -70,7 +70,10 @@ class EventLog(Protocol):
                  partitions: Sequence[int] | None = None,
                  from_beginning: bool = True) -> LogConsumer:
         """A reader of `topic`: in consumer group `group` (partitions spread over its members,
-        offsets committed by `commit`), or of exactly `partitions` with no group."""
+        offsets committed by `commit`), or of exactly `partitions` with no group. Give exactly
+        one of the two (ValueError otherwise). A group with no commit yet, and a reader without
+        a group, start at the beginning of each partition or, unless `from_beginning`, at its
+        end as of `start`."""
 
     async def ping(self) -> None:
         """Raise PeerNetError(unavailable) unless the cluster answers a metadata request."""
@@ -85,9 +88,13 @@ class LogConsumer(Protocol):
     `from_beginning` or `seek`.
     """
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Join the group (or take the partitions) and fix the start positions: a record
+        appended after `start` returns is read. PeerNetError(unavailable) if the log does not
+        answer in time."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Leave the group and close, in bounded time even when the log is down."""
 
     async def poll(self, *, max_records: int = 500, timeout_ms: int = 200) -> list[Record]:
         """The next records (possibly none after `timeout_ms`)."""

@@ -31,6 +31,12 @@ class PubSub(Protocol):
     async def publish(self, channel: str, payload: bytes) -> int:
         """Publish; returns how many processes received it."""
 
-    async def subscribe(self, channel: str, handler: Handler) -> Subscription: ...
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Add a local handler. Returns once the process's subscription to `channel` is active
+        (a message published after it returns is delivered), or raises PeerNetError(unavailable)
+        and adds nothing."""
 
-    def on_reconnect(self, callback: Callable[[], None]) -> None: ...
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (in the reader task) after every reconnect, once every channel is
+        subscribed again: what was published during the gap is lost, what is published from
+        then on is delivered."""
