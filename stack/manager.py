@@ -194,10 +194,15 @@ def up(cfg: PeerNetConfig) -> list[ServiceStatus]:
             if pid is not None:
                 found[svc.name] = pid
         to_start = [s for s in managed if s.name not in found]
-        # mvn, apt-get and pip are independent: fetch in parallel.
-        _each(to_start, lambda s: s.install(cfg))
-        for svc in to_start:
-            started[svc.name] = _spawn(cfg, svc)
+
+        def install_and_spawn(svc: Service) -> int:
+            svc.install(cfg)
+            return _spawn(cfg, svc)
+
+        # mvn, apt-get and pip are independent: each service is fetched and started in its own
+        # thread, so Kafka boots while pip still installs SecantusDB.
+        started = dict(zip([s.name for s in to_start], _each(to_start, install_and_spawn),
+                           strict=True))
     results: list[ServiceStatus] = []
     errors: list[str] = []
     for svc in SERVICES.values():
