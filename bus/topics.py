@@ -15,8 +15,9 @@ def peernet_topics(cfg: PeerNetConfig) -> list[TopicSpec]:
         # The event log: kept for ever, so that any state can be rebuilt by replaying it.
         TopicSpec(t.events, t.events_partitions, rf,
                   (("retention.ms", "-1"), ("min.insync.replicas", isr))),
-        # Each user's inbox, keyed by user/slot and compacted: the newest `inbox_slots` items of
-        # every user stay for ever (see actors/session.py).
+        # Each user's durable inbox, keyed by user (one partition holds a user's items in seq
+        # order). Kept for ever like the event log: never compacted, since compaction would keep
+        # only each user's newest item. The Redis cache applies the retention of the protocol.
         TopicSpec(t.inbox, t.inbox_partitions, rf,
-                  (("cleanup.policy", "compact"), ("min.insync.replicas", isr))),
+                  (("retention.ms", "-1"), ("min.insync.replicas", isr))),
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +35,6 @@ class TopicsConfig:
     inbox: str = "peernet.inbox"
     inbox_partitions: int = 8
     replication_factor: int = 1
-    # The inbox topic is compacted on key user/(seq mod slots): it keeps each user's newest
-    # `inbox_slots` items for ever.
-    inbox_slots: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,6 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_INBOX_TOPIC": ("topics", "inbox"),
     "PEERNET_INBOX_PARTITIONS": ("topics", "inbox_partitions"),
     "PEERNET_KAFKA_REPLICATION": ("topics", "replication_factor"),
-    "PEERNET_INBOX_SLOTS": ("topics", "inbox_slots"),
     "PEERNET_HOME": ("stack", "home"),
     "PEERNET_KAFKA_VERSION": ("stack", "kafka_version"),
     "PEERNET_KAFKA_HEAP_MB": ("stack", "kafka_heap_mb"),
@@ -193,10 +189,19 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
     for var, flag in _EXTERNAL_FLAGS.items():
         if env.get(var):
             sections["services"][flag] = True
-    return PeerNetConfig(**{
+    cfg = PeerNetConfig(**{
         name: type(getattr(base, name))(**{**_asdict(getattr(base, name)), **values})
         for name, values in sections.items()
     })
+    # A service the local stack runs is reached on the stack's own port.
+    s, st = cfg.services, cfg.stack
+    local = {
+        "kafka_bootstrap": s.kafka_bootstrap if s.kafka_external else f"127.0.0.1:{st.kafka_port}",
+        "redis_url": s.redis_url if s.redis_external else f"redis://127.0.0.1:{st.redis_port}/0",
+        "mongo_url": s.mongo_url if s.mongo_external
+        else f"mongodb://127.0.0.1:{st.mongo_port}/?directConnection=true",
+    }
+    return replace(cfg, services=replace(s, **local))
 
 
 def _asdict(obj: object) -> dict[str, object]:
