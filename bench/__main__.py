@@ -8,7 +8,6 @@ acknowledged delivery was lost or a target could not be driven, 2 on bad paramet
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -139,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.report import build_report, results_dir, write_results
     from bench.runner import run_bench
+    from bench.worker import run_async
 
     progress = ProgressLine(enabled=not args.quiet)
     outdir = results_dir(args.out, time.time())
-    run = asyncio.run(run_bench(params, vs=args.vs, progress=progress, baseline_ports=ports,
+    run = run_async(run_bench(params, vs=args.vs, progress=progress, baseline_ports=ports,
                                 redis_url=args.redis_url, log_dir=outdir))
     report = build_report(run, ["peernet", "bench", *argv])
     files = write_results(report, outdir, plots=not args.no_plots)

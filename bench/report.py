@@ -27,12 +27,15 @@ DURABILITY = (
     "The two paths do not give the same guarantee; the ratios compare cost, not equivalence."
 )
 _PACKAGES = ("websockets", "msgpack", "hdrhistogram", "psutil", "httpx", "matplotlib", "python-socketio",
-             "python-engineio", "uvicorn", "redis", "peernet")
+             "python-engineio", "uvicorn", "uvloop", "redis", "peernet")
 
 
 def versions() -> dict[str, Any]:
+    from bench.worker import event_loop_name
+
     out: dict[str, Any] = {"bench": __version__, "python": sys.version.split()[0],
-                           "implementation": platform.python_implementation()}
+                           "implementation": platform.python_implementation(),
+                           "client_event_loop": event_loop_name()}
     for name in _PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
@@ -67,6 +70,7 @@ def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
         "seconds": o.seconds,
         "held": o.held,
         "verdict": o.verdict,
+        "generator_behind": o.generator_behind,
         "headline_kinds": o.headline_kinds(scenario),
         "headline_p99_ms": round(o.headline_p99_ms, 3),
         "sent": o.sent,
@@ -123,6 +127,12 @@ def _ratio(x: float | None, y: float | None) -> float | None:
     return round(x / y, 3)
 
 
+def _side(o: PhaseOutcome, kind: str) -> dict[str, Any]:
+    h, c = o.accounting.hist(kind), o.accounting.total
+    return {"p50_ms": h.percentile_ms(50), "p99_ms": h.percentile_ms(99), "lost": c.lost,
+            "duplicated": c.duplicated, "reordered": c.reordered, "order_mismatch": c.order_mismatch}
+
+
 def comparison(run: BenchRun) -> dict[str, Any] | None:
     if not run.vs or len(run.targets) < 2:
         return None
@@ -143,10 +153,8 @@ def comparison(run: BenchRun) -> dict[str, Any] | None:
             "rate": pa.rate,
             "both_held": pa.held and pb.held,
             "kind": kind,
-            peer.name: {"p50_ms": ha.percentile_ms(50), "p99_ms": ha.percentile_ms(99),
-                        "lost": pa.accounting.total.lost},
-            base.name: {"p50_ms": hb.percentile_ms(50), "p99_ms": hb.percentile_ms(99),
-                        "lost": pb.accounting.total.lost},
+            peer.name: _side(pa, kind),
+            base.name: _side(pb, kind),
             "p50_ratio": _ratio(ha.percentile_ms(50), hb.percentile_ms(50)),
             "p99_ratio": _ratio(ha.percentile_ms(99), hb.percentile_ms(99)),
         }
@@ -230,6 +238,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"(ratio **{_fmt(eq['p50_ratio'], 2)}**), "
                 f"p99 {_fmt(a['p99_ms'], 2)} vs {_fmt(b['p99_ms'], 2)} ms "
                 f"(ratio **{_fmt(eq['p99_ratio'], 2)}**).")
+            order = "; ".join(f"{n} {s['reordered']} reordered, {s['order_mismatch']} out of "
+                              "conversation order" for n, s in ((comp["target"], a), (comp["baseline"], b)))
+            lines.append(f"- Order at that load: {order} (PeerNet promises every participant one order).")
         lines += [f"- {comp['durability']}", ""]
 
     for t in report["targets"]:

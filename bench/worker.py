@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.client import Connection, ConnStats, Frame, RequestFailed, SetupError, Target, now_us
 from bench.control import Channel, Message
@@ -26,6 +27,7 @@ from bench.ledger import Acked, Failed, PresenceSeen, Receipt, Transition
 from bench.params import BenchParams
 from bench.plan import CHURN, DM, POST, Event, Plan, build_plan, encode_body, parse_body, schedule
 
+T = TypeVar("T")
 PROGRESS_INTERVAL_S = 1.0
 # Actions due within this much are performed now rather than after a sleep.
 DISPATCH_SLACK_US = 1000
@@ -315,6 +317,23 @@ class LoadWorker:
             st.hist.record_us(recv_us - tag.sched_us)
 
 
+def event_loop_name() -> str:
+    """uvloop when installed (as uvicorn's servers use it): less client overhead per frame."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def process_main(spec_dict: dict[str, Any], end: Any) -> None:
     """Entry point of a load process (multiprocessing, spawn)."""
     from bench.control import PipeChannel
@@ -322,6 +341,6 @@ def process_main(spec_dict: dict[str, Any], end: Any) -> None:
     channel = PipeChannel(end)
     worker = LoadWorker(WorkerSpec.from_dict(spec_dict), channel)
     try:
-        asyncio.run(worker.run())
+        run_async(worker.run())
     finally:
         channel.close()

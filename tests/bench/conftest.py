@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture
-def quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skip the one-second pause before the idle-memory sample: these runs measure no memory."""
+def quick_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shorten the pauses that matter on a real deployment and not against the fake server."""
     monkeypatch.setattr(bench.runner, "SETTLE_S", 0.0)
+    monkeypatch.setattr(bench.runner, "PHASE_LEAD_S", 0.3)
 
 
 @pytest.fixture

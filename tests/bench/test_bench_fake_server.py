@@ -15,9 +15,10 @@ from bench.__main__ import main
 from bench.params import BenchParams
 from bench.runner import PhaseOutcome, run_bench
 
-pytestmark = pytest.mark.usefixtures("quick_settle")
+pytestmark = pytest.mark.usefixtures("quick_phases")
 
-QUICK = BenchParams(clients=20, rate=80, duration=1.5, warmup=0.5, drain=3.0, seed=7)
+# A p99 bound no machine misses: these tests judge correctness, never timing.
+QUICK = BenchParams(clients=20, rate=80, duration=1.5, warmup=0.5, drain=3.0, seed=7, bound_ms=60_000)
 
 
 async def one_phase(params: BenchParams) -> PhaseOutcome:
@@ -67,7 +68,7 @@ async def test_dropped_deliveries_are_lost() -> None:
     assert c.lost == c.expected // 25 == 12
     assert c.delivered + c.lost == c.expected
     assert phase.inbox_gaps == 0  # the fake drops before numbering, so seqs stay contiguous
-    assert not phase.held and phase.verdict == "12 lost"
+    assert not phase.held and phase.verdict.startswith("12 lost")
     assert phase.accounting.lost_sample
 
 
@@ -99,7 +100,7 @@ async def test_cli_writes_results(tmp_path: Path) -> None:
     async with serve_fake() as (_, url):
         code = await asyncio.to_thread(main, [
             "dm", "--url", url, "--clients", "10", "--rate", "40", "--duration", "1", "--warmup", "0.5",
-            "--drain", "2", "--find-max", "--max-steps", "2", "--out", str(tmp_path), "--quiet"])
+            "--drain", "2", "--find-max", "--max-steps", "2", "--bound-ms", "60000", "--out", str(tmp_path), "--quiet"])
     assert code == 0
     (outdir,) = list(await asyncio.to_thread(lambda: list(tmp_path.iterdir())))
     names = {p.name for p in outdir.iterdir()}
