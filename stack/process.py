@@ -146,11 +146,14 @@ def spawn(launch: Launch, pidfile: Path) -> int:
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     launch.cwd.mkdir(parents=True, exist_ok=True)
     with open(launch.console, "ab") as out:
-        proc = subprocess.Popen(
-            list(launch.argv), cwd=launch.cwd, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            env=dict(launch.env) if launch.env is not None else None,
-        )
+        try:
+            proc = subprocess.Popen(
+                list(launch.argv), cwd=launch.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                env=dict(launch.env) if launch.env is not None else None,
+            )
+        except FileNotFoundError as exc:
+            raise StackError(f"cannot start {launch.argv[0]}: {exc}") from None
     write_pid(pidfile, proc.pid)
     log.info("started pid %d: %s", proc.pid, " ".join(launch.argv))
     return proc.pid

@@ -268,6 +268,21 @@ def test_a_taken_port_is_reported(cfg: PeerNetConfig) -> None:
     assert manager.pid_of(cfg, "redis") is None
 
 
+@pytest.mark.stack
+def test_a_service_that_dies_at_start_is_reported_with_its_log(cfg: PeerNetConfig,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from stack import redis as stack_redis
+
+    good = stack_redis.redis_conf
+    monkeypatch.setattr(stack_redis, "redis_conf", lambda c: good(c) + "no-such-directive yes\n")
+    with pytest.raises(StackError) as failure:
+        manager.start_service(cfg, "redis", timeout=15)
+    message = str(failure.value)
+    assert "redis is not running" in message
+    assert str(stack_redis.REDIS.logs(cfg)[0]) in message and "no-such-directive" in message
+    assert manager.pid_of(cfg, "redis") is None
+
+
 def test_identity_needs_program_and_every_marker() -> None:
     ident = Identity("redis-server", ("redis-server", "/h/redis/redis.conf"))
     assert ident.matches("/usr/bin/redis-server 127.0.0.1:6379  /h/redis/redis.conf")
