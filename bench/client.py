@@ -56,6 +56,8 @@ class ConnStats:
     frames_out: int = 0
     bad_frames: int = 0
     unknown_frames: int = 0
+    resumes: int = 0
+    resumes_incomplete: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     close_codes: Counter[str] = field(default_factory=Counter)
 
@@ -64,6 +66,7 @@ class ConnStats:
             "connects": self.connects, "reconnects": self.reconnects, "resent": self.resent,
             "retried": self.retried, "frames_in": self.frames_in, "frames_out": self.frames_out,
             "bad_frames": self.bad_frames, "unknown_frames": self.unknown_frames,
+            "resumes": self.resumes, "resumes_incomplete": self.resumes_incomplete,
             "errors": dict(self.errors), "close_codes": dict(self.close_codes),
         }
 

@@ -172,6 +172,10 @@ class PeerNetConnection(ReconnectingConnection):
                     self.last_seq = seq
         elif t in ("presence_state", "feed_page", "pong"):
             self._resolve(frame.get("rid"), frame)
+        elif t == "resumed":
+            self.stats.resumes += 1
+            if frame.get("complete") is False:  # part of the gap is past retention: history over HTTP
+                self.stats.resumes_incomplete += 1
         self.on_frame(self.index, frame, recv_us)
 
     def _encode_request(self, rid: int, frame: Frame) -> str | bytes:

@@ -87,6 +87,7 @@ async def test_kicked_connections_resume_and_lose_nothing() -> None:
     c = phase.accounting.total
     assert phase.conn_stats["reconnects"] >= 5
     assert phase.conn_stats["resent"] >= 5
+    assert phase.conn_stats["resumes"] == phase.conn_stats["reconnects"]
     assert (c.lost, c.failed, c.duplicated) == (0, 0, 0)
     assert phase.inbox_gaps == 0
 
