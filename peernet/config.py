@@ -195,13 +195,13 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
     })
     # A service the local stack runs is reached on the stack's own port.
     s, st = cfg.services, cfg.stack
-    local = {
-        "kafka_bootstrap": s.kafka_bootstrap if s.kafka_external else f"127.0.0.1:{st.kafka_port}",
-        "redis_url": s.redis_url if s.redis_external else f"redis://127.0.0.1:{st.redis_port}/0",
-        "mongo_url": s.mongo_url if s.mongo_external
-        else f"mongodb://127.0.0.1:{st.mongo_port}/?directConnection=true",
-    }
-    return replace(cfg, services=replace(s, **local))
+    services = replace(
+        s,
+        kafka_bootstrap=s.kafka_bootstrap if s.kafka_external else f"127.0.0.1:{st.kafka_port}",
+        redis_url=s.redis_url if s.redis_external else f"redis://127.0.0.1:{st.redis_port}/0",
+        mongo_url=s.mongo_url if s.mongo_external
+        else f"mongodb://127.0.0.1:{st.mongo_port}/?directConnection=true")
+    return replace(cfg, services=services)
 
 
 def _asdict(obj: object) -> dict[str, object]:

@@ -42,6 +42,11 @@ class Replay:
     complete: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Send whatever the inbox cache holds past `last_seq` (pushes may have been lost)."""
+
+
 class _Closed(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -61,7 +66,8 @@ class Connection:
         self.binary = True
         self.last_seq = 0  # the newest inbox seq this socket has been sent (or had on resume)
         self.watching: set[str] = set()
-        self._queue: asyncio.Queue[Outgoing | Replay | None] = asyncio.Queue(self.cfg.outbound_queue)
+        self._queue: asyncio.Queue[Outgoing | Replay | CatchUp | None] = asyncio.Queue(
+            self.cfg.outbound_queue)
         self._early: list[Outgoing] | None = []  # pushes that arrive before the welcome
         self._writer: asyncio.Task[None] | None = None
         self._close_code: int | None = None
@@ -79,7 +85,12 @@ class Connection:
     def send(self, frame: Frame) -> None:
         self._enqueue(Outgoing(frame))
 
-    def _enqueue(self, item: Outgoing | Replay | None) -> None:
+    def catch_up(self) -> None:
+        """Pub/sub messages may have been lost (the broker reconnected): read the inbox."""
+        if self._early is None:
+            self._enqueue(CatchUp())
+
+    def _enqueue(self, item: Outgoing | Replay | CatchUp | None) -> None:
         if self._close_code is not None:
             return
         try:
@@ -108,6 +119,9 @@ class Connection:
             if isinstance(item, Replay):
                 await self._replay(item)
                 continue
+            if isinstance(item, CatchUp):
+                await self._fill(None)
+                continue
             seq = item.seq
             if seq is not None:
                 if seq <= self.last_seq:
@@ -128,16 +142,19 @@ class Connection:
             await self.ws.send_text(data)
         metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
 
-    async def _fill(self, upto: int) -> None:
-        """Send the inbox items after `last_seq` up to `upto` from the cache."""
-        while self.last_seq < upto:
-            items = await self.deps.inbox.read(self.user, self.last_seq,
-                                               min(REPLAY_PAGE, upto - self.last_seq))
-            items = [i for i in items if int(i["seq"]) <= upto]
+    async def _fill(self, upto: int | None) -> None:
+        """Send the inbox items after `last_seq` up to `upto` (None: all there are) from the
+        cache."""
+        while upto is None or self.last_seq < upto:
+            want = REPLAY_PAGE if upto is None else min(REPLAY_PAGE, upto - self.last_seq)
+            items = await self.deps.inbox.read(self.user, self.last_seq, want)
+            if upto is not None:
+                items = [i for i in items if int(i["seq"]) <= upto]
             if not items:
-                log.warning("inbox of %s lacks seq %d..%d; skipped", self.user, self.last_seq + 1,
-                            upto)
-                self.last_seq = upto
+                if upto is not None:
+                    log.warning("inbox of %s lacks seq %d..%d; skipped", self.user,
+                                self.last_seq + 1, upto)
+                    self.last_seq = upto
                 return
             for item in items:
                 self.last_seq = int(item["seq"])

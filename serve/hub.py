@@ -43,6 +43,9 @@ class Receiver(Protocol):
     def push(self, out: Outgoing) -> None:
         """Queue a frame without blocking (a full queue closes the connection)."""
 
+    def catch_up(self) -> None:
+        """Read the inbox for anything pushed while pub/sub was disconnected."""
+
 
 class Hub:
     def __init__(self, pubsub: PubSub) -> None:
@@ -50,6 +53,9 @@ class Hub:
         self._conns: dict[str, set[Receiver]] = {}
         self._subs: dict[str, asyncio.Task[Subscription]] = {}
         self._unsubscribing: set[asyncio.Future[None]] = set()
+        # Messages published while the broker connection was down are lost for good: every
+        # connection reads what it missed from the inbox cache.
+        pubsub.on_reconnect(self._on_reconnect)
 
     @property
     def connections(self) -> int:
@@ -95,6 +101,12 @@ class Hub:
             await sub.unsubscribe()
         except Exception as exc:  # the subscription failed or the broker is gone: nothing to undo
             log.debug("unsubscribe failed: %s", exc)
+
+    def _on_reconnect(self) -> None:
+        log.info("pub/sub reconnected: %d connections catch up from the inbox", self.connections)
+        for conns in list(self._conns.values()):
+            for conn in list(conns):
+                conn.catch_up()
 
     def _dispatch(self, channel: str, payload: bytes) -> None:
         user = channel[2:]
