@@ -13,13 +13,17 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from stack import manager  # imported here: the core imports nothing of ours at import time
 
     cfg = load_config()
-    if args.action == "up":
-        manager.up(cfg)
-        return 0
-    if args.action == "down":
-        manager.down(cfg)
-        return 0
-    return 0 if manager.print_status(cfg) else 1
+    try:
+        if args.action == "up":
+            manager.up(cfg)
+            return 0
+        if args.action == "down":
+            manager.down(cfg)
+            return 0
+        return 0 if manager.print_status(cfg) else 1
+    except manager.StackError as exc:
+        print(f"peernet stack {args.action}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
