@@ -141,7 +141,10 @@ class LoadWorker:
 
         async def ask(i: int, frame: Frame) -> None:
             async with sem:
-                await self.conns[i].request(frame, idempotent=True)
+                try:
+                    await self.conns[i].request(frame, idempotent=True)
+                except RequestFailed as exc:
+                    raise SetupError(f"{frame['t']!r} from {plan.users[i]} refused: {exc.reason}") from None
 
         jobs = []
         for author, followers in plan.followers.items():
