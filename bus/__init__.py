@@ -1,7 +1,7 @@
 """The seams between PeerNet and its backing services, with their real implementations.
 
 Kafka records, Redis replies and MongoDB documents never leave this package: callers see the
-types defined in the seam modules (`eventlog`, `pubsub`, `cache`, `store`, `inbox`).
+types defined in the seam modules (`eventlog`, `pubsub`, `cache`, `store`, `inbox`, `presence`).
 
 The seam types are imported here; the implementations (`bus.kafka`, `bus.redis`, `bus.mongo`,
 `bus.memory`) are imported on first use, so that importing `bus` does not load aiokafka, redis,
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bus.cache import Cache
 from bus.eventlog import Appended, EventLog, Headers, LogConsumer, Record, TopicSpec
+from bus.presence import Change, PresenceState, PresenceStore
 from bus.pubsub import Handler, PubSub, Subscription
 from bus.store import Document, DocumentStore, DuplicateKeyError
 
@@ -25,9 +26,11 @@ if TYPE_CHECKING:
         MemoryDocumentStore,
         MemoryEventLog,
         MemoryLogConsumer,
+        MemoryPresenceStore,
         MemoryPubSub,
     )
     from bus.mongo import MongoDocumentStore
+    from bus.presence_redis import RedisPresenceStore
     from bus.redis import RedisCache, RedisPubSub, redis_client
 
 _LAZY = {
@@ -37,11 +40,13 @@ _LAZY = {
     "RedisPubSub": "bus.redis",
     "redis_client": "bus.redis",
     "MongoDocumentStore": "bus.mongo",
+    "RedisPresenceStore": "bus.presence_redis",
     "MemoryEventLog": "bus.memory",
     "MemoryLogConsumer": "bus.memory",
     "MemoryPubSub": "bus.memory",
     "MemoryCache": "bus.memory",
     "MemoryDocumentStore": "bus.memory",
+    "MemoryPresenceStore": "bus.memory",
 }
 
 
@@ -70,11 +75,16 @@ __all__ = [  # noqa: RUF022 - grouped by seam, not sorted
     "Document",
     "DocumentStore",
     "DuplicateKeyError",
+    # PresenceStore seam
+    "Change",
+    "PresenceState",
+    "PresenceStore",
     # real implementations
     "KafkaEventLog",
     "KafkaLogConsumer",
     "MongoDocumentStore",
     "RedisCache",
+    "RedisPresenceStore",
     "RedisPubSub",
     "redis_client",
     # in-memory implementations (unit tests)
@@ -82,5 +92,6 @@ __all__ = [  # noqa: RUF022 - grouped by seam, not sorted
     "MemoryDocumentStore",
     "MemoryEventLog",
     "MemoryLogConsumer",
+    "MemoryPresenceStore",
     "MemoryPubSub",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from bus.inbox_redis import RedisInboxCache
 from bus.kafka import KafkaEventLog
 from bus.mongo import MongoDocumentStore
+from bus.presence_redis import RedisPresenceStore
 from bus.redis import RedisCache, RedisPubSub, redis_client
 from peernet.config import PeerNetConfig
 
@@ -19,6 +20,7 @@ class Backends:
     pubsub: RedisPubSub
     inbox: RedisInboxCache
     store: MongoDocumentStore
+    presence: RedisPresenceStore
 
     async def start(self) -> None:
         await self.log.start()
@@ -42,4 +44,10 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
                               retention_items=cfg.shards.inbox_retention_items,
                               retention_ms=cfg.shards.inbox_retention_ms),
         store=MongoDocumentStore(s.mongo_url, s.mongo_db),
+        presence=presence_store(cfg),
     )
+
+
+def presence_store(cfg: PeerNetConfig) -> RedisPresenceStore:
+    return RedisPresenceStore(redis_client(cfg.services.redis_url), keyspace=cfg.presence.keyspace,
+                              last_seen_ttl_s=cfg.presence.last_seen_ttl_s)

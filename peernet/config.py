@@ -73,6 +73,8 @@ class GatewayConfig:
     token_ttl_s: int = 24 * 3600
     dev_tokens: bool = False
     cid_ttl_s: int = 24 * 3600
+    # Users one connection may watch at once (presence); watching more is bad_request.
+    max_watch: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,36 @@ class ShardsConfig:
     """The fixed pools of shard actors that host the virtual per-user actors."""
 
     session_shards: int = 2
+    feed_shards: int = 2
+    presence_shards: int = 2
     inbox_retention_items: int = 10_000
     inbox_retention_ms: int = 7 * 24 * 3600 * 1000
     # Deliveries batched into one shard call and one Kafka produce.
     max_batch: int = 500
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    """Presence: the replicas' leases and what Redis keeps of it (see docs/architecture.md)."""
+
+    # The bound on how long a dead gateway replica's users stay online; 0: 3 x heartbeat.
+    lease_ms: int = 0
+    # How long an offline user's `since` (last seen) is kept; after it the user reads as never seen.
+    last_seen_ttl_s: int = 30 * 24 * 3600
+    # Prefix of every presence key in Redis: deployments sharing one Redis keep apart by it.
+    keyspace: str = "presence"
+
+
+@dataclass(frozen=True)
+class FeedsConfig:
+    """Home feeds and the social graph (see docs/architecture.md, "Feeds")."""
+
+    # Newest entries kept per home feed and per author's own post index.
+    cap: int = 800
+    # Authors with more followers than this are not fanned out; readers merge their posts.
+    celebrity_threshold: int = 10_000
+    # Prefix of every feed and graph key in Redis: deployments sharing one Redis keep apart by it.
+    keyspace: str = "social"
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,8 @@ class PeerNetConfig:
     stack: StackConfig = field(default_factory=StackConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    feeds: FeedsConfig = field(default_factory=FeedsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -139,10 +169,19 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_TOKEN_TTL_S": ("gateway", "token_ttl_s"),
     "PEERNET_DEV_TOKENS": ("gateway", "dev_tokens"),
     "PEERNET_CID_TTL_S": ("gateway", "cid_ttl_s"),
+    "PEERNET_MAX_WATCH": ("gateway", "max_watch"),
     "PEERNET_SESSION_SHARDS": ("shards", "session_shards"),
+    "PEERNET_FEED_SHARDS": ("shards", "feed_shards"),
+    "PEERNET_PRESENCE_SHARDS": ("shards", "presence_shards"),
     "PEERNET_INBOX_RETENTION_ITEMS": ("shards", "inbox_retention_items"),
     "PEERNET_INBOX_RETENTION_MS": ("shards", "inbox_retention_ms"),
     "PEERNET_MAX_BATCH": ("shards", "max_batch"),
+    "PEERNET_PRESENCE_LEASE_MS": ("presence", "lease_ms"),
+    "PEERNET_PRESENCE_LAST_SEEN_TTL_S": ("presence", "last_seen_ttl_s"),
+    "PEERNET_PRESENCE_KEYSPACE": ("presence", "keyspace"),
+    "PEERNET_FEED_CAP": ("feeds", "cap"),
+    "PEERNET_CELEBRITY_THRESHOLD": ("feeds", "celebrity_threshold"),
+    "PEERNET_FEED_KEYSPACE": ("feeds", "keyspace"),
     "PEERNET_RAY_ADDRESS": ("ray", "address"),
     "PEERNET_RAY_TMPDIR": ("ray", "tmpdir"),
     "PEERNET_RAY_AUTH_MODE": ("ray", "auth_mode"),
@@ -206,6 +245,11 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
 
 def _asdict(obj: object) -> dict[str, object]:
     return {f.name: getattr(obj, f.name) for f in fields(obj)}  # type: ignore[arg-type]
+
+
+def presence_lease_ms(cfg: PeerNetConfig) -> int:
+    """The presence lease in force: PEERNET_PRESENCE_LEASE_MS, or 3 x heartbeat when unset."""
+    return cfg.presence.lease_ms or 3 * cfg.gateway.heartbeat_ms
 
 
 def ray_tmpdir(cfg: PeerNetConfig) -> str:
