@@ -334,8 +334,11 @@ def write_plots(report: dict[str, Any], outdir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     plotted = False
+    # Side by side, both targets at the equal-load rate; alone, the highest rate that held.
+    equal = (report.get("comparison") or {}).get("equal_load", {}).get("rate")
     for t in report["targets"]:
-        held = [ph for ph in t["phases"] if ph["held"]] or t["phases"]
+        same = [ph for ph in t["phases"] if ph["rate_target"] == equal]
+        held = same or [ph for ph in t["phases"] if ph["held"]] or t["phases"]
         if not held:
             continue
         ph = held[-1]

@@ -101,9 +101,10 @@ async def test_cli_writes_results(tmp_path: Path) -> None:
     async with serve_fake() as (_, url):
         code = await asyncio.to_thread(main, [
             "dm", "--url", url, "--clients", "10", "--rate", "40", "--duration", "1", "--warmup", "0.5",
-            "--drain", "2", "--find-max", "--max-steps", "2", "--bound-ms", "60000", "--out", str(tmp_path), "--quiet"])
+            "--drain", "2", "--find-max", "--max-steps", "2", "--bound-ms", "60000",
+            "--out", str(tmp_path), "--quiet"])
     assert code == 0
-    (outdir,) = list(await asyncio.to_thread(lambda: list(tmp_path.iterdir())))
+    (outdir,) = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
     names = {p.name for p in outdir.iterdir()}
     assert {"results.json", "summary.md", "latency_cdf.png", "percentiles_vs_rate.png"} <= names
     report = json.loads((outdir / "results.json").read_text())
