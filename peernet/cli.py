@@ -51,6 +51,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from actors.replay import run
+
+    return run(load_config(), wipe=args.wipe)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.__main__ import main as bench_main
 
@@ -77,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the configuration in force")
     p.set_defaults(func=_cmd_config)
 
+    p = sub.add_parser("replay", help="rebuild the Redis feeds, graph and likes and the MongoDB "
+                       "projections from the event log (offset 0); safe to run twice")
+    p.add_argument("--wipe", action="store_true",
+                   help="empty the feed keyspace and the projection collections first")
+    p.set_defaults(func=_cmd_replay)
+
     p = sub.add_parser("bench", help="the load benchmark harness (see `peernet bench --help`)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -85,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # The harness parses its own options, --help included.
+        from bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
