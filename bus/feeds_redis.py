@@ -1,0 +1,314 @@
+"""FeedStore and FeedFanout on Redis.
+
+Keys, all under the keyspace `ks` (so deployments and test runs sharing one Redis keep apart):
+  ks:feed:{user}       zset  home feed: post id, score ts (equal scores order by id)
+  ks:posts:{author}    zset  the author's recent posts, same scores (capped like feeds)
+  ks:following:{user}  set   whom the user follows
+  ks:followers:{user}  set   who follows the user
+  ks:post:{id}         hash  a: author, b: body, ts
+  ks:likes:{id}        set   users who like the post; its size is the like count
+  ks:celebs            set   authors never fanned out (sticky once marked)
+
+The read script builds its keys from the keyspace, so it needs one Redis instance (not a cluster).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
+from peernet.config import PeerNetConfig
+from peernet.errors import unavailable
+
+T = TypeVar("T")
+
+# Feed entries one page read may examine (entries of unfollowed authors are skipped).
+MAX_SCAN = 2_000
+# Commands sent in one pipeline round trip; bigger batches are split.
+PIPELINE_CHUNK = 10_000
+# Channels published per push script call.
+PUSH_CHUNK = 1_000
+
+# ARGV: keyspace, user, limit, cursor ts ('' for none), cursor id, max scan.
+# Returns {next_ts|'', next_id|'', id, author, body, ts, likes, id, ...}.
+_PAGE = """
+local ks, user, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local has_cursor = ARGV[4] ~= ''
+local cts = has_cursor and tonumber(ARGV[4]) or 0
+local cid = ARGV[5]
+local max_scan = tonumber(ARGV[6])
+local top = has_cursor and ARGV[4] or '+inf'
+local following = ks .. ':following:' .. user
+
+local function collect(key, want, filter)
+  local out = {}
+  local offset = 0
+  local chunk = want + 16
+  while #out < want and offset < max_scan do
+    local batch = redis.call('ZREVRANGEBYSCORE', key, top, '-inf', 'WITHSCORES', 'LIMIT', offset, chunk)
+    local n = #batch / 2
+    for i = 1, #batch, 2 do
+      local id, ts = batch[i], tonumber(batch[i + 1])
+      if (not has_cursor) or ts < cts or id < cid then
+        local meta = redis.call('HMGET', ks .. ':post:' .. id, 'a', 'b')
+        local author = meta[1]
+        if author and ((not filter) or author == user
+                       or redis.call('SISMEMBER', following, author) == 1) then
+          out[#out + 1] = {id, ts, author, meta[2], batch[i + 1]}
+          if #out >= want then break end
+        end
+      end
+    end
+    if n < chunk then break end
+    offset = offset + n
+  end
+  return out
+end
+
+local want = limit + 1
+local items = collect(ks .. ':feed:' .. user, want, true)
+local celebs = redis.call('SINTER', following, ks .. ':celebs')
+if #celebs > 0 then
+  for _, c in ipairs(celebs) do
+    for _, it in ipairs(collect(ks .. ':posts:' .. c, want, false)) do items[#items + 1] = it end
+  end
+  table.sort(items, function(x, y)
+    if x[2] ~= y[2] then return x[2] > y[2] end
+    return x[1] > y[1]
+  end)
+  local seen, unique = {}, {}
+  for _, it in ipairs(items) do
+    if not seen[it[1]] then seen[it[1]] = true; unique[#unique + 1] = it end
+  end
+  items = unique
+end
+
+local out = {'', ''}
+local n = math.min(#items, limit)
+if #items > limit then out[1] = items[limit][5]; out[2] = items[limit][1] end
+for i = 1, n do
+  local it = items[i]
+  out[#out + 1] = it[1]
+  out[#out + 1] = it[3]
+  out[#out + 1] = it[4]
+  out[#out + 1] = it[2]
+  out[#out + 1] = redis.call('SCARD', ks .. ':likes:' .. it[1])
+end
+return out
+"""
+
+# KEYS: post hash, likes set. ARGV: user, '1' like | '0' unlike. nil when the post is unknown.
+_CLAIM_LIKE = """
+local author = redis.call('HGET', KEYS[1], 'a')
+if not author then return false end
+local changed
+if ARGV[2] == '1' then changed = redis.call('SADD', KEYS[2], ARGV[1])
+else changed = redis.call('SREM', KEYS[2], ARGV[1]) end
+return {author, changed}
+"""
+
+# ARGV: payload, channel, channel, ... : one payload sent once, published on many channels.
+_PUSH = """
+for i = 2, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[1]) end
+return #ARGV - 1
+"""
+
+_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisFeedStore:
+    """FeedStore and FeedFanout on Redis (see bus/feeds.py for the contracts)."""
+
+    def __init__(self, client: aioredis.Redis, *, keyspace: str, cap: int) -> None:
+        if cap < 1:
+            raise ValueError("the feed cap must be positive")
+        self._r = client
+        self.keyspace = keyspace
+        self.cap = cap
+        self._page = client.register_script(_PAGE)
+        self._claim_like = client.register_script(_CLAIM_LIKE)
+        self._push = client.register_script(_PUSH)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _k(self, kind: str, name: str) -> str:
+        return f"{self.keyspace}:{kind}:{name}"
+
+    @property
+    def _celebs(self) -> str:
+        return f"{self.keyspace}:celebs"
+
+    async def _guard(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await action()
+        except _ERRORS as exc:
+            raise unavailable(f"feeds: {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    # -- FeedStore ---------------------------------------------------------------------------
+
+    async def claim_follow(self, user: str, target: str, follow: bool) -> bool:
+        async def run() -> bool:
+            async with self._r.pipeline(transaction=True) as pipe:
+                if follow:
+                    pipe.sadd(self._k("following", user), target)
+                    pipe.sadd(self._k("followers", target), user)
+                else:
+                    pipe.srem(self._k("following", user), target)
+                    pipe.srem(self._k("followers", target), user)
+                changed, _ = await pipe.execute()
+            return bool(changed)
+
+        return await self._guard("claim follow", run)
+
+    async def claim_like(self, user: str, post: str, like: bool) -> LikeClaim | None:
+        async def run() -> LikeClaim | None:
+            reply = await self._claim_like(keys=[self._k("post", post), self._k("likes", post)],
+                                           args=[user, "1" if like else "0"])
+            if reply is None:
+                return None
+            return LikeClaim(_s(reply[0]), bool(int(reply[1])))
+
+        return await self._guard("claim like", run)
+
+    async def put_post(self, post: Post) -> None:
+        async def run() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                self._put_post(pipe, post)
+                await pipe.execute()
+
+        await self._guard("put post", run)
+
+    def _put_post(self, pipe: Any, post: Post) -> None:
+        pipe.hset(self._k("post", post.id), mapping={"a": post.author, "b": post.body, "ts": post.ts})
+        for key in (self._k("posts", post.author), self._k("feed", post.author)):
+            pipe.zadd(key, {post.id: post.ts})
+            pipe.zremrangebyrank(key, 0, -(self.cap + 1))
+
+    async def page(self, user: str, limit: int, before: Cursor | None) -> FeedPage:
+        async def run() -> FeedPage:
+            reply = await self._page(keys=[], args=[
+                self.keyspace, user, limit, "" if before is None else before.ts,
+                "" if before is None else before.id, MAX_SCAN])
+            nxt = Cursor(int(reply[0]), _s(reply[1])) if reply[0] not in (b"", "") else None
+            items = [Post(_s(reply[i]), _s(reply[i + 1]), _s(reply[i + 2]), int(reply[i + 3]),
+                          int(reply[i + 4])) for i in range(2, len(reply), 5)]
+            return FeedPage(items, nxt)
+
+        return await self._guard("page", run)
+
+    # -- FeedFanout --------------------------------------------------------------------------
+
+    async def record(self, graph: Sequence[GraphChange], likes: Sequence[LikeChange],
+                     posts: Sequence[Post]) -> None:
+        async def run() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for g in graph:
+                    op = pipe.sadd if g.following else pipe.srem
+                    op(self._k("following", g.follower), g.followee)
+                    op(self._k("followers", g.followee), g.follower)
+                for like in likes:
+                    (pipe.sadd if like.liked else pipe.srem)(self._k("likes", like.post), like.user)
+                for post in posts:
+                    self._put_post(pipe, post)
+                await self._flush(pipe, force=True)
+
+        await self._guard("record", run)
+
+    async def lookup(self, authors: Sequence[str], followees: Sequence[str]) -> Lookup:
+        authors, followees = list(dict.fromkeys(authors)), list(dict.fromkeys(followees))
+        names = list(dict.fromkeys([*authors, *followees]))
+
+        async def run() -> Lookup:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for a in authors:
+                    pipe.smembers(self._k("followers", a))
+                for b in followees:
+                    pipe.zrevrange(self._k("posts", b), 0, self.cap - 1, withscores=True)
+                if names:
+                    pipe.smismember(self._celebs, names)
+                replies = await pipe.execute()
+            out = Lookup()
+            for a, members in zip(authors, replies, strict=False):
+                out.followers[a] = sorted(_s(m) for m in members)
+            for b, posts in zip(followees, replies[len(authors):], strict=False):
+                out.posts[b] = [(_s(m), int(score)) for m, score in posts]
+            if names:
+                out.celebrities = {n for n, flag in zip(names, replies[-1], strict=True) if flag}
+            return out
+
+        return await self._guard("lookup", run)
+
+    async def write(self, writes: FeedWrites) -> None:
+        async def run() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for user, ids in writes.removes:
+                    if ids:
+                        pipe.zrem(self._k("feed", user), *ids)
+                    await self._flush(pipe)
+                by_user: dict[str, dict[str, int]] = defaultdict(dict)
+                for user, post_id, ts in writes.adds:
+                    by_user[user][post_id] = ts
+                for user, entries in by_user.items():
+                    key = self._k("feed", user)
+                    pipe.zadd(key, entries)
+                    pipe.zremrangebyrank(key, 0, -(self.cap + 1))
+                    await self._flush(pipe)
+                if writes.celebrities:
+                    pipe.sadd(self._celebs, *writes.celebrities)
+                for channels, payload in writes.pushes:
+                    for i in range(0, len(channels), PUSH_CHUNK):
+                        await self._push(keys=[], args=[payload, *channels[i:i + PUSH_CHUNK]],
+                                         client=pipe)
+                        await self._flush(pipe)
+                await self._flush(pipe, force=True)
+
+        await self._guard("write", run)
+
+    @staticmethod
+    async def _flush(pipe: Any, *, force: bool = False) -> None:
+        if len(pipe) >= PIPELINE_CHUNK or (force and len(pipe)):
+            await pipe.execute()
+
+    async def clear(self) -> int:
+        async def run() -> int:
+            deleted = 0
+            batch: list[bytes] = []
+            async for key in self._r.scan_iter(match=f"{self.keyspace}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await self._r.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self._r.unlink(*batch))
+            return deleted
+
+        return await self._guard("clear", run)
+
+
+def blocking_client(url: str, *, max_connections: int = 64,
+                    wait_s: float = 5.0) -> aioredis.Redis:
+    """A client like `redis_client`'s whose pool makes a burst of concurrent calls wait for a
+    free connection (at most `wait_s`) instead of failing with MaxConnectionsError at the
+    pool's limit: a gateway's feed reads come in bursts."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait_s, socket_timeout=5.0,
+        socket_connect_timeout=2.0, health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool, decode_responses=False)
+
+
+def feed_store(cfg: PeerNetConfig) -> RedisFeedStore:
+    """The feed store of a process, from configuration."""
+    return RedisFeedStore(blocking_client(cfg.services.redis_url), keyspace=cfg.feeds.keyspace,
+                          cap=cfg.feeds.cap)

@@ -1,0 +1,213 @@
+"""Contract suite of the FeedStore / FeedFanout seam (bus/feeds.py), run against Redis (in a
+keyspace of its own, deleted afterwards) and the in-memory double."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from bus_helpers import closed_port, service_addresses, unique
+
+from bus.feeds import Cursor, FeedWrites, GraphChange, LikeChange, Post
+from bus.feeds_memory import MemoryFeedStore
+from bus.feeds_redis import RedisFeedStore, blocking_client
+from bus.memory import MemoryPubSub
+from bus.redis import RedisPubSub, redis_client
+from peernet.codec import unpack
+from peernet.config import load_config
+from peernet.errors import PeerNetError
+
+REAL = pytest.param("real", marks=pytest.mark.stack)
+CAP = 5
+
+
+@dataclass
+class FeedsKit:
+    kind: str
+    store: Any  # FeedStore and FeedFanout
+    redis_url: str
+    memory_pubsub: MemoryPubSub | None
+
+    async def subscribe(self, channel: str) -> tuple[list[bytes], Any]:
+        got: list[bytes] = []
+        ps: Any = self.memory_pubsub if self.memory_pubsub is not None else RedisPubSub(self.redis_url)
+        if self.memory_pubsub is None:
+            await ps.start()
+        sub = await ps.subscribe(channel, lambda _c, payload: got.append(payload))
+        return got, (ps, sub)
+
+
+@pytest.fixture(params=[REAL, "memory"])
+async def feeds_kit(request: pytest.FixtureRequest) -> AsyncIterator[FeedsKit]:
+    kind: str = request.param
+    if kind == "real":
+        services = request.getfixturevalue("services")
+        store: Any = RedisFeedStore(blocking_client(services.redis_url),
+                                    keyspace=unique("test-feeds"), cap=CAP)
+        kit = FeedsKit(kind, store, services.redis_url, None)
+    else:
+        pubsub = MemoryPubSub()
+        await pubsub.start()
+        kit = FeedsKit(kind, MemoryFeedStore(cap=CAP, pubsub=pubsub),
+                       service_addresses(load_config()).redis_url, pubsub)
+    yield kit
+    await kit.store.clear()
+    if isinstance(kit.store, RedisFeedStore):
+        await kit.store.close()
+    if kit.memory_pubsub is not None:
+        await kit.memory_pubsub.stop()
+
+
+def post(pid: str, author: str, ts: int, body: str = "") -> Post:
+    return Post(pid, author, body or f"body of {pid}", ts)
+
+
+async def test_follow_claims_are_idempotent(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    assert await s.claim_follow("a", "b", True) is True
+    assert await s.claim_follow("a", "b", True) is False
+    lookup = await s.lookup(["b"], [])
+    assert lookup.followers == {"b": ["a"]}
+    assert await s.claim_follow("a", "b", False) is True
+    assert await s.claim_follow("a", "b", False) is False
+    assert (await s.lookup(["b"], [])).followers == {"b": []}
+
+
+async def test_likes_need_a_known_post_and_count_once_per_user(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    assert await s.claim_like("u", "p1", True) is None
+    await s.put_post(post("p1", "author", 1000))
+    first = await s.claim_like("u", "p1", True)
+    assert first is not None and (first.author, first.changed) == ("author", True)
+    again = await s.claim_like("u", "p1", True)
+    assert again is not None and again.changed is False
+    await s.claim_like("v", "p1", True)
+    page = await s.page("author", 10, None)
+    assert [(p.id, p.likes) for p in page.items] == [("p1", 2)]
+    unliked = await s.claim_like("u", "p1", False)
+    assert unliked is not None and unliked.changed is True
+    unliked = await s.claim_like("u", "p1", False)
+    assert unliked is not None and unliked.changed is False
+    assert (await s.page("author", 10, None)).items[0].likes == 1
+
+
+async def test_concurrent_likes_count_exactly(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.put_post(post("hot", "author", 1000))
+    users = [f"user{i}" for i in range(40)]
+    results = await asyncio.gather(*(s.claim_like(u, "hot", True) for u in users * 3))
+    assert sum(r.changed for r in results) == 40
+    assert (await s.page("author", 1, None)).items[0].likes == 40
+
+
+async def test_pages_are_newest_first_with_ids_breaking_ties_and_cursors_that_cover_all(
+        feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    posts = [post("p0", "me", 100), post("p1", "me", 200), post("p2", "me", 200),
+             post("p3", "me", 300), post("p4", "me", 300)]
+    for p in posts:
+        await s.put_post(p)
+    expected = ["p4", "p3", "p2", "p1", "p0"]
+    full = await s.page("me", 10, None)
+    assert [p.id for p in full.items] == expected and full.next is None
+    seen: list[str] = []
+    cursor: Cursor | None = None
+    while True:
+        page = await s.page("me", 2, cursor)
+        seen += [p.id for p in page.items]
+        if page.next is None:
+            break
+        assert len(page.items) == 2
+        cursor = Cursor.parse(page.next.encode())
+    assert seen == expected
+    exact = await s.page("me", 5, None)
+    assert len(exact.items) == 5 and exact.next is None
+    assert full.items[0] == Post("p4", "me", "body of p4", 300, 0)
+
+
+async def test_fan_out_writes_are_capped_and_removable(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.record([GraphChange("reader", "w", True)], [], [])
+    posts = [post(f"w{i}", "w", 1000 + i) for i in range(CAP + 3)]
+    await s.record([], [], posts)
+    await s.write(FeedWrites(adds=[("reader", p.id, p.ts) for p in posts]))
+    page = await s.page("reader", 100, None)
+    assert [p.id for p in page.items] == [p.id for p in reversed(posts)][:CAP]
+    lookup = await s.lookup(["w"], ["w"])
+    assert [pid for pid, _ in lookup.posts["w"]] == [p.id for p in reversed(posts)][:CAP]
+    assert lookup.followers["w"] == ["reader"] and lookup.celebrities == set()
+    await s.write(FeedWrites(removes=[("reader", [p.id for p in posts])]))
+    assert (await s.page("reader", 100, None)).items == []
+
+
+async def test_pages_leave_out_authors_no_longer_followed(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.claim_follow("reader", "x", True)
+    await s.record([], [], [post("x1", "x", 10), post("y1", "y", 20)])
+    await s.write(FeedWrites(adds=[("reader", "x1", 10), ("reader", "y1", 20)]))
+    assert [p.id for p in (await s.page("reader", 10, None)).items] == ["x1"]
+    await s.claim_follow("reader", "x", False)
+    assert (await s.page("reader", 10, None)).items == []
+
+
+async def test_celebrities_are_merged_at_read_time(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.record([GraphChange("reader", "star", True), GraphChange("reader", "pal", True)],
+                   [LikeChange("fan", "s2", True)], [])
+    await s.write(FeedWrites(celebrities=["star"]))
+    stars = [post("s1", "star", 100), post("s2", "star", 300), post("s3", "star", 500)]
+    pals = [post("q1", "pal", 200), post("q2", "pal", 400)]
+    await s.record([], [], stars + pals)
+    await s.write(FeedWrites(adds=[("reader", p.id, p.ts) for p in pals]))
+    page = await s.page("reader", 3, None)
+    assert [p.id for p in page.items] == ["s3", "q2", "s2"]
+    assert page.items[2].likes == 1
+    assert page.next is not None
+    rest = await s.page("reader", 3, page.next)
+    assert [p.id for p in rest.items] == ["q1", "s1"] and rest.next is None
+    assert (await s.lookup(["star"], [])).celebrities == {"star"}
+    # A star's post also fanned out (before the mark) is not shown twice.
+    await s.write(FeedWrites(adds=[("reader", "s3", 500)]))
+    assert [p.id for p in (await s.page("reader", 3, None)).items] == ["s3", "q2", "s2"]
+
+
+async def test_pushes_reach_the_subscribers_of_each_channel(feeds_kit: FeedsKit) -> None:
+    got, (ps, sub) = await feeds_kit.subscribe("u:test-push-a")
+    try:
+        await feeds_kit.store.write(FeedWrites(pushes=[(["u:test-push-a", "u:test-push-b"],
+                                                        b"\x81\xa1t\xa4feed")]))
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert [unpack(g) for g in got] == [{"t": "feed"}]
+    finally:
+        await sub.unsubscribe()
+        if isinstance(ps, RedisPubSub):
+            await ps.stop()
+
+
+async def test_clear_empties_the_keyspace(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.put_post(post("c1", "me", 1))
+    await s.claim_follow("me", "you", True)
+    assert await s.clear() > 0
+    assert (await s.page("me", 10, None)).items == []
+    assert await s.claim_like("x", "c1", True) is None
+
+
+async def test_an_unreachable_store_is_unavailable(feeds_kit: FeedsKit) -> None:
+    if feeds_kit.kind == "memory":
+        down: Any = MemoryFeedStore(cap=CAP)
+        down.set_down(True)
+    else:
+        down = RedisFeedStore(redis_client(f"redis://127.0.0.1:{closed_port()}/0",
+                                           socket_timeout_s=1.0), keyspace="none", cap=CAP)
+    with pytest.raises(PeerNetError) as err:
+        await down.claim_follow("a", "b", True)
+    assert err.value.code.value == "unavailable"
+    with pytest.raises(PeerNetError):
+        await down.page("a", 10, None)
