@@ -17,10 +17,12 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
+from actors.presence import LeaseTiming, PresenceShard
 from actors.projector import Projector
 from actors.session import SessionShard
-from bus.backends import Backends, backends
-from peernet.config import PeerNetConfig, load_config
+from bus.backends import Backends, backends, presence_store
+from bus.redis import RedisPubSub
+from peernet.config import PeerNetConfig, load_config, presence_lease_ms
 
 NAMESPACE = "peernet"
 PROJECTOR_NAME = "projector"
@@ -30,6 +32,10 @@ log = logging.getLogger("peernet.wiring")
 
 def session_shard_name(index: int, count: int) -> str:
     return f"session-shard-{index}-of-{count}"
+
+
+def presence_shard_name(index: int, count: int) -> str:
+    return f"presence-shard-{index}-of-{count}"
 
 
 def _setup_logging() -> None:
@@ -95,9 +101,83 @@ class ProjectorActor:
         return "pong"
 
 
+@ray.remote(**_ACTOR_OPTIONS)
+class PresenceShardActor:
+    """Hosts one PresenceShard. Reports start the shard themselves: a report that Ray retries
+    into a restarted actor must not wait for the supervisor."""
+
+    def __init__(self, index: int, count: int) -> None:
+        _setup_logging()
+        self._index = index
+        self._count = count
+        self._lock = asyncio.Lock()
+        self._shard: PresenceShard | None = None
+
+    async def _started(self) -> PresenceShard:
+        async with self._lock:
+            if self._shard is None:
+                cfg = load_config()
+                pubsub = RedisPubSub(cfg.services.redis_url)
+                await pubsub.start()
+                shard = PresenceShard(self._index, self._count, presence_store(cfg), pubsub,
+                                      LeaseTiming(presence_lease_ms(cfg)))
+                await shard.start()
+                self._shard = shard
+        return self._shard
+
+    async def ensure_started(self) -> dict[str, Any]:
+        return asdict((await self._started()).stats)
+
+    async def update(self, replica: str, seq: int, online: list[str], offline: list[str]) -> None:
+        await (await self._started()).update(replica, seq, online, offline)
+
+    async def sync(self, replica: str, seq: int, users: list[str]) -> None:
+        await (await self._started()).sync(replica, seq, users)
+
+    async def stats(self) -> dict[str, Any]:
+        return asdict(self._shard.stats) if self._shard else {"started": False}
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+class PresenceShardClient:
+    """The presence shard actors as a gateway replica calls them (serve/presence.py's
+    PresenceShards), found by name on first use."""
+
+    def __init__(self, cfg: PeerNetConfig, *, call_timeout_s: float = 10.0) -> None:
+        self.count = cfg.shards.presence_shards
+        self._timeout_s = call_timeout_s
+        self._handles: dict[int, ActorHandle] = {}
+
+    def _handle(self, shard: int) -> ActorHandle:
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = ray.get_actor(presence_shard_name(shard, self.count),
+                                                          namespace=NAMESPACE)
+        return handle
+
+    async def _call(self, shard: int, method: str, *args: Any) -> None:
+        try:
+            ref = getattr(self._handle(shard), method).remote(*args)
+            await asyncio.wait_for(ref, self._timeout_s)
+        except BaseException:
+            self._handles.pop(shard, None)  # looked up again: the actor may have been recreated
+            raise
+
+    async def update(self, shard: int, replica: str, seq: int, online: list[str],
+                     offline: list[str]) -> None:
+        await self._call(shard, "update", replica, seq, online, offline)
+
+    async def sync(self, shard: int, replica: str, seq: int, users: list[str]) -> None:
+        await self._call(shard, "sync", replica, seq, users)
+
+
 def actor_names(cfg: PeerNetConfig) -> list[str]:
     n = cfg.shards.session_shards
-    return [session_shard_name(i, n) for i in range(n)] + [PROJECTOR_NAME]
+    p = cfg.shards.presence_shards
+    return ([session_shard_name(i, n) for i in range(n)]
+            + [presence_shard_name(i, p) for i in range(p)] + [PROJECTOR_NAME])
 
 
 def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
@@ -109,6 +189,12 @@ def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
         handles[name] = SessionShardActor.options(  # type: ignore[attr-defined]
             name=name, namespace=NAMESPACE, get_if_exists=True,
             scheduling_strategy="SPREAD").remote(i, n)
+    p = cfg.shards.presence_shards
+    for i in range(p):
+        name = presence_shard_name(i, p)
+        handles[name] = PresenceShardActor.options(  # type: ignore[attr-defined]
+            name=name, namespace=NAMESPACE, get_if_exists=True,
+            scheduling_strategy="SPREAD").remote(i, p)
     handles[PROJECTOR_NAME] = ProjectorActor.options(  # type: ignore[attr-defined]
         name=PROJECTOR_NAME, namespace=NAMESPACE, get_if_exists=True,
         scheduling_strategy="SPREAD").remote()

@@ -14,14 +14,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from actors.presence import LeaseTiming
+from peernet.config import presence_lease_ms
 from peernet.errors import ErrorCode, PeerNetError
-from peernet.tokens import TokenError, issue_token, verify_token
+from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
 from serve import metrics
 from serve.connection import Connection
 from serve.deps import GatewayDeps
 from serve.handlers import build_handlers
 from serve.hub import Hub
 from serve.messaging import Messenger
+from serve.presence import Presence, state_map
 from serve.validate import conv_participants
 
 log = logging.getLogger("peernet.app")
@@ -36,10 +39,13 @@ def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
 def build_app(deps: GatewayDeps) -> Starlette:
     hub = Hub(deps.pubsub)
     messenger = Messenger(deps.cfg, deps.log, deps.cache)
-    handlers = build_handlers(messenger)
+    presence = Presence(deps.presence, deps.presence_shards, deps.pubsub,
+                        LeaseTiming(presence_lease_ms(deps.cfg)), deps.replica,
+                        deps.cfg.gateway.max_watch)
+    handlers = build_handlers(messenger, presence)
 
     async def websocket(ws: WebSocket) -> None:
-        await Connection(ws, deps, hub, handlers).run()
+        await Connection(ws, deps, hub, handlers, presence).run()
 
     async def healthz(request: Request) -> Response:
         checks = {"kafka": deps.log.ping, "redis": deps.cache.ping, "mongo": deps.store.ping,
@@ -113,14 +119,33 @@ def build_app(deps: GatewayDeps) -> Starlette:
         nxt = str(docs[-1]["pos"]) if len(docs) == limit else None
         return JSONResponse({"items": items, "next": nxt})
 
+    async def presence_states(request: Request) -> Response:
+        try:
+            authed(request)
+        except TokenError as exc:
+            return _error(401, ErrorCode.FORBIDDEN, str(exc))
+        users = list(dict.fromkeys(u for u in request.query_params.get("users", "").split(",") if u))
+        limit = deps.cfg.gateway.max_watch
+        if not users or len(users) > limit or not all(valid_user_id(u) for u in users):
+            return _error(400, ErrorCode.BAD_REQUEST,
+                          f"users must be 1 to {limit} comma-separated user ids")
+        try:
+            states = await presence.read(users)
+        except PeerNetError as exc:
+            return _error(503, exc.code, exc.message)
+        return JSONResponse({"users": state_map(states)})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for start in deps.on_startup:
             await start()
+        await presence.start()
         log.info("gateway %s ready", deps.replica)
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await presence.stop()
             for stop in deps.on_shutdown:
                 with contextlib.suppress(Exception):
                     await stop()
@@ -131,7 +156,9 @@ def build_app(deps: GatewayDeps) -> Starlette:
         Route("/metrics", metrics_endpoint),
         Route("/v1/dev/token", dev_token, methods=["POST"]),
         Route("/v1/conversations/{conv}/messages", conversation_messages),
+        Route("/v1/presence", presence_states),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
+    app.state.presence = presence
     return app

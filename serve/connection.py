@@ -27,6 +27,7 @@ from serve.limits import FloodDetector, TokenBucket
 if TYPE_CHECKING:
     from serve.deps import GatewayDeps
     from serve.handlers import HandlerTable
+    from serve.presence import Presence
 
 log = logging.getLogger("peernet.connection")
 
@@ -55,12 +56,14 @@ class _Closed(Exception):
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, deps: GatewayDeps, hub: Hub, handlers: HandlerTable) -> None:
+    def __init__(self, ws: WebSocket, deps: GatewayDeps, hub: Hub, handlers: HandlerTable,
+                 presence: Presence) -> None:
         self.ws = ws
         self.deps = deps
         self.cfg = deps.cfg.gateway
         self.hub = hub
         self.handlers = handlers
+        self.presence = presence
         self.user = ""
         self.session = new_id()
         self.binary = True
@@ -182,6 +185,8 @@ class Connection:
             metrics.CONNECTIONS.dec()
             if self._attached:
                 self.hub.detach_now(self)
+                # Every way out (close, 4408 heartbeat lost, disconnect, error) counts it out.
+                self.presence.disconnected(self)
             await self._finish()
 
     async def _finish(self) -> None:
@@ -244,6 +249,7 @@ class Connection:
         try:
             await self.hub.attach(self)
             self._attached = True
+            self.presence.connected(self)
             bounds = await self.deps.inbox.bounds(self.user)
         except PeerNetError as exc:
             self._error(exc, None)

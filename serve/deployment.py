@@ -16,7 +16,13 @@ import ray
 from ray import serve
 from starlette.applications import Starlette
 
-from actors.wiring import NAMESPACE, actor_names, create_actors, ensure_started
+from actors.wiring import (
+    NAMESPACE,
+    PresenceShardClient,
+    actor_names,
+    create_actors,
+    ensure_started,
+)
 from bus.backends import backends
 from bus.kafka import KafkaEventLog
 from bus.topics import peernet_topics
@@ -49,7 +55,9 @@ class Gateway:
             replica = f"pid{os.getpid()}"
         b = backends(cfg, client_id=f"peernet-gateway-{replica}")
         deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
-                           store=b.store, checks={"ray": self._ray_check}, replica=replica,
+                           store=b.store, presence=b.presence,
+                           presence_shards=PresenceShardClient(cfg),
+                           checks={"ray": self._ray_check}, replica=replica,
                            on_startup=[b.start], on_shutdown=[b.stop])
         return build_app(deps)
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from bus.cache import Cache
 from bus.eventlog import EventLog
 from bus.inbox import InboxCache
+from bus.presence import PresenceStore
 from bus.pubsub import PubSub
 from bus.store import DocumentStore
 from peernet.config import PeerNetConfig
+from serve.presence import PresenceShards
 
 HealthCheck = Callable[[], Awaitable[None]]
 
@@ -23,6 +25,8 @@ class GatewayDeps:
     inbox: InboxCache
     pubsub: PubSub
     store: DocumentStore
+    presence: PresenceStore
+    presence_shards: PresenceShards
     # Named health checks beside kafka/redis/mongo (e.g. "ray"), each raising when down.
     checks: dict[str, HealthCheck] = field(default_factory=dict)
     replica: str = "local"

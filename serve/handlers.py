@@ -11,7 +11,8 @@ from actors.session import user_channel
 from peernet.codec import Frame, pack
 from peernet.errors import bad_request
 from serve.messaging import Messenger
-from serve.validate import dm_conv, int_field, optional_text, text_field, user_field
+from serve.presence import Presence, state_map
+from serve.validate import dm_conv, int_field, optional_text, text_field, user_field, user_list
 
 if TYPE_CHECKING:
     from serve.connection import Connection
@@ -20,7 +21,7 @@ Handler = Callable[["Connection", Frame], Awaitable[Frame | None]]
 HandlerTable = dict[str, Handler]
 
 
-def build_handlers(messenger: Messenger) -> HandlerTable:
+def build_handlers(messenger: Messenger, presence: Presence) -> HandlerTable:
     async def ping(conn: Connection, frame: Frame) -> Frame | None:
         return {"t": "pong"}
 
@@ -49,4 +50,13 @@ def build_handlers(messenger: Messenger) -> HandlerTable:
         await conn.deps.inbox.ack(conn.user, seq)
         return None
 
-    return {"ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack}
+    async def watch(conn: Connection, frame: Frame) -> Frame | None:
+        users = user_list(frame, "users", conn.cfg.max_watch)
+        return {"t": "presence_state", "users": state_map(await presence.watch(conn, users))}
+
+    async def unwatch(conn: Connection, frame: Frame) -> Frame | None:
+        presence.unwatch(conn, user_list(frame, "users", conn.cfg.max_watch))
+        return {"t": "ok"}
+
+    return {"ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack,
+            "watch": watch, "unwatch": unwatch}

@@ -22,6 +22,13 @@ DELIVERY_LATENCY = Histogram(
 APPEND_LATENCY = Histogram(
     "peernet_log_append_seconds", "Durable appends to the event log (acks=all)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5), registry=REGISTRY)
+PRESENCE_PUSH_LATENCY = Histogram(
+    "peernet_presence_push_latency_seconds",
+    "From a presence change at its shard to its arrival at a watching replica",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5), registry=REGISTRY)
+PRESENCE_ERRORS = Counter("peernet_presence_errors_total",
+                          "Presence reports and lease renewals that failed, and lapsed leases",
+                          ["kind"], registry=REGISTRY)
 
 
 def render() -> bytes:

@@ -56,6 +56,10 @@ def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
         # A flood is recognised sooner than the default so the test stays short.
         "PEERNET_FLOOD_CLOSE_AFTER": "300",
         "PEERNET_RAY_NUM_CPUS": "2",
+        # A replica's users go offline within this bound when it dies (default 3 x heartbeat,
+        # 45 s here): short, so that the replica-kill test takes seconds.
+        "PEERNET_PRESENCE_LEASE_MS": "6000",
+        "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{run}",
     }
 
 
