@@ -213,13 +213,10 @@ class SessionShard:
     async def _publish(self, items: list[tuple[str, Item]]) -> None:
         # Best effort: a connection that misses a push sees the gap and the item stays in the
         # inbox for `resume`.
-        results = await asyncio.gather(
-            *(self._pubsub.publish(user_channel(user), pack(item)) for user, item in items),
-            return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                self._count_error("publish", result)
-                break
+        try:
+            await self._pubsub.publish_many([(user_channel(user), pack(item)) for user, item in items])
+        except PeerNetError as exc:
+            self._count_error("publish", exc)
 
     # -- sessions and recovery ---------------------------------------------------------------
 

@@ -416,6 +416,10 @@ class MemoryPubSub:
             inst._deliver(channel, data)
         return len(receivers)
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for channel, payload in messages:
+            await self.publish(channel, payload)
+
     def _deliver(self, channel: str, data: bytes) -> None:
         try:
             self._queue.put_nowait((channel, data))

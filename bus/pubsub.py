@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 Handler = Callable[[str, bytes], None]
@@ -30,6 +30,9 @@ class PubSub(Protocol):
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """Publish; returns how many processes received it."""
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish (channel, payload) messages in one round trip, in their order."""
 
     async def subscribe(self, channel: str, handler: Handler) -> Subscription:
         """Add a local handler. Returns once the process's subscription to `channel` is active

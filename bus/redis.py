@@ -8,7 +8,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -203,6 +203,19 @@ class RedisPubSub:
             raise RuntimeError("RedisPubSub is not started")
         try:
             return int(await self._publisher.publish(channel, payload))
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("publish", exc) from exc
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if self._publisher is None:
+            raise RuntimeError("RedisPubSub is not started")
+        if not messages:
+            return
+        try:
+            async with self._publisher.pipeline(transaction=False) as pipe:
+                for channel, payload in messages:
+                    pipe.publish(channel, payload)
+                await pipe.execute()
         except _WIRE_ERRORS as exc:
             raise _unavailable("publish", exc) from exc
 

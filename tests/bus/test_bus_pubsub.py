@@ -43,6 +43,18 @@ async def test_publish_reaches_every_local_handler_once(pubsub_kit: PubSubKit) -
     assert await ps.publish(unique("test:nobody"), b"x") == 0
 
 
+async def test_publish_many_delivers_every_message_in_order(pubsub_kit: PubSubKit) -> None:
+    ps = await pubsub_kit.make()
+    one, two = unique("test:ch"), unique("test:ch")
+    got = Inbox()
+    await ps.subscribe(one, got)
+    await ps.subscribe(two, got)
+    await ps.publish_many([(one, b"1"), (two, b"2"), (one, b"3")])
+    await ps.publish_many([])
+    await eventually(lambda: len(got.got) == 3)
+    assert got.got == [(one, b"1"), (two, b"2"), (one, b"3")]
+
+
 async def test_one_upstream_subscription_per_channel(pubsub_kit: PubSubKit) -> None:
     ps = await pubsub_kit.make()
     channel = unique("test:ch")
