@@ -54,7 +54,7 @@ class KafkaEventLog:
     """
 
     def __init__(self, bootstrap: str, *, request_timeout_ms: int = 5000,
-                 delivery_timeout_ms: int = 10_000, linger_ms: int = 2,
+                 delivery_timeout_ms: int = 10_000, linger_ms: int = 0,
                  client_id: str = "peernet", ping_timeout_ms: int = 2000) -> None:
         self._bootstrap = bootstrap
         self._request_timeout_ms = request_timeout_ms
