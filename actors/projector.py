@@ -1,4 +1,5 @@
-"""Projections: the store of record (MongoDB) written from the event log by a consumer group.
+"""Projections: the store of record (MongoDB) written from the event log by a consumer group:
+users, follows, posts, likes, notes and messages.
 
 Writes are upserts keyed by event id, so a replayed record changes nothing; offsets are committed
 only after the write. When MongoDB is slow or down, the projector waits and retries while
@@ -22,6 +23,61 @@ from peernet.errors import PeerNetError
 log = logging.getLogger("peernet.projector")
 
 PROJECTIONS_GROUP = "peernet.projections"
+
+# The collections of the store of record, each written only here (and by `peernet replay`).
+PROJECTIONS = ("users", "follows", "posts", "likes", "notes", "messages")
+
+# An index for each query made of them: history pages of a conversation; a user's followers
+# and followees; an author's posts; a post's likes and a user's likes; a user's notes.
+PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
+    ("messages", [("conv", 1), ("pos", -1)]),
+    ("follows", [("follower", 1), ("ts", -1)]),
+    ("follows", [("followee", 1), ("ts", -1)]),
+    ("posts", [("author", 1), ("ts", -1)]),
+    ("likes", [("post", 1), ("ts", -1)]),
+    ("likes", [("user", 1), ("ts", -1)]),
+    ("notes", [("user", 1), ("ts", -1)]),
+)
+
+
+def project(event: Event, offset: int, writes: dict[str, dict[str, Document | None]]) -> None:
+    """What one event does to the projections: documents keyed by event id or by a natural key
+    (follower:followee, post:user), so that applying an event twice changes nothing."""
+    d, actor = event.data, event.actor
+    users = writes["users"]
+    users[actor] = {"_id": actor}
+    if event.type == "dm":
+        users[d["to"]] = {"_id": d["to"]}
+        # `pos`, the record's offset in the conversation's partition, is the one order every
+        # participant saw; history pages by it.
+        writes["messages"][event.id] = {"_id": event.id, "conv": d["conv"], "from": actor,
+                                        "to": d["to"], "body": d["body"], "ts": event.ts,
+                                        "pos": offset}
+    elif event.type in ("follow", "unfollow"):
+        target = str(d["user"])
+        users[target] = {"_id": target}
+        key = f"{actor}:{target}"
+        if event.type == "follow":
+            writes["follows"][key] = {"_id": key, "follower": actor, "followee": target,
+                                      "ts": event.ts}
+            writes["notes"][event.id] = {"_id": event.id, "user": target, "kind": "follow",
+                                         "from": actor, "ts": event.ts}
+        else:
+            writes["follows"][key] = None
+    elif event.type == "post":
+        writes["posts"][event.id] = {"_id": event.id, "author": actor, "body": str(d["body"]),
+                                     "ts": event.ts}
+    elif event.type in ("like", "unlike"):
+        post = str(d["post"])
+        key = f"{post}:{actor}"
+        if event.type == "like":
+            writes["likes"][key] = {"_id": key, "post": post, "user": actor, "ts": event.ts}
+            author = d.get("author")
+            if isinstance(author, str) and author != actor:
+                writes["notes"][event.id] = {"_id": event.id, "user": author, "kind": "like",
+                                             "from": actor, "ts": event.ts, "post": post}
+        else:
+            writes["likes"][key] = None
 
 
 @dataclass
@@ -64,7 +120,8 @@ class Projector:
             await self._consumer.stop()
 
     async def ensure_indexes(self) -> None:
-        await self._store.ensure_index("messages", [("conv", 1), ("pos", -1)])
+        for collection, keys in PROJECTION_INDEXES:
+            await self._store.ensure_index(collection, keys)
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -81,7 +138,9 @@ class Projector:
             await self._until_ok("commit", self._consumer.commit)
 
     async def apply(self, records: Sequence[Record]) -> None:
-        messages: list[Document] = []
+        # _id -> document, or None for a deletion, per collection: within a batch the last
+        # event for an _id wins, which is the log's order (a pair's events share a partition).
+        writes: dict[str, dict[str, Document | None]] = {c: {} for c in PROJECTIONS}
         for record in records:
             self.stats.records += 1
             try:
@@ -89,16 +148,18 @@ class Projector:
             except EnvelopeError as exc:
                 self._count_error("decode", exc)
                 continue
-            if event.type == "dm":
-                d = event.data
-                # `pos`, the record's offset in the conversation's partition, is the one order
-                # every participant saw; history pages by it.
-                messages.append({"_id": event.id, "conv": d["conv"], "from": event.actor,
-                                 "to": d["to"], "body": d["body"], "ts": event.ts,
-                                 "pos": record.offset})
-        if messages:
-            await self._store.upsert_many("messages", messages)
-            self.stats.written += len(messages)
+            try:
+                project(event, record.offset, writes)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._count_error(f"malformed {event.type} event {event.id}", exc)
+        for collection, docs in writes.items():
+            upserts = [d for d in docs.values() if d is not None]
+            deletes = [i for i, d in docs.items() if d is None]
+            if upserts:
+                await self._store.upsert_many(collection, upserts)
+            if deletes:
+                await self._store.delete_many(collection, {"_id": {"$in": deletes}})
+            self.stats.written += len(upserts) + len(deletes)
 
     async def _until_ok(self, what: str, action: Callable[[], Awaitable[object]]) -> None:
         delay = 0.1

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
+from actors.feed import FeedShard
 from actors.presence import LeaseTiming, PresenceShard
 from actors.projector import Projector
 from actors.session import SessionShard
@@ -32,6 +33,14 @@ log = logging.getLogger("peernet.wiring")
 
 def session_shard_name(index: int, count: int) -> str:
     return f"session-shard-{index}-of-{count}"
+
+
+def feed_shard_name(index: int, count: int) -> str:
+    return f"feed-shard-{index}-of-{count}"
+
+
+def _feed_shard_names(cfg: PeerNetConfig) -> list[str]:
+    return [feed_shard_name(i, cfg.shards.feed_shards) for i in range(cfg.shards.feed_shards)]
 
 
 def presence_shard_name(index: int, count: int) -> str:
@@ -173,11 +182,40 @@ class PresenceShardClient:
         await self._call(shard, "sync", replica, seq, users)
 
 
+@ray.remote(**_ACTOR_OPTIONS)
+class FeedShardActor:
+    """Hosts one FeedShard, a member of the feeds consumer group."""
+
+    def __init__(self, index: int, count: int) -> None:
+        _setup_logging()
+        self._index = index
+        self._count = count
+        self._lock = asyncio.Lock()
+        self._shard: FeedShard | None = None
+
+    async def ensure_started(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._shard is None:
+                cfg = load_config()
+                b = backends(cfg, client_id=f"peernet-{feed_shard_name(self._index, self._count)}")
+                await b.log.start()
+                shard = FeedShard(self._index, self._count, cfg, b.log, b.feeds)
+                await shard.start()
+                self._shard = shard
+        return asdict(self._shard.stats)
+
+    async def stats(self) -> dict[str, Any]:
+        return asdict(self._shard.stats) if self._shard else {"started": False}
+
+    async def ping(self) -> str:
+        return "pong"
+
+
 def actor_names(cfg: PeerNetConfig) -> list[str]:
     n = cfg.shards.session_shards
     p = cfg.shards.presence_shards
     return ([session_shard_name(i, n) for i in range(n)]
-            + [presence_shard_name(i, p) for i in range(p)] + [PROJECTOR_NAME])
+            + [presence_shard_name(i, p) for i in range(p)] + _feed_shard_names(cfg) + [PROJECTOR_NAME])
 
 
 def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
@@ -195,6 +233,12 @@ def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
         handles[name] = PresenceShardActor.options(  # type: ignore[attr-defined]
             name=name, namespace=NAMESPACE, get_if_exists=True,
             scheduling_strategy="SPREAD").remote(i, p)
+    f = cfg.shards.feed_shards
+    for i in range(f):
+        name = feed_shard_name(i, f)
+        handles[name] = FeedShardActor.options(  # type: ignore[attr-defined]
+            name=name, namespace=NAMESPACE, get_if_exists=True,
+            scheduling_strategy="SPREAD").remote(i, f)
     handles[PROJECTOR_NAME] = ProjectorActor.options(  # type: ignore[attr-defined]
         name=PROJECTOR_NAME, namespace=NAMESPACE, get_if_exists=True,
         scheduling_strategy="SPREAD").remote()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from bus.feeds_redis import RedisFeedStore, feed_store
 from bus.inbox_redis import RedisInboxCache
 from bus.kafka import KafkaEventLog
 from bus.mongo import MongoDocumentStore
@@ -20,6 +21,7 @@ class Backends:
     pubsub: RedisPubSub
     inbox: RedisInboxCache
     store: MongoDocumentStore
+    feeds: RedisFeedStore
     presence: RedisPresenceStore
 
     async def start(self) -> None:
@@ -44,6 +46,7 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
                               retention_items=cfg.shards.inbox_retention_items,
                               retention_ms=cfg.shards.inbox_retention_ms),
         store=MongoDocumentStore(s.mongo_url, s.mongo_db),
+        feeds=feed_store(cfg),
         presence=presence_store(cfg),
     )
 

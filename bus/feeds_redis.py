@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
+from bus.redis import redis_client
 from peernet.config import PeerNetConfig
 from peernet.errors import unavailable
 
@@ -297,18 +298,7 @@ class RedisFeedStore:
         return await self._guard("clear", run)
 
 
-def blocking_client(url: str, *, max_connections: int = 64,
-                    wait_s: float = 5.0) -> aioredis.Redis:
-    """A client like `redis_client`'s whose pool makes a burst of concurrent calls wait for a
-    free connection (at most `wait_s`) instead of failing with MaxConnectionsError at the
-    pool's limit: a gateway's feed reads come in bursts."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=wait_s, socket_timeout=5.0,
-        socket_connect_timeout=2.0, health_check_interval=30)
-    return aioredis.Redis(connection_pool=pool, decode_responses=False)
-
-
 def feed_store(cfg: PeerNetConfig) -> RedisFeedStore:
     """The feed store of a process, from configuration."""
-    return RedisFeedStore(blocking_client(cfg.services.redis_url), keyspace=cfg.feeds.keyspace,
+    return RedisFeedStore(redis_client(cfg.services.redis_url), keyspace=cfg.feeds.keyspace,
                           cap=cfg.feeds.cap)

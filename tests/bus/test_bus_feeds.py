@@ -13,7 +13,7 @@ from bus_helpers import closed_port, service_addresses, unique
 
 from bus.feeds import Cursor, FeedWrites, GraphChange, LikeChange, Post
 from bus.feeds_memory import MemoryFeedStore
-from bus.feeds_redis import RedisFeedStore, blocking_client
+from bus.feeds_redis import RedisFeedStore
 from bus.memory import MemoryPubSub
 from bus.redis import RedisPubSub, redis_client
 from peernet.codec import unpack
@@ -45,7 +45,7 @@ async def feeds_kit(request: pytest.FixtureRequest) -> AsyncIterator[FeedsKit]:
     kind: str = request.param
     if kind == "real":
         services = request.getfixturevalue("services")
-        store: Any = RedisFeedStore(blocking_client(services.redis_url),
+        store: Any = RedisFeedStore(redis_client(services.redis_url),
                                     keyspace=unique("test-feeds"), cap=CAP)
         kit = FeedsKit(kind, store, services.redis_url, None)
     else:
