@@ -25,6 +25,7 @@ from serve.handlers import build_handlers
 from serve.hub import Hub
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
+from serve.social import social_routes
 from serve.validate import conv_participants
 
 log = logging.getLogger("peernet.app")
@@ -156,6 +157,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         Route("/metrics", metrics_endpoint),
         Route("/v1/dev/token", dev_token, methods=["POST"]),
         Route("/v1/conversations/{conv}/messages", conversation_messages),
+        *social_routes(deps),
         Route("/v1/presence", presence_states),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -55,7 +55,7 @@ class Gateway:
             replica = f"pid{os.getpid()}"
         b = backends(cfg, client_id=f"peernet-gateway-{replica}")
         deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
-                           store=b.store, presence=b.presence,
+                           store=b.store, feeds=b.feeds, presence=b.presence,
                            presence_shards=PresenceShardClient(cfg),
                            checks={"ray": self._ray_check}, replica=replica,
                            on_startup=[b.start], on_shutdown=[b.stop])

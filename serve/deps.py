@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from bus.cache import Cache
 from bus.eventlog import EventLog
+from bus.feeds import FeedStore
 from bus.inbox import InboxCache
 from bus.presence import PresenceStore
 from bus.pubsub import PubSub
@@ -33,3 +34,5 @@ class GatewayDeps:
     # Started with the app (lifespan) and stopped with it, in order.
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Home feeds and the social graph (serve/social.py); None: social frames are unavailable.
+    feeds: FeedStore | None = None

@@ -12,6 +12,7 @@ from peernet.codec import Frame, pack
 from peernet.errors import bad_request
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
+from serve.social import social_handlers
 from serve.validate import dm_conv, int_field, optional_text, text_field, user_field, user_list
 
 if TYPE_CHECKING:
@@ -58,5 +59,6 @@ def build_handlers(messenger: Messenger, presence: Presence) -> HandlerTable:
         presence.unwatch(conn, user_list(frame, "users", conn.cfg.max_watch))
         return {"t": "ok"}
 
-    return {"ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack,
+    return {**social_handlers(messenger),
+            "ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack,
             "watch": watch, "unwatch": unwatch}

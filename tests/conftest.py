@@ -56,6 +56,9 @@ def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
         # A flood is recognised sooner than the default so the test stays short.
         "PEERNET_FLOOD_CLOSE_AFTER": "300",
         "PEERNET_RAY_NUM_CPUS": "2",
+        # Low, so that the celebrity test needs only a few followers; feeds in their own keys.
+        "PEERNET_CELEBRITY_THRESHOLD": "5",
+        "PEERNET_FEED_KEYSPACE": f"social-test-{run}",
         # A replica's users go offline within this bound when it dies (default 3 x heartbeat,
         # 45 s here): short, so that the replica-kill test takes seconds.
         "PEERNET_PRESENCE_LEASE_MS": "6000",
