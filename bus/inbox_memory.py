@@ -1,0 +1,132 @@
+"""InboxCache in memory for unit tests, behaving like RedisInboxCache on the wire: items
+round-trip through msgpack, an append with its checkpoint is one atomic step, and the whole
+cache can be lost (`wipe`) or taken down (`set_down`) like a Redis restart or outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from bus.inbox import Bounds, Item
+from peernet.codec import pack, unpack
+from peernet.errors import unavailable
+from peernet.ids import now_ms
+
+
+@dataclass
+class _InboxServer:
+    # user -> seq -> the packed item (Redis: one sorted set per user, score seq)
+    inboxes: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    checkpoints: dict[str, dict[int, int]] = field(default_factory=dict)
+    acked: dict[str, int] = field(default_factory=dict)
+    down: bool = False
+
+
+class MemoryInboxCache:
+    """InboxCache in memory (see bus/inbox.py for the contract, bus/inbox_redis.py for the
+    behaviour copied here).
+
+    `clock` gives "now" in ms for retention (peernet.ids.now_ms unless given). `client()`
+    returns another client of the same data (another process).
+    """
+
+    def __init__(self, *, retention_items: int, retention_ms: int,
+                 clock: Callable[[], int] = now_ms, _server: _InboxServer | None = None) -> None:
+        self._retention_items = retention_items
+        self._retention_ms = retention_ms
+        self._clock = clock
+        self._server = _server or _InboxServer()
+
+    def client(self) -> MemoryInboxCache:
+        return MemoryInboxCache(retention_items=self._retention_items,
+                                retention_ms=self._retention_ms, clock=self._clock,
+                                _server=self._server)
+
+    def wipe(self) -> None:
+        """Lose everything, as a Redis restart without persistence (or FLUSHALL) would."""
+        self._server.inboxes.clear()
+        self._server.checkpoints.clear()
+        self._server.acked.clear()
+
+    def set_down(self, down: bool) -> None:
+        """Make every call (of every client) raise PeerNetError(unavailable), or stop that."""
+        self._server.down = down
+
+    def _check(self) -> None:
+        if self._server.down:
+            raise unavailable("memory inbox cache is down")
+
+    async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
+                     checkpoint: Mapping[int, int]) -> None:
+        self._check()
+        cutoff = self._clock() - self._retention_ms
+        # Everything is prepared before anything is stored: the append is all or nothing.
+        staged: list[tuple[str, int, bytes]] = [(user, int(item["seq"]), pack(item))
+                                                for user, item in items]
+        ckpt = {int(p): int(o) for p, o in checkpoint.items()}
+        inboxes = self._server.inboxes
+        for user, seq, raw in staged:
+            # A replayed (user, seq) replaces itself, never doubles.
+            inboxes.setdefault(user, {})[seq] = raw
+        for user in dict.fromkeys(user for user, _, _ in staged):
+            self._trim(inboxes[user], cutoff)
+        if ckpt:
+            # Redis HSET: partitions not named keep their stored offsets.
+            self._server.checkpoints.setdefault(checkpoint_name, {}).update(ckpt)
+
+    def _trim(self, inbox: dict[int, bytes], cutoff: int) -> None:
+        """Drop the oldest items while there are more than retention_items and the oldest is
+        older than the cutoff; stop at the first young one."""
+        excess = len(inbox) - self._retention_items
+        for seq in sorted(inbox)[:max(0, excess)]:
+            if int(unpack(inbox[seq])["ts"]) < cutoff:
+                del inbox[seq]
+            else:
+                break
+
+    async def read(self, user: str, after: int, limit: int) -> list[Item]:
+        self._check()
+        inbox = self._server.inboxes.get(user, {})
+        seqs = [s for s in sorted(inbox) if s > after]
+        if limit >= 0:  # Redis LIMIT 0 -1: a negative count means all
+            seqs = seqs[:limit]
+        return [unpack(inbox[s]) for s in seqs]
+
+    async def bounds(self, user: str) -> Bounds:
+        self._check()
+        inbox = self._server.inboxes.get(user)
+        if not inbox:
+            return Bounds(0, 0)
+        return Bounds(min(inbox), max(inbox))
+
+    async def recent(self, user: str, count: int) -> list[Item]:
+        self._check()
+        if count <= 0:
+            return []
+        inbox = self._server.inboxes.get(user, {})
+        return [unpack(inbox[s]) for s in sorted(inbox)[-count:]]
+
+    async def checkpoint(self, name: str) -> dict[int, int] | None:
+        self._check()
+        stored = self._server.checkpoints.get(name)
+        return dict(stored) if stored else None
+
+    async def ack(self, user: str, seq: int) -> int:
+        self._check()
+        current = self._server.acked.get(user, 0)
+        if seq > current:
+            self._server.acked[user] = current = int(seq)
+        return current
+
+    async def acked(self, user: str) -> int:
+        self._check()
+        return self._server.acked.get(user, 0)
+
+    # -- for assertions in tests -------------------------------------------------------------
+
+    def users(self) -> list[str]:
+        return sorted(u for u, inbox in self._server.inboxes.items() if inbox)
+
+
+__all__ = ["MemoryInboxCache"]
