@@ -10,7 +10,7 @@ nothing a restart could lose. For each batch of records:
      more followers than the celebrity threshold, to every follower's feed; a follow backfills
      the followee's recent posts, an unfollow removes them; every follower and the author get a
      live `feed` push;
-  4. one pipeline writes the feeds, then publishes the pushes; then the offsets are committed.
+  4. one pipeline publishes the pushes and writes the feeds; then the offsets are committed.
 A crash anywhere replays the batch, and replaying changes nothing: every write is idempotent.
 `peernet replay` runs the same `process` over the whole log, without pushes.
 """

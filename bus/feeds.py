@@ -89,8 +89,8 @@ class Lookup:
 
 @dataclass
 class FeedWrites:
-    """A batch of home-feed writes, applied in this order: removals, additions (each feed then
-    capped to its newest entries), celebrity marks, then pushes."""
+    """A batch of home-feed writes, applied in this order: pushes, removals, additions (each feed
+    then capped to its newest entries), celebrity marks."""
 
     removes: list[tuple[str, list[str]]] = field(default_factory=list)  # (user, post ids)
     adds: list[tuple[str, str, int]] = field(default_factory=list)  # (user, post id, ts)
@@ -135,8 +135,8 @@ class FeedFanout(Protocol):
         the recent posts (at most the feed cap) of `followees`."""
 
     async def write(self, writes: FeedWrites) -> None:
-        """Apply `writes` (see FeedWrites for the order); pushes are published at most once,
-        after the feed writes, to whoever is subscribed to each channel at that moment."""
+        """Apply `writes` (see FeedWrites for the order); pushes are published at most once, to
+        whoever is subscribed to each channel at that moment (feed reads may trail them)."""
 
     async def clear(self) -> int:
         """Delete everything this store holds (its keyspace); the number of keys deleted."""
