@@ -47,7 +47,10 @@ local max_scan = tonumber(ARGV[6])
 local top = has_cursor and ARGV[4] or '+inf'
 local following = ks .. ':following:' .. user
 
-local function collect(key, want, filter)
+-- Up to `want` entries of zset `key` older than the cursor, newest first, as
+-- {id, ts, author, body, raw score}. With `author` given (a celebrity's own posts) the post
+-- hashes are read later, for the entries that make the page only.
+local function collect(key, want, author)
   local out = {}
   local offset = 0
   local chunk = want + 16
@@ -57,13 +60,16 @@ local function collect(key, want, filter)
     for i = 1, #batch, 2 do
       local id, ts = batch[i], tonumber(batch[i + 1])
       if (not has_cursor) or ts < cts or id < cid then
-        local meta = redis.call('HMGET', ks .. ':post:' .. id, 'a', 'b')
-        local author = meta[1]
-        if author and ((not filter) or author == user
-                       or redis.call('SISMEMBER', following, author) == 1) then
-          out[#out + 1] = {id, ts, author, meta[2], batch[i + 1]}
-          if #out >= want then break end
+        if author then
+          out[#out + 1] = {id, ts, author, false, batch[i + 1]}
+        else
+          local meta = redis.call('HMGET', ks .. ':post:' .. id, 'a', 'b')
+          local a = meta[1]
+          if a and (a == user or redis.call('SISMEMBER', following, a) == 1) then
+            out[#out + 1] = {id, ts, a, meta[2], batch[i + 1]}
+          end
         end
+        if #out >= want then break end
       end
     end
     if n < chunk then break end
@@ -73,11 +79,11 @@ local function collect(key, want, filter)
 end
 
 local want = limit + 1
-local items = collect(ks .. ':feed:' .. user, want, true)
+local items = collect(ks .. ':feed:' .. user, want, false)
 local celebs = redis.call('SINTER', following, ks .. ':celebs')
 if #celebs > 0 then
   for _, c in ipairs(celebs) do
-    for _, it in ipairs(collect(ks .. ':posts:' .. c, want, false)) do items[#items + 1] = it end
+    for _, it in ipairs(collect(ks .. ':posts:' .. c, want, c)) do items[#items + 1] = it end
   end
   table.sort(items, function(x, y)
     if x[2] ~= y[2] then return x[2] > y[2] end
@@ -85,7 +91,12 @@ if #celebs > 0 then
   end)
   local seen, unique = {}, {}
   for _, it in ipairs(items) do
-    if not seen[it[1]] then seen[it[1]] = true; unique[#unique + 1] = it end
+    if #unique > limit then break end
+    if not seen[it[1]] then
+      seen[it[1]] = true
+      if not it[4] then it[4] = redis.call('HGET', ks .. ':post:' .. it[1], 'b') end
+      if it[4] then unique[#unique + 1] = it end
+    end
   end
   items = unique
 end

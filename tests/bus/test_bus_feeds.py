@@ -211,3 +211,20 @@ async def test_an_unreachable_store_is_unavailable(feeds_kit: FeedsKit) -> None:
     assert err.value.code.value == "unavailable"
     with pytest.raises(PeerNetError):
         await down.page("a", 10, None)
+
+
+async def test_several_celebrities_merge_into_one_order(feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    await s.record([GraphChange("reader", "s1", True), GraphChange("reader", "s2", True)], [], [])
+    await s.write(FeedWrites(celebrities=["s1", "s2"]))
+    await s.record([], [], [post(f"a{i}", "s1", 100 + 2 * i) for i in range(4)]
+                   + [post(f"b{i}", "s2", 101 + 2 * i) for i in range(4)])
+    seen: list[str] = []
+    cursor: Cursor | None = None
+    while True:
+        page = await s.page("reader", 3, cursor)
+        seen += [p.id for p in page.items]
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == ["b3", "a3", "b2", "a2", "b1", "a1", "b0", "a0"]
