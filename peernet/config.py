@@ -59,6 +59,9 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 2
+    # How clients reach the replicas: "proxy", Serve's HTTP proxy; "haproxy", each replica
+    # serves its own sockets and HAProxy on `port` spreads connections over them.
+    ingress: str = "proxy"
     max_connections_per_replica: int = 10_000
     max_frame_bytes: int = 64 * 1024
     max_body_chars: int = 4_000
@@ -156,6 +159,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_HOST": ("gateway", "host"),
     "PEERNET_PORT": ("gateway", "port"),
     "PEERNET_REPLICAS": ("gateway", "replicas"),
+    "PEERNET_INGRESS": ("gateway", "ingress"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),
     "PEERNET_MAX_BODY_CHARS": ("gateway", "max_body_chars"),

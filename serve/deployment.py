@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from actors.wiring import (
 from bus.backends import backends
 from bus.kafka import KafkaEventLog
 from bus.topics import peernet_topics
-from peernet.config import PeerNetConfig, load_config, ray_tmpdir
+from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
 from serve.app import build_app
 from serve.deps import GatewayDeps
 
@@ -76,6 +78,47 @@ def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _haproxy_maxconn(cfg: PeerNetConfig) -> int:
+    """The replicas' connection budget, within the open-files limit: HAProxy refuses to start
+    unless it may open about 2.5 files per connection (client and replica sockets, splice pipes)."""
+    budget = cfg.gateway.replicas * cfg.gateway.max_connections_per_replica
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return budget if files == resource.RLIM_INFINITY else min(budget, (files - 256) * 2 // 5)
+
+
+def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
+    """Ray Serve's variables for `cfg.gateway.ingress` (see docs/architecture.md, "The ingress").
+
+    Serve reads them when its modules load in the controller and the replicas, so they must be
+    in the environment of the Ray processes: set before `ray.init`, or on every node of a
+    cluster given by PEERNET_RAY_ADDRESS. A variable already set is left as it is.
+    """
+    mode = cfg.gateway.ingress
+    if mode == "proxy":
+        return {}
+    if mode != "haproxy":
+        raise ConfigError(f"PEERNET_INGRESS={mode!r} is not one of proxy, haproxy")
+    wanted = {
+        # Replicas serve their sockets themselves; HAProxy on the public port balances them.
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Otherwise every replica stays up 30 s after it is told to stop, and so does shutdown.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # HAProxy's own cap is 4,096 by default.
+        "RAY_SERVE_HAPROXY_MAXCONN": str(_haproxy_maxconn(cfg)),
+        # Fixed ports by default (8404, 9101, 8500): a second cluster on the machine would fail.
+        "RAY_SERVE_HAPROXY_STATS_PORT": "",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "",
+    }
+    return {k: os.environ.get(k) or v or str(_free_port()) for k, v in wanted.items()}
+
+
 def state_file(cfg: PeerNetConfig) -> Path:
     return cfg.stack.home / "run" / "serve.json"
 
@@ -92,7 +135,9 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     the caller keeps the handles (they are owned by this driver and die with it).
     """
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
-    env = _peernet_env(cfg)
+    serve_env = ingress_env(cfg)
+    os.environ.update(serve_env)
+    env = {**_peernet_env(cfg), **serve_env}
     t0 = time.monotonic()
     asyncio.run(_ensure_topics(cfg))
     print(f"peernet: topics ready ({time.monotonic() - t0:.1f}s)", flush=True)
@@ -126,12 +171,13 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     state: dict[str, Any] = {"pid": os.getpid(), "url": url, "gcs_address": gcs,
-             "namespace": NAMESPACE, "started_at": time.time(),
+             "namespace": NAMESPACE, "ingress": cfg.gateway.ingress, "started_at": time.time(),
              "startup_s": round(time.monotonic() - t0, 1)}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
     print(f"peernet: serving on {url} with {cfg.gateway.replicas} gateway replicas "
+          f"behind {cfg.gateway.ingress} "
           f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)
     return state, handles
 
