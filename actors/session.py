@@ -9,8 +9,10 @@ inbox topic (durable, acks=all), then to the Redis inbox cache together with its
 publishes it on the user's channel `u:{user}`, which only the gateway replicas holding that user
 subscribe to. Offsets are committed only after all that, so a crash replays, never skips.
 
-On start, and whenever the cache was wiped, a shard replays the inbox topic from the cache's
-checkpoint, so the cache holds everything the log holds.
+On start, and whenever the cache was wiped or lost writes (its checkpoint version is not the one
+the shard last wrote), a shard replays the inbox topic from the cache's checkpoint, so the cache
+holds everything the log holds; an events watermark stored with the items makes the inbox
+exactly-once across restarts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TypeVar
 
 from actors.inbox_items import inbox_item, parse_recipients
 from bus.eventlog import EventLog, LogConsumer, Record
-from bus.inbox import InboxCache, Item
+from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
 from peernet.config import PeerNetConfig
@@ -38,8 +40,6 @@ T = TypeVar("T")
 
 # How many of a user's newest item ids a session remembers to drop redelivered events.
 RECENT_IDS = 256
-# How often a shard verifies that the inbox cache still holds its checkpoint (was not wiped).
-CACHE_CHECK_S = 5.0
 
 
 def user_channel(user: str) -> str:
@@ -78,6 +78,8 @@ class ShardStats:
     duplicates_dropped: int = 0
     errors: int = 0
     catch_ups: int = 0
+    cache_rebuilds: int = 0
+    records_skipped: int = 0
     items_restored: int = 0
     sessions: int = 0
     last_error: str = ""
@@ -86,7 +88,14 @@ class ShardStats:
 
 
 class SessionShard:
-    """Hosts the Sessions of the users it owns and delivers their inbox items."""
+    """Hosts the Sessions of the users it owns and delivers their inbox items.
+
+    Exactly-once into the inbox: every inbox record carries the events-log position it came
+    from, and the shard's events watermark (the next position to deliver, per partition) is
+    stored in the cache atomically with the items. After a restart, records below the watermark
+    were delivered already and are skipped; after a wipe, the watermark is recomputed from the
+    inbox log along with the items.
+    """
 
     def __init__(self, index: int, count: int, cfg: PeerNetConfig, log_: EventLog,
                  cache: InboxCache, pubsub: PubSub) -> None:
@@ -97,14 +106,12 @@ class SessionShard:
         self._cache = cache
         self._pubsub = pubsub
         self._sessions: dict[str, Session] = {}
-        self._checkpoint: dict[int, int] = {}
+        self._checkpoint: dict[int, int] = {}  # inbox-topic offsets the cache holds
+        self._events_pos: dict[int, int] = {}  # events-topic positions delivered, per partition
+        self._version: int | None = None  # the cache checkpoint's version we last wrote
         self._consumer: LogConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        # Set when the cache may have lost data (an error, a reconnect, a periodic check):
-        # the next append first verifies the checkpoint and rebuilds the cache if it is gone.
-        self._cache_suspect = False
-        self._last_cache_check = 0.0
         self.stats = ShardStats()
 
     @property
@@ -112,11 +119,20 @@ class SessionShard:
         # Offsets belong to one topic: a new inbox topic must never reuse an old checkpoint.
         return f"session-{self.index}-of-{self.count}@{self._cfg.topics.inbox}"
 
+    @property
+    def watermark_name(self) -> str:
+        return f"{self.checkpoint_name}#{self._cfg.topics.events}"
+
     def owns(self, user: str) -> bool:
         return shard_for(user, self.count) == self.index
 
-    async def start(self) -> None:
+    async def recover(self) -> None:
+        """Bring the cache, the sessions and the events watermark up to the inbox log (what a
+        restarted shard does before it delivers anything)."""
         await self._retry("catch up", self._catch_up)
+
+    async def start(self) -> None:
+        await self.recover()
         self._consumer = self._log.consumer(self._cfg.topics.events,
                                             group=f"peernet.sessions.{self.index}-of-{self.count}")
         await self._retry("start consumer", self._consumer.start)
@@ -155,64 +171,85 @@ class SessionShard:
 
     async def process(self, records: Sequence[Record]) -> None:
         """Deliver the events of `records` to the inboxes of the users this shard owns."""
-        pending: list[tuple[str, Item]] = []
+        pending: list[tuple[str, Item, tuple[int, int]]] = []
         for record in records:
             self.stats.events_seen += 1
-            mine = [u for u in parse_recipients(record.headers) if self.owns(u)]
-            if not mine:
+            if record.offset < self._events_pos.get(record.partition, 0):
+                # Delivered already (a redelivery after a crash before the commit).
+                self.stats.duplicates_dropped += sum(
+                    1 for u in parse_recipients(record.headers) if self.owns(u))
                 continue
             try:
-                event = Event.decode(record.value)
-            except EnvelopeError as exc:
-                self._count_error("decode", exc)
-                continue
-            for user in mine:
-                item = inbox_item(event, user)
-                if item is None:
-                    continue
-                session = await self._session(user)
-                seq = session.admit(event.id)
-                if seq is None:
-                    self.stats.duplicates_dropped += 1
-                    continue
-                item["seq"] = seq
-                pending.append((user, item))
+                await self._collect(record, pending)
+            except Exception as exc:  # one bad record must not stop every user's delivery
+                self.stats.records_skipped += 1
+                self._count_error(f"event at {record.partition}/{record.offset}", exc)
+        for record in records:
+            self._events_pos[record.partition] = max(self._events_pos.get(record.partition, 0),
+                                                     record.offset + 1)
         if pending:
             await self._persist(pending)
 
-    async def _persist(self, pending: list[tuple[str, Item]]) -> None:
+    async def _collect(self, record: Record,
+                       pending: list[tuple[str, Item, tuple[int, int]]]) -> None:
+        mine = [u for u in parse_recipients(record.headers) if self.owns(u)]
+        if not mine:
+            return
+        try:
+            event = Event.decode(record.value)
+        except EnvelopeError as exc:
+            self.stats.records_skipped += 1
+            self._count_error("decode", exc)
+            return
+        items = [(user, inbox_item(event, user)) for user in mine]  # raises before any admit
+        for user, item in items:
+            if item is None:
+                continue
+            session = await self._session(user)
+            seq = session.admit(event.id)
+            if seq is None:
+                self.stats.duplicates_dropped += 1
+                continue
+            item["seq"] = seq
+            pending.append((user, item, (record.partition, record.offset)))
+
+    async def _persist(self, pending: list[tuple[str, Item, tuple[int, int]]]) -> None:
         topic = self._cfg.topics.inbox
-        entries = [(user.encode(), pack({"user": user, "item": item}), ()) for user, item in pending]
+        entries = [(user.encode(), pack({"user": user, "item": item, "src": list(src)}), ())
+                   for user, item, src in pending]
         # Until the log has them, nothing else happens; the same seqs are retried, so a failed
         # attempt can leave a duplicate in the log but never a gap or a second numbering.
         appended = await self._retry("append inbox", lambda: self._log.append_many(topic, entries))
         for meta in appended:
             self._checkpoint[meta.partition] = max(self._checkpoint.get(meta.partition, 0),
                                                    meta.offset + 1)
-        await self._retry("cache inbox", lambda: self._cache_append(pending))
-        await self._publish(pending)
-        self.stats.items_delivered += len(pending)
+        items = [(user, item) for user, item, _ in pending]
+        await self._retry("cache inbox", lambda: self._cache_append(items))
+        await self._publish(items)
+        self.stats.items_delivered += len(items)
 
     async def _cache_append(self, items: list[tuple[str, Item]]) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._last_cache_check > CACHE_CHECK_S:
-            self._cache_suspect, self._last_cache_check = True, now
         try:
-            if self._cache_suspect and await self._cache.checkpoint(self.checkpoint_name) is None:
-                # The cache lost our checkpoint: it was wiped. Rebuild it from the log first.
-                log.warning("session shard %d: inbox cache was wiped; rebuilding from the log",
-                            self.index)
-                await self._catch_up(wiped=True)
-            await self._cache.append(items, checkpoint_name=self.checkpoint_name,
-                                     checkpoint=self._checkpoint)
-        except PeerNetError:
-            self._cache_suspect = True
-            raise
-        self._cache_suspect = False
+            await self._write_cache(items)
+        except CacheBehind as exc:
+            # The cache was wiped or lost its latest writes: rebuild it from the inbox log (which
+            # already holds `items`), then write them again (a harmless replace).
+            log.warning("session shard %d: %s; rebuilding the inbox cache from the log",
+                        self.index, exc)
+            self.stats.cache_rebuilds += 1
+            await self._catch_up(behind=True)
+            await self._write_cache(items)
+
+    async def _write_cache(self, items: list[tuple[str, Item]]) -> None:
+        self._version = await self._cache.append(
+            items, checkpoint_name=self.checkpoint_name, checkpoint=self._checkpoint,
+            also={self.watermark_name: self._events_pos}, expect_version=self._version)
 
     async def _publish(self, items: list[tuple[str, Item]]) -> None:
         # Best effort: a connection that misses a push sees the gap and the item stays in the
         # inbox for `resume`.
+        if not items:
+            return
         try:
             await self._pubsub.publish_many([(user_channel(user), pack(item)) for user, item in items])
         except PeerNetError as exc:
@@ -230,14 +267,18 @@ class SessionShard:
             self.stats.sessions = len(self._sessions)
         return session
 
-    async def _catch_up(self, *, wiped: bool = False) -> None:
+    async def _catch_up(self, *, behind: bool = False) -> None:
         """Replay the inbox topic from the cache's checkpoint into the cache (and sessions).
 
         Items past what was known to be cached were never pushed: they are published now.
         """
         self.stats.catch_ups += 1
+        self._version = await self._cache.version(self.checkpoint_name)
         stored = await self._cache.checkpoint(self.checkpoint_name) or {}
-        published_upto = dict(self._checkpoint) if wiped else dict(stored)
+        stored_marks = await self._cache.checkpoint(self.watermark_name) or {}
+        for p, o in stored_marks.items():
+            self._events_pos[p] = max(self._events_pos.get(p, 0), o)
+        published_upto = dict(self._checkpoint) if behind else dict(stored)
         partitions = list(range(self._cfg.topics.inbox_partitions))
         reader = self._log.consumer(self._cfg.topics.inbox, partitions=partitions)
         await reader.start()
@@ -258,6 +299,9 @@ class SessionShard:
                     user, item = entry["user"], entry["item"]
                     if not self.owns(user):
                         continue
+                    src = entry.get("src")
+                    if src:
+                        self._events_pos[src[0]] = max(self._events_pos.get(src[0], 0), src[1] + 1)
                     session = self._sessions.get(user)
                     if session is None:
                         session = self._sessions[user] = Session(user, 0)
@@ -269,14 +313,12 @@ class SessionShard:
                 checkpoint = await reader.positions()
                 self._checkpoint = {p: o for p, o in checkpoint.items()}
                 if batch:
-                    await self._cache.append(batch, checkpoint_name=self.checkpoint_name,
-                                             checkpoint=self._checkpoint)
+                    await self._write_cache(batch)
                     await self._publish(unpublished)
                     restored += len(batch)
-            if not stored and not restored:
-                self._checkpoint = {p: ends.get(p, 0) for p in partitions}
-                await self._cache.append([], checkpoint_name=self.checkpoint_name,
-                                         checkpoint=self._checkpoint)
+            if not restored:
+                self._checkpoint = {p: max(ends.get(p, 0), stored.get(p, 0)) for p in partitions}
+                await self._write_cache([])
             self.stats.items_restored += restored
             self.stats.sessions = len(self._sessions)
             log.info("session shard %d: catch-up restored %d items from the inbox log",

@@ -21,19 +21,35 @@ class Bounds:
     latest: int
 
 
+class CacheBehind(Exception):
+    """The cache does not hold what its writer last wrote: it was wiped, or lost its latest
+    writes (a restart that kept an older snapshot). Nothing was written."""
+
+
 class InboxCache(Protocol):
     """Per-user inbox items by seq.
 
-    - `append` stores the items and the writer's checkpoint in one atomic step: after a crash the
-      cache holds either both or neither, so replaying the inbox log from the checkpoint restores
-      every item (appending the same (user, seq) again is harmless).
+    - `append` stores the items and the writer's checkpoints in one atomic step: after a crash
+      the cache holds either all of them or none, so replaying the inbox log from the checkpoint
+      restores every item (appending the same (user, seq) again is harmless).
+    - Each checkpoint name has a version that every append under it increments. With
+      `expect_version`, an append happens only when the stored version is the one the writer
+      last saw, else it raises CacheBehind and writes nothing: a writer never builds on a cache
+      that lost data behind its back.
     - Retention: a user's items are trimmed only when they are both older than `retention_ms` and
       not among the newest `retention_items`.
-    - Everything may be lost (Redis wiped): `checkpoint` then answers None and the owner rebuilds.
+    - Everything may be lost (Redis wiped): `checkpoint` then answers None, `version` 0.
     """
 
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
-                     checkpoint: Mapping[int, int]) -> None: ...
+                     checkpoint: Mapping[int, int],
+                     also: Mapping[str, Mapping[int, int]] | None = None,
+                     expect_version: int | None = None) -> int:
+        """Store `items`, `checkpoint` under `checkpoint_name` and the `also` checkpoints
+        (merged per partition) atomically; returns the new version of `checkpoint_name`."""
+
+    async def version(self, name: str) -> int:
+        """The version of checkpoint `name` (0 when the cache has none)."""
 
     async def read(self, user: str, after: int, limit: int) -> list[Item]:
         """Items with seq > `after`, oldest first, at most `limit`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bus.inbox import Bounds, Item
+from bus.inbox import Bounds, CacheBehind, Item
 from peernet.codec import pack, unpack
 from peernet.errors import unavailable
 from peernet.ids import now_ms
@@ -19,6 +19,7 @@ class _InboxServer:
     # user -> seq -> the packed item (Redis: one sorted set per user, score seq)
     inboxes: dict[str, dict[int, bytes]] = field(default_factory=dict)
     checkpoints: dict[str, dict[int, int]] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
     down: bool = False
 
@@ -47,6 +48,7 @@ class MemoryInboxCache:
         """Lose everything, as a Redis restart without persistence (or FLUSHALL) would."""
         self._server.inboxes.clear()
         self._server.checkpoints.clear()
+        self._server.versions.clear()
         self._server.acked.clear()
 
     def set_down(self, down: bool) -> None:
@@ -58,22 +60,37 @@ class MemoryInboxCache:
             raise unavailable("memory inbox cache is down")
 
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
-                     checkpoint: Mapping[int, int]) -> None:
+                     checkpoint: Mapping[int, int],
+                     also: Mapping[str, Mapping[int, int]] | None = None,
+                     expect_version: int | None = None) -> int:
         self._check()
         cutoff = self._clock() - self._retention_ms
         # Everything is prepared before anything is stored: the append is all or nothing.
         staged: list[tuple[str, int, bytes]] = [(user, int(item["seq"]), pack(item))
                                                 for user, item in items]
-        ckpt = {int(p): int(o) for p, o in checkpoint.items()}
+        ckpts = {checkpoint_name: {int(p): int(o) for p, o in checkpoint.items()}}
+        for name, extra in (also or {}).items():
+            ckpts[name] = {int(p): int(o) for p, o in extra.items()}
+        current = self._server.versions.get(checkpoint_name, 0)
+        if expect_version is not None and expect_version != current:
+            raise CacheBehind(f"checkpoint {checkpoint_name!r} is at {current}, "
+                              f"not {expect_version}")
         inboxes = self._server.inboxes
         for user, seq, raw in staged:
             # A replayed (user, seq) replaces itself, never doubles.
             inboxes.setdefault(user, {})[seq] = raw
         for user in dict.fromkeys(user for user, _, _ in staged):
             self._trim(inboxes[user], cutoff)
-        if ckpt:
-            # Redis HSET: partitions not named keep their stored offsets.
-            self._server.checkpoints.setdefault(checkpoint_name, {}).update(ckpt)
+        for name, ckpt in ckpts.items():
+            if ckpt:
+                # Redis HSET: partitions not named keep their stored offsets.
+                self._server.checkpoints.setdefault(name, {}).update(ckpt)
+        self._server.versions[checkpoint_name] = current + 1
+        return current + 1
+
+    async def version(self, name: str) -> int:
+        self._check()
+        return self._server.versions.get(name, 0)
 
     def _trim(self, inbox: dict[int, bytes], cutoff: int) -> None:
         """Drop the oldest items while there are more than retention_items and the oldest is

@@ -5,27 +5,48 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bus.inbox import Bounds, Item
+from bus.inbox import Bounds, CacheBehind, Item
 from peernet.codec import pack, unpack
 from peernet.errors import unavailable
 from peernet.ids import now_ms
 
-# Trim the oldest items of one user while there are more than ARGV[1] and the oldest is older
-# than ARGV[2] (ms). Stops at the first young item, so it costs O(1) once the inbox is trimmed.
-_TRIM = """
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
-if excess <= 0 then return 0 end
-local removed = 0
-local olds = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-for _, m in ipairs(olds) do
-  local item = cmsgpack.unpack(m)
-  if tonumber(item['ts']) < tonumber(ARGV[2]) then removed = removed + 1 else break end
+# One atomic append: check the writer's version, store the items (a replayed (user, seq)
+# replaces itself), trim each touched inbox, merge the checkpoints, bump the version.
+# Trimming drops the oldest items while there are more than `keep` and the oldest is older than
+# `cutoff` (ms); it stops at the first young item, so it costs O(1) once an inbox is trimmed.
+# The request is one msgpack argument; returns the new version, or -1 when the version differs.
+_APPEND = """
+local req = cmsgpack.unpack(ARGV[1])
+local vkey = 'inbox:ckptv:' .. req.name
+local current = tonumber(redis.call('GET', vkey) or '0')
+if req.expect ~= false and req.expect ~= nil and tonumber(req.expect) ~= current then
+  return -1
 end
-if removed > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, removed - 1) end
-return removed
+local touched = {}
+for _, it in ipairs(req.items) do
+  local key = 'inbox:' .. it[1]
+  redis.call('ZREMRANGEBYSCORE', key, it[2], it[2])
+  redis.call('ZADD', key, it[2], it[3])
+  touched[key] = true
+end
+for key, _ in pairs(touched) do
+  local excess = redis.call('ZCARD', key) - req.keep
+  if excess > 0 then
+    local removed = 0
+    for _, m in ipairs(redis.call('ZRANGE', key, 0, excess - 1)) do
+      if tonumber(cmsgpack.unpack(m)['ts']) < req.cutoff then removed = removed + 1 else break end
+    end
+    if removed > 0 then redis.call('ZREMRANGEBYRANK', key, 0, removed - 1) end
+  end
+end
+for name, ckpt in pairs(req.ckpts) do
+  for p, o in pairs(ckpt) do redis.call('HSET', 'inbox:ckpt:' .. name, tostring(p), o) end
+end
+return redis.call('INCR', vkey)
 """
 
 # Cumulative ack: keep the larger of the stored and the given seq.
@@ -48,28 +69,37 @@ class RedisInboxCache:
         self._r = client
         self._retention_items = retention_items
         self._retention_ms = retention_ms
-        self._trim = client.register_script(_TRIM)
+        self._append = client.register_script(_APPEND)
         self._ack = client.register_script(_ACK)
 
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
-                     checkpoint: Mapping[int, int]) -> None:
-        cutoff = now_ms() - self._retention_ms
+                     checkpoint: Mapping[int, int],
+                     also: Mapping[str, Mapping[int, int]] | None = None,
+                     expect_version: int | None = None) -> int:
+        ckpts = {checkpoint_name: {int(p): int(o) for p, o in checkpoint.items()}}
+        for name, extra in (also or {}).items():
+            ckpts[name] = {int(p): int(o) for p, o in extra.items()}
+        # Redis's Lua cmsgpack reads no msgpack `bin`: the members travel as raw strings.
+        request = msgpack.packb({
+            "name": checkpoint_name,
+            "expect": False if expect_version is None else expect_version,
+            "items": [[user, int(item["seq"]), pack(item)] for user, item in items],
+            "keep": self._retention_items,
+            "cutoff": now_ms() - self._retention_ms,
+            "ckpts": ckpts,
+        }, use_bin_type=False)
         try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                users: set[str] = set()
-                for user, item in items:
-                    seq = int(item["seq"])
-                    # Remove then add: a replayed (user, seq) replaces itself, never doubles.
-                    pipe.zremrangebyscore(_key(user), seq, seq)
-                    pipe.zadd(_key(user), {pack(item): seq})
-                    users.add(user)
-                for user in users:
-                    await self._trim(keys=[_key(user)], args=[self._retention_items, cutoff],
-                                     client=pipe)
-                if checkpoint:
-                    pipe.hset(f"inbox:ckpt:{checkpoint_name}",
-                              mapping={str(p): o for p, o in checkpoint.items()})
-                await pipe.execute()
+            version = int(await self._append(args=[request]))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise unavailable(f"inbox cache: {exc}") from exc
+        if version < 0:
+            raise CacheBehind(f"inbox cache checkpoint {checkpoint_name!r} is not at version "
+                              f"{expect_version}")
+        return version
+
+    async def version(self, name: str) -> int:
+        try:
+            return int(await self._r.get(f"inbox:ckptv:{name}") or 0)
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
 
@@ -93,6 +123,8 @@ class RedisInboxCache:
         return Bounds(int(first[0][1]), int(last[0][1]))
 
     async def recent(self, user: str, count: int) -> list[Item]:
+        if count <= 0:
+            return []
         try:
             raw: Any = await self._r.zrange(_key(user), -count, -1)
         except (RedisError, OSError, TimeoutError) as exc:
