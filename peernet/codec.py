@@ -33,6 +33,18 @@ def decode_frame(data: bytes | str) -> Frame:
     return obj
 
 
+def encodable(frame: Frame, data: bytes | str) -> bool:
+    """False when a JSON frame holds a lone surrogate ("\\ud800"): valid JSON that no UTF-8
+    encoder accepts, so it could never be stored, forwarded or echoed."""
+    if isinstance(data, bytes) or "\\u" not in data:
+        return True
+    try:
+        json.dumps(frame, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def encode_frame(frame: Frame, binary: bool) -> bytes | str:
     """Encode one frame for a connection speaking MessagePack (`binary`) or JSON."""
     if binary:

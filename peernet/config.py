@@ -5,7 +5,7 @@ README.md; `peernet config` prints the values in force."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -72,7 +72,7 @@ class GatewayConfig:
     outbound_queue: int = 1_000
     hello_timeout_s: float = 10.0
     heartbeat_ms: int = 25_000
-    token_secret: str = "peernet-dev-secret-change-me"
+    token_secret: str = "peernet-development-secret-change-me-in-production"
     token_ttl_s: int = 24 * 3600
     dev_tokens: bool = False
     cid_ttl_s: int = 24 * 3600
@@ -213,9 +213,10 @@ def _parse(name: str, raw: str, kind: type) -> object:
             if low in ("0", "false", "no", "off", ""):
                 return False
             raise ValueError(raw)
-        if kind is Path:
+        if issubclass(kind, Path):
             return Path(raw).expanduser()
-        return kind(raw)
+        convert: Callable[[str], object] = kind
+        return convert(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 

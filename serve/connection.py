@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from peernet.codec import Frame, decode_frame
+from peernet.codec import Frame, decode_frame, encodable
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
 from peernet.ids import new_id, now_ms
 from peernet.tokens import TokenError, verify_token
@@ -115,6 +115,17 @@ class Connection:
             await self.ws.close(code, reason)
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write_forever()
+        except PeerNetError as exc:
+            # The inbox cannot be read (Redis down): the client reconnects with resume later.
+            log.warning("writer of %s stopped: %s", self.user, exc)
+            self.close(CloseCode.GOING_AWAY, "backend unavailable")
+        except Exception:
+            log.exception("writer of %s failed", self.user)
+            self.close(CloseCode.GOING_AWAY, "internal error")
+
+    async def _write_forever(self) -> None:
         while True:
             item = await self._queue.get()
             if item is None:
@@ -198,6 +209,11 @@ class Connection:
                     self._queue.put_nowait(None)
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._writer, 5)
+        if self._closer is not None:
+            # The server drops the socket once the app returns: the close frame (its code is
+            # the client's only explanation) must be out before that.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._closer, 5)
 
     async def _receive(self, timeout: float) -> bytes | str:
         try:
@@ -238,7 +254,8 @@ class Connection:
                 metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
                 if flood.refuse():
                     raise _Closed(CloseCode.SLOW_OR_FLOODING, "persistent flooding")
-                self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"), None)
+                self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"),
+                            _rid_of(data))
                 continue
             await self._dispatch(data)
 
@@ -283,12 +300,20 @@ class Connection:
                 rid = None
                 raise PeerNetError(ErrorCode.BAD_REQUEST,
                                    "rid must be an int or a string of at most 64 characters")
+            if not encodable(frame, data):
+                raise PeerNetError(ErrorCode.BAD_REQUEST,
+                                   "strings must be valid Unicode (no lone surrogates)")
             handler = self.handlers.get(t)
             if handler is None:
                 raise PeerNetError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {t!r}"[:200])
             reply = await handler(self, frame)
         except PeerNetError as exc:
             self._error(exc, rid)
+            return
+        except Exception:
+            log.exception("handler failed for a frame from %s", self.user)
+            self._error(PeerNetError(ErrorCode.BAD_REQUEST, "the request could not be processed"),
+                        rid)
             return
         if reply is not None:
             if rid is not None:
@@ -303,7 +328,22 @@ class Connection:
         self.send(frame)
 
 
+def _rid_of(data: bytes | str) -> Any:
+    """The valid `rid` of a frame that will not be processed, or None."""
+    try:
+        rid = decode_frame(data).get("rid")
+    except PeerNetError:
+        return None
+    return rid if rid is not None and _valid_rid(rid) else None
+
+
 def _valid_rid(rid: Any) -> bool:
     if isinstance(rid, bool):
         return False
-    return isinstance(rid, int) or (isinstance(rid, str) and len(rid) <= 64)
+    if isinstance(rid, str):
+        try:
+            rid.encode("utf-8")  # a lone surrogate could never be echoed
+        except UnicodeEncodeError:
+            return False
+        return len(rid) <= 64
+    return isinstance(rid, int)

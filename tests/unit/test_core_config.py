@@ -92,9 +92,6 @@ def test_the_stack_port_does_not_make_a_service_external() -> None:
     assert cfg.services.redis_url == "redis://127.0.0.1:6390/0"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _parse expands '~' only when the field's type `is Path`, "
-                   "but a Path default's type is PosixPath, so PEERNET_HOME=~/x stays a relative "
-                   "'~/x' directory")
 def test_a_home_under_tilde_is_expanded() -> None:
     assert load_config({"PEERNET_HOME": "~/peernet-home"}).stack.home == (
         Path("~/peernet-home").expanduser())

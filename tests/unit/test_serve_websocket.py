@@ -418,11 +418,9 @@ def test_a_binary_connection_gets_msgpack(gw: Gateway) -> None:
         assert ws.request({"t": "ping", "rid": 1}) == {"t": "pong", "rid": 1}
 
 
-# -- protocol gaps (each xfail names a bug in the code under test) ------------------------------
+# -- protocol gaps that once were bugs ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a rate_limited error never carries the refused "
-                   "request's rid (the frame is not decoded), so a client waiting on that rid hangs")
 def test_a_rate_limited_error_echoes_the_rid() -> None:
     with gateway(FLOODABLE) as gw, gw.connect(unique_user()) as (ws, _):
         for i in range(gw.cfg.gateway.rate_burst + 2):
@@ -432,9 +430,6 @@ def test_a_rate_limited_error_echoes_the_rid() -> None:
     assert limited and all("rid" in f for f in limited)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON may carry a lone surrogate (\\ud800) that no "
-                   "UTF-8 encoder takes; the handler's msgpack pack raises UnicodeEncodeError, "
-                   "which escapes the dispatcher and kills the connection")
 def test_a_lone_surrogate_in_json_is_a_bad_request_and_the_connection_stays_open() -> None:
     with gateway() as gw, gw.connect(unique_user("a"), binary=False) as (ws, _):
         ws.send_raw('{"t":"dm","rid":1,"to":"bob","body":"\\ud800"}')
@@ -473,14 +468,11 @@ async def _run_like_uvicorn(app: Any, incoming: list[dict[str, Any]]) -> list[di
     return completed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Connection.run returns before the close it scheduled "
-                   "(ensure_future) has completed; under uvicorn the close is cut off and the client "
-                   "sees 1006 instead of 4401/4408/1009")
 @pytest.mark.parametrize(("first", "code"), [
     (msgpack.packb({"t": "ping"}), CloseCode.BAD_TOKEN),
     (msgpack.packb({"t": "hello", "token": "forged"}), CloseCode.BAD_TOKEN),
     (None, CloseCode.TIMEOUT),
-    (b"\x00" * 5000, CloseCode.MESSAGE_TOO_BIG),
+    (b"\x00" * 9000, CloseCode.MESSAGE_TOO_BIG),  # over FAST_GATEWAY's 8192
 ], ids=["not-hello", "bad-token", "no-hello", "too-big"])
 async def test_a_close_before_the_welcome_is_sent_before_the_app_returns(
         first: bytes | None, code: int) -> None:
@@ -522,9 +514,6 @@ class FlakyInbox(MemoryInboxCache):
         return await super().read(user, after, limit)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an inbox read that fails in the writer (gap fill, "
-                   "replay, catch-up) raises out of Connection._write_loop; the writer task dies "
-                   "unnoticed and the connection stays open but sends nothing more")
 def test_a_failed_inbox_read_in_the_writer_does_not_leave_a_mute_connection() -> None:
     inbox = FlakyInbox(retention_items=100, retention_ms=10**9)
     with gateway(inbox=inbox) as gw:
