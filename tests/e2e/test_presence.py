@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,20 +27,27 @@ CHANGE_WAIT_S = 5.0
 
 
 async def connect(server: Server, user: str, **kw: Any) -> Client:
-    return await Client.connect(server.ws_url, server.url, user, **kw)
+    # The token first: fetched after the socket opens, a slow one could miss the hello deadline.
+    token = await dev_token(server.url, user)
+    return await Client.connect(server.ws_url, server.url, user, token=token, **kw)
 
 
 async def connect_on(server: Server, user: str, *, avoid: str | None = None,
                      on: str | None = None) -> Client:
-    """A connection of `user` on a replica other than `avoid`, or on replica `on` (Serve picks
-    a replica per connection itself)."""
-    for _ in range(60):
-        client = await connect(server, user)
-        replica = client.welcome["replica"]
-        if (avoid is None or replica != avoid) and (on is None or replica == on):
-            return client
-        await client.close()
-    pytest.fail(f"never reached the wanted gateway replica (avoid={avoid}, on={on})")
+    """A connection of `user` on a replica other than `avoid`, or on replica `on`. Serve sends a
+    connection to the replica with fewer open ones, so the misses stay open until the hit."""
+    misses: list[Client] = []
+    try:
+        for _ in range(60):
+            client = await connect(server, user)
+            replica = client.welcome["replica"]
+            if (avoid is None or replica != avoid) and (on is None or replica == on):
+                return client
+            misses.append(client)
+        pytest.fail(f"never reached the wanted gateway replica (avoid={avoid}, on={on})")
+    finally:
+        for miss in misses:
+            await miss.close()
 
 
 async def watch(client: Client, users: list[str]) -> dict[str, dict[str, Any]]:
@@ -194,7 +203,7 @@ async def test_a_dead_connection_is_closed_with_4408_and_counted_out(
     assert json.loads(await silent.recv())["t"] == "welcome"
     await watch(watcher, [grace])
     started = time.monotonic()
-    pinger = asyncio.create_task(_keep_alive(watcher, heartbeat_s / 2))
+    pinger = asyncio.create_task(_keep_alive([watcher], heartbeat_s / 2))
     try:
         offline = await change(watcher, grace, timeout=2 * heartbeat_s + 10)
     finally:
@@ -208,10 +217,14 @@ async def test_a_dead_connection_is_closed_with_4408_and_counted_out(
     await watcher.close()
 
 
-async def _keep_alive(client: Client, every_s: float) -> None:
+async def _keep_alive(clients: list[Client], every_s: float = 5) -> None:
+    """Ping now and then, so that the idle clients of a long test are not closed with 4408
+    (2 x heartbeat without a frame) before it is over."""
     while True:
         await asyncio.sleep(every_s)
-        await client.send({"t": "ping"})
+        for client in list(clients):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await client.send({"t": "ping"})
 
 
 async def test_a_killed_presence_shard_loses_no_online_user(
@@ -226,8 +239,13 @@ async def test_a_killed_presence_shard_loses_no_online_user(
     mine = [u for u in users if shard_for(u, n) == victim][:6]
     assert len(mine) >= 4
     watcher = await connect(peernet_server, unique_user("w"))
+    alive = [watcher]
+    pinger = asyncio.create_task(_keep_alive(alive))
     await watch(watcher, mine)
-    clients = {u: await connect(peernet_server, u) for u in mine[:4]}
+    clients = {}
+    for u in mine[:4]:
+        clients[u] = await connect(peernet_server, u)
+        alive.append(clients[u])
     for u in mine[:4]:
         assert (await change(watcher, u))["status"] == "online"
 
@@ -236,6 +254,7 @@ async def test_a_killed_presence_shard_loses_no_online_user(
     # While it is down (or restarting): one user leaves, one arrives; the reports wait for it.
     await clients.pop(mine[0]).close()
     clients[mine[4]] = await connect(peernet_server, mine[4])
+    alive.append(clients[mine[4]])
     seen = {}
     deadline = time.monotonic() + 60
     while set(seen) != {mine[0], mine[4]}:
@@ -255,31 +274,30 @@ async def test_a_killed_presence_shard_loses_no_online_user(
     await no_change(watcher, mine[1], 0.5)
     await clients.pop(mine[1]).close()
     assert (await change(watcher, mine[1]))["status"] == "offline"
+    pinger.cancel()
     for c in (*clients.values(), watcher):
         await c.close()
 
 
 async def test_a_killed_gateway_replicas_users_go_offline_within_the_lease(
         peernet_server: Server, ray_cluster: None) -> None:
-    import ray
-
     lease_s = presence_lease_ms(peernet_server.cfg) / 1000
     watcher = await connect(peernet_server, unique_user("w"))
+    clients = [watcher]
+    pinger = asyncio.create_task(_keep_alive(clients))
     doomed_replica = None
     users = [unique_user("h") for _ in range(3)]
-    clients = []
     for u in users:
         c = await connect_on(peernet_server, u, avoid=watcher.welcome["replica"])
         doomed_replica = c.welcome["replica"]
         clients.append(c)
     survivor = await connect_on(peernet_server, unique_user("s"), on=watcher.welcome["replica"])
+    clients.append(survivor)
     states = await watch(watcher, [*users, survivor.user])
     assert {s["status"] for s in states.values()} == {"online"}
 
-    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].endswith(f"#{doomed_replica}")]
-    killed = time.monotonic()
-    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    assert doomed_replica is not None
+    killed = _kill_replica(doomed_replica)
     offline_after: dict[str, float] = {}
     while len(offline_after) < len(users):
         frame = await watcher.next(lambda f: f.get("t") == "presence", lease_s + 10)
@@ -287,12 +305,24 @@ async def test_a_killed_gateway_replicas_users_go_offline_within_the_lease(
         offline_after[frame["user"]] = time.monotonic() - killed
     assert max(offline_after.values()) <= lease_s + 0.5, offline_after
     assert (await http_presence(peernet_server, [survivor.user]))[survivor.user]["status"] == "online"
-    await survivor.close()
-    await watcher.close()
+    pinger.cancel()
     for c in clients:
         with contextlib.suppress(Exception):
             await c.close()
     await _two_replicas_again(peernet_server)
+
+
+def _kill_replica(replica: str) -> float:
+    """SIGKILL the process of gateway replica `replica` (a crash, as a dead node looks to the
+    others); returns when. ray.kill would do, but it takes effect only once the cluster gets to
+    it, seconds later on a busy machine, which would blur the bound this measures."""
+    import ray
+
+    (actor,) = [a for a in ray._private.state.actors().values()
+                if (a.get("Name") or "").endswith(f"#{replica}") and a.get("State") == "ALIVE"]
+    killed = time.monotonic()
+    os.kill(int(actor["Pid"]), signal.SIGKILL)
+    return killed
 
 
 async def _two_replicas_again(server: Server) -> None:
