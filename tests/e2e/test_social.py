@@ -199,6 +199,38 @@ async def test_a_celebritys_posts_are_merged_at_read_time(peernet_server: Server
         await c.close()
 
 
+async def test_killed_feed_shards_lose_no_post(peernet_server: Server) -> None:
+    import ray
+
+    from actors.wiring import NAMESPACE, feed_shard_name
+
+    writer_name, reader_name = unique_user("writer"), unique_user("reader")
+    writer = await connect(peernet_server, writer_name)
+    reader = await connect(peernet_server, reader_name)
+    await ok(reader, {"t": "follow", "user": writer_name})
+    n = peernet_server.cfg.shards.feed_shards
+    ray.init(address=peernet_server.gcs_address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        async def post_all() -> list[str]:
+            posted = []
+            for i in range(60):
+                posted.append((await writer.request({"t": "post", "body": f"k{i}"}))["id"])
+                await asyncio.sleep(0.02)
+            return posted
+
+        posting = asyncio.create_task(post_all())
+        await asyncio.sleep(0.5)
+        for i in range(n):
+            ray.kill(ray.get_actor(feed_shard_name(i, n), namespace=NAMESPACE), no_restart=False)
+        posted = await posting
+    finally:
+        ray.shutdown()
+    full = await until(lambda: page(reader, 100), lambda p: len(p["items"]) == 60, within_s=120)
+    assert ids(full) == list(reversed(posted))
+    await reader.close()
+    await writer.close()
+
+
 async def test_bad_social_requests(peernet_server: Server) -> None:
     name = unique_user("bad")
     c = await connect(peernet_server, name)
