@@ -103,7 +103,9 @@ class Projector:
 
     async def start(self) -> None:
         await self._until_ok("indexes", self.ensure_indexes)
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=PROJECTIONS_GROUP)
+        # One group per events topic: servers on other topics must not rebalance this one.
+        self._consumer = self._log.consumer(self._cfg.topics.events,
+                                            group=f"{PROJECTIONS_GROUP}@{self._cfg.topics.events}")
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name="projector")
         self.stats.started = True

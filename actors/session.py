@@ -134,7 +134,8 @@ class SessionShard:
     async def start(self) -> None:
         await self.recover()
         self._consumer = self._log.consumer(self._cfg.topics.events,
-                                            group=f"peernet.sessions.{self.index}-of-{self.count}")
+                                            group=f"peernet.sessions.{self.index}-of-{self.count}"
+                                                  f"@{self._cfg.topics.events}")
         await self._retry("start consumer", self._consumer.start)
         self._task = asyncio.create_task(self._run(), name=f"session-shard-{self.index}")
         self.stats.started = True
