@@ -98,7 +98,8 @@ class KafkaBroker:
     """Apache Kafka in KRaft combined mode, bound to 127.0.0.1."""
 
     name = "kafka"
-    ready_timeout = 90.0
+    # A JVM on a starved machine (a CI box running everything at once) can take minutes.
+    ready_timeout = 300.0
 
     def is_external(self, cfg: PeerNetConfig) -> bool:
         return cfg.services.kafka_external

@@ -39,7 +39,7 @@ class SecantusServer:
     change streams and transactions work)."""
 
     name = "mongo"
-    ready_timeout = 30.0
+    ready_timeout = 120.0
 
     def is_external(self, cfg: PeerNetConfig) -> bool:
         return cfg.services.mongo_external
