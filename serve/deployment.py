@@ -4,6 +4,7 @@ Ray, the topics, the shard actors and their supervisor, and the gateway replicas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -128,6 +129,39 @@ async def _ensure_topics(cfg: PeerNetConfig) -> None:
     await log_.ensure_topics(peernet_topics(cfg))
 
 
+# Ray waits 30 s (hard-coded) for a new raylet to register; a starved machine can miss that.
+RAY_START_ATTEMPTS = 3
+
+
+def _init_ray(init_args: dict[str, Any]) -> Any:
+    """ray.init, retried when a local head timed out during startup (the processes of the
+    failed attempt are stopped first)."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            return ray.init(**init_args)
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or "address" in init_args \
+                    or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(f"peernet: ray did not start in time (attempt {attempt}); retrying", flush=True)
+            ray.shutdown()
+            _stop_ray_processes(str(init_args.get("_temp_dir", "")))
+    raise AssertionError("unreachable")
+
+
+def _stop_ray_processes(temp_dir: str) -> None:
+    """Kill what a failed local start left running: the processes that name its temp dir."""
+    if not temp_dir:
+        return
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if temp_dir in cmdline and proc.pid != os.getpid():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
 def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start (or join) Ray, create the topics and actors, and deploy the gateway.
 
@@ -152,7 +186,7 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                          object_store_memory=cfg.ray.object_store_mb * 1024 * 1024)
         if cfg.ray.num_cpus:
             init_args["num_cpus"] = cfg.ray.num_cpus
-    info: Any = ray.init(**init_args)
+    info: Any = _init_ray(init_args)
     gcs = info.address_info.get("gcs_address")
     print(f"peernet: ray ready at {gcs} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
