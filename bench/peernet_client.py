@@ -189,8 +189,10 @@ class PeerNetConnection(ReconnectingConnection):
             await self.send_raw(encode_frame({"t": "ack", "seq": self.last_seq}, self.binary))
         elif now - self._last_send > self.heartbeat_s / 2:
             self._last_send = now
+            # A `ping` frame, not a WebSocket ping: Serve's proxy answers WebSocket pings itself,
+            # so they never reach PeerNet and do not count as traffic.
             try:
-                await ws.ping()
+                await self.send_raw(encode_frame({"t": "ping"}, self.binary))
             except websockets.ConnectionClosed:
                 pass
 

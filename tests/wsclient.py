@@ -66,9 +66,11 @@ class Client:
     @classmethod
     async def connect(cls, ws_url: str, http_url: str, user: str, *, resume: int | None = None,
                       binary: bool = True, token: str | None = None) -> Client:
+        # The token first: the hello deadline starts when the socket opens.
+        token = token or await dev_token(http_url, user)
         ws = await websockets.connect(ws_url, max_size=None)
         client = cls(ws, user, binary)
-        hello: Frame = {"t": "hello", "token": token or await dev_token(http_url, user)}
+        hello: Frame = {"t": "hello", "token": token}
         if resume is not None:
             hello["resume"] = resume
         await client.send(hello)
