@@ -37,7 +37,8 @@ def redis_client(url: str, *, socket_timeout_s: float = 5.0,
     """A redis.asyncio client for `url` (bytes replies, bounded timeouts, a bounded blocking pool):
     the one factory that every Redis-backed module of `bus/` uses."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=pool_size, timeout=socket_timeout_s, decode_responses=False,
+        # A burst queues for a connection; each command is still bounded by the socket timeout.
+        url, max_connections=pool_size, timeout=3 * socket_timeout_s, decode_responses=False,
         socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
         health_check_interval=30)
     return aioredis.Redis(connection_pool=pool)
