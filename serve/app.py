@@ -11,11 +11,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketClose
 
 from actors.presence import LeaseTiming
-from peernet.config import presence_lease_ms
+from peernet.config import PROJECT_ROOT, presence_lease_ms
 from peernet.errors import ErrorCode, PeerNetError
 from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
 from serve import metrics
@@ -31,6 +33,8 @@ from serve.validate import conv_participants
 log = logging.getLogger("peernet.app")
 
 HEALTH_TIMEOUT_S = 2.0
+# The web client's bundle, built by ./dev (not committed; README, "Web client"); served at / when present.
+WEB_DIST = PROJECT_ROOT / "web" / "dist"
 
 
 def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
@@ -160,6 +164,17 @@ def build_app(deps: GatewayDeps) -> Starlette:
         *social_routes(deps),
         Route("/v1/presence", presence_states),
     ]
+    if (WEB_DIST / "index.html").is_file():
+        # Last, so that every route above wins; a build made later is served after a restart.
+        static = StaticFiles(directory=WEB_DIST, html=True)
+
+        async def web(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":  # a WebSocket to an unknown path: refused, as before
+                await WebSocketClose()(scope, receive, send)
+                return
+            await static(scope, receive, send)
+
+        routes.append(Mount("/", app=web, name="web"))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.presence = presence
