@@ -18,6 +18,10 @@ from peernet.config import PeerNetConfig
 
 Frame = dict[str, Any]
 
+# How long a test waits for a frame by default: generous, since CI shares 2 cores with Kafka,
+# Redis, MongoDB and a Ray cluster. Assertions never depend on it being short.
+WAIT_S = 30.0
+
 
 @dataclass(frozen=True)
 class Server:
@@ -96,14 +100,14 @@ class Client:
     async def send_raw(self, data: bytes | str) -> None:
         await self.ws.send(data)
 
-    async def request(self, frame: Frame, timeout: float = 10) -> Frame:
+    async def request(self, frame: Frame, timeout: float = WAIT_S) -> Frame:
         """Send with a fresh rid; the reply (ok, error, or any frame) that carries it."""
         self._rid += 1
         rid = self._rid
         await self.send({**frame, "rid": rid})
         return await self.next(lambda f: f.get("rid") == rid, timeout)
 
-    async def next(self, match: Any = None, timeout: float = 10) -> Frame:
+    async def next(self, match: Any = None, timeout: float = WAIT_S) -> Frame:
         """The first waiting frame that `match` accepts, removed from the waiting ones."""
         async with asyncio.timeout(timeout), self._arrived:
             while True:
@@ -112,10 +116,10 @@ class Client:
                         return self.pending.pop(i)
                 await self._arrived.wait()
 
-    async def expect(self, t: str, timeout: float = 10) -> Frame:
+    async def expect(self, t: str, timeout: float = WAIT_S) -> Frame:
         return await self.next(lambda f: f.get("t") == t, timeout)
 
-    async def items(self, count: int, timeout: float = 30) -> list[Frame]:
+    async def items(self, count: int, timeout: float = 2 * WAIT_S) -> list[Frame]:
         """The next `count` inbox items (msg/note), in arrival order."""
         out: list[Frame] = []
         async with asyncio.timeout(timeout):

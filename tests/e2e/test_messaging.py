@@ -205,7 +205,7 @@ async def test_history_over_http_for_participants_only(peernet_server: Server) -
     token_eve = await dev_token(peernet_server.url, eve)
     async with httpx.AsyncClient(base_url=peernet_server.url) as http:
         items: list[dict[str, object]] = []
-        for _ in range(50):  # the store of record is written asynchronously from the log
+        for _ in range(300):  # the store of record is written asynchronously from the log
             page = (await http.get(f"/v1/conversations/{conv}/messages", params={"limit": 3},
                                    headers={"Authorization": f"Bearer {token_b}"})).json()
             items = page["items"]
