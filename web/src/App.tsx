@@ -216,24 +216,29 @@ function PostCard({ post, s, social }: { post: Post; s: State; social: Social })
 }
 
 function LikeButton({ liked, count, onClick }: { liked: boolean; count: number; onClick: () => void }) {
+  // Animate changes only: a feed that loads does not make every heart jump.
+  const mounted = useRef(false);
+  useEffect(() => { mounted.current = true; }, []);
+  const changed = mounted.current;
   return (
     <motion.button data-testid="like" data-liked={liked} className={liked ? "like on" : "like"}
       onClick={onClick} whileTap={{ scale: 0.8 }}>
-      <span className="heart-wrap">
-        <motion.span key={String(liked)} className="heart" initial={{ scale: liked ? 0.2 : 1 }}
+      <motion.span key={count} className="heart-wrap" initial={changed ? undefined : false}
+        animate={{ scale: [1, 1.2, 1] }} transition={{ duration: 0.3 }}>
+        <motion.span key={String(liked)} className="heart" initial={changed ? { scale: liked ? 0.2 : 1 } : false}
           animate={{ scale: liked ? [0.2, 1.5, 1] : 1 }} transition={{ duration: 0.45 }}>
           {liked ? "♥" : "♡"}
         </motion.span>
         <AnimatePresence>
-          {liked && (
+          {liked && changed && (
             <motion.span key="burst" className="burst" initial={{ scale: 0.3, opacity: 0.9 }}
               animate={{ scale: 2.4, opacity: 0 }} exit={{ opacity: 0 }} transition={{ duration: 0.55 }} />
           )}
         </AnimatePresence>
-      </span>
-      <span className="count">
+      </motion.span>
+      <span className="count" data-testid="likes" data-count={count}>
         <AnimatePresence mode="popLayout" initial={false}>
-          <motion.span data-testid="likes" key={count} initial={{ y: 10, opacity: 0 }}
+          <motion.span key={count} initial={{ y: 10, opacity: 0 }}
             animate={{ y: 0, opacity: 1 }} exit={{ y: -10, opacity: 0 }}>{count}</motion.span>
         </AnimatePresence>
       </span>
@@ -318,14 +323,16 @@ function Messages({ s, social, peer, onPeer }:
   );
 }
 
-const TICKS: Record<ChatLine["status"], string> = { pending: "🕓", sent: "✓", delivered: "✓✓", failed: "!" };
+// Pending is a small spinning ring (CSS); emoji clocks are missing from many systems' fonts.
+const TICKS: Record<ChatLine["status"], string> = { pending: "", sent: "✓", delivered: "✓✓", failed: "!" };
 
 function Chat({ s, social, peer }: { s: State; social: Social; peer: string }) {
   const lines = s.convs[convOf(s.me, peer)] ?? [];
   const [draft, setDraft] = useState("");
   const end = useRef<HTMLDivElement>(null);
   const typing = !!s.typing[peer];
-  useEffect(() => end.current?.scrollIntoView({ block: "end" }), [lines.length, typing]);
+  // A block body: scrollIntoView returns a promise in newer browsers, not an effect cleanup.
+  useEffect(() => { end.current?.scrollIntoView({ block: "end" }); }, [lines.length, typing]);
   const send = (e: FormEvent) => {
     e.preventDefault();
     const body = draft.trim();

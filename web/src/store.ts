@@ -59,7 +59,9 @@ export class Social {
     };
     const c = this.client;
     this.unsubscribe.push(
-      c.on("state", (conn) => this.set({ conn, retryAt: c.retryAt })),
+      // Presence seen through a dead connection is stale: unknown until the next watch answers.
+      c.on("state", (conn) => this.set(conn === "online" ? { conn, retryAt: c.retryAt }
+        : { conn, retryAt: c.retryAt, presence: {} })),
       c.on("ready", () => this.onReady()),
       c.on("item", ({ item, live }) => this.onItem(item, live)),
       c.on("push", (frame) => this.onPush(frame)),
@@ -132,8 +134,9 @@ export class Social {
     const me = this.state.me;
     const lines = [...(this.state.convs[m.conv] ?? [])];
     const mine = lines.findIndex((l) => l.id === m.id);
-    const line: ChatLine = { key: m.id, id: m.id, from: m.from, to: m.to, body: m.body, ts: m.ts,
-      status: "delivered", seq: m.seq };
+    // The line keeps its key (the cid of my own send) so that it does not blink when delivered.
+    const line: ChatLine = { key: mine >= 0 ? lines[mine].key : m.id, id: m.id, from: m.from, to: m.to,
+      body: m.body, ts: m.ts, status: "delivered", seq: m.seq };
     if (mine >= 0) lines.splice(mine, 1);
     // Delivered lines in inbox order, then the ones still on their way.
     const firstUndelivered = lines.findIndex((l) => l.status !== "delivered");
