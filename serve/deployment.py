@@ -110,6 +110,15 @@ def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # Otherwise every replica stays up 30 s after it is told to stop, and so does shutdown.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # A replica that restarts makes Serve reload HAProxy; the worker from before the reload
+        # keeps its WebSockets until they close, but only up to this bound (120 s by default,
+        # which cut every socket on the healthy replicas too). A tunnel's replica connection is
+        # fixed at upgrade, so a freed replica port needs no day-long quarantine.
+        "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(24 * 3600),
+        "RAY_SERVE_PORT_QUARANTINE_S": "150",
+        # HAProxy's manager actor took over 5 s (Serve's limit) to start on a busy machine; the
+        # controller then replaced it, and `serve.start` failed on the first one's death.
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
         # HAProxy's own cap is 4,096 by default.
         "RAY_SERVE_HAPROXY_MAXCONN": str(_haproxy_maxconn(cfg)),
         # Fixed ports by default (8404, 9101, 8500): a second cluster on the machine would fail.
