@@ -13,6 +13,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +33,15 @@ _WIRE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 # under a burst, and opening a connection costs far more than a command.
 REDIS_POOL_SIZE = 32
 
+# A pooled connection that died while idle (Redis restarted, a proxy dropped it) fails the next
+# command sent on it. redis-py then drops it; with this policy the command is sent again on a
+# fresh connection (twice at most, 50 ms then 100 ms apart) instead of failing the caller, so a
+# restarted Redis costs one slower command per idle connection, not an error per connection.
+# Only connection errors are retried: a timeout may mean the command ran and its reply is slow.
+# A command whose reply was lost mid-flight can thus run twice; the callers' writes are
+# idempotent (SET NX claims, version-checked inbox appends, set adds) or counted by set size.
+_RECONNECT_RETRY = (ExponentialBackoff(cap=0.5, base=0.05), 2)
+
 
 def redis_client(url: str, *, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float = 2.0, pool_size: int = REDIS_POOL_SIZE) -> aioredis.Redis:
@@ -40,7 +51,8 @@ def redis_client(url: str, *, socket_timeout_s: float = 5.0,
         # A burst queues for a connection; each command is still bounded by the socket timeout.
         url, max_connections=pool_size, timeout=3 * socket_timeout_s, decode_responses=False,
         socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
-        health_check_interval=30)
+        health_check_interval=30,
+        retry=Retry(*_RECONNECT_RETRY, supported_errors=(RedisConnectionError,)))
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("peernet.connection")
 
 REPLAY_PAGE = 500
+# How long the writer keeps trying to read the inbox (Redis restarting, loading its data) before
+# it gives up and closes with 1001, leaving the client to reconnect with `resume`.
+INBOX_READ_PATIENCE_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,7 @@ class Connection:
         cache."""
         while upto is None or self.last_seq < upto:
             want = REPLAY_PAGE if upto is None else min(REPLAY_PAGE, upto - self.last_seq)
-            items = await self.deps.inbox.read(self.user, self.last_seq, want)
+            items = await self._read_inbox(want)
             if upto is not None:
                 items = [i for i in items if int(i["seq"]) <= upto]
             if not items:
@@ -173,6 +176,23 @@ class Connection:
             for item in items:
                 self.last_seq = int(item["seq"])
                 await self._send(Outgoing(item))
+
+    async def _read_inbox(self, count: int) -> list[Frame]:
+        """The next `count` inbox items after `last_seq`, retrying a retriable failure with
+        backoff for up to INBOX_READ_PATIENCE_S: a connection that stayed open through a Redis
+        restart keeps its place instead of being closed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INBOX_READ_PATIENCE_S
+        delay = 0.1
+        while True:
+            try:
+                return await self.deps.inbox.read(self.user, self.last_seq, count)
+            except PeerNetError as exc:
+                if not exc.retriable or loop.time() + delay > deadline:
+                    raise
+                log.info("inbox of %s not readable (%s); retry in %.1fs", self.user, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def _replay(self, job: Replay) -> None:
         self.last_seq = job.after
