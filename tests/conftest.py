@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wsclient import Server
 
 SERVER_START_TIMEOUT_S = 420.0  # a busy machine may need Ray started more than once
+SERVICE_RESTART_TIMEOUT_S = 90.0  # a service restarted by a fault test, on a busy machine
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,20 @@ def local_stack(cfg: PeerNetConfig) -> PeerNetConfig:
 
     manager.up(cfg)
     return cfg
+
+
+@pytest.fixture
+def stack_control(cfg: PeerNetConfig) -> Iterator[Any]:
+    """stack.manager, for tests that kill and restart a service. Leaves every service it found
+    running, running (restarting one that a failed test left stopped), so that a fault test
+    never takes the stack away from the tests after it."""
+    from stack import manager
+
+    running = {name: manager.pid_of(cfg, name) is not None for name in manager.SERVICES}
+    yield manager
+    for name, was_running in running.items():
+        if was_running and manager.pid_of(cfg, name) is None:
+            manager.start_service(cfg, name, wait=True, timeout=SERVICE_RESTART_TIMEOUT_S)
 
 
 def _server_env(cfg: PeerNetConfig) -> dict[str, str]:

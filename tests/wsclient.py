@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -137,3 +138,13 @@ class Client:
 
     async def wait_closed(self, timeout: float = 10) -> tuple[int | None, str]:
         return await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+
+
+async def keep_alive(clients: list[Client], every_s: float = 5) -> None:
+    """Ping now and then, so that the idle clients of a long test are not closed with 4408
+    (2 x heartbeat without a frame) before it is over. Run it as a task; cancel it at the end."""
+    while True:
+        await asyncio.sleep(every_s)
+        for client in list(clients):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await client.send({"t": "ping"})

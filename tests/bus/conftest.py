@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from bus_helpers import (
@@ -233,20 +232,3 @@ async def store_kit(request: pytest.FixtureRequest) -> AsyncIterator[StoreKit]:
             break
     for store in kit.created:
         await store.stop()
-
-
-# --- the local stack's processes -------------------------------------------------------------
-
-
-@pytest.fixture
-def stack_control(bus_cfg: PeerNetConfig) -> Iterator[Any]:
-    """stack.manager, for tests that kill and restart a service. Skips when the services are
-    not this project's stack (`peernet stack up`): a hand-started or external service is not
-    ours to kill. Leaves every service it finds running, running."""
-    from stack import manager
-
-    running = {name: manager.pid_of(bus_cfg, name) is not None for name in manager.SERVICES}
-    yield manager
-    for name, was_running in running.items():
-        if was_running and manager.pid_of(bus_cfg, name) is None:
-            manager.start_service(bus_cfg, name, wait=True, timeout=SERVICE_WAIT_S)

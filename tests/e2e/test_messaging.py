@@ -229,6 +229,6 @@ async def test_history_over_http_for_participants_only(peernet_server: Server) -
 async def test_healthz_names_all_four_checks(peernet_server: Server) -> None:
     async with httpx.AsyncClient() as http:
         reply = await http.get(peernet_server.url + "/healthz")
-    assert reply.status_code == 200
+    assert reply.status_code == 200, reply.text
     assert reply.json() == {"status": "ok", "checks": {"kafka": "ok", "redis": "ok", "mongo": "ok",
                                                       "ray": "ok"}}
