@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from actors.inbox_items import recipients_header
 from bus.cache import Cache
@@ -28,6 +29,10 @@ class Sent:
     ts: int
 
 
+def _claim(event: Event, state: str) -> bytes:
+    return pack({"id": event.id, "conv": event.data["conv"], "ts": event.ts, "state": state})
+
+
 class Messenger:
     def __init__(self, cfg: PeerNetConfig, log: EventLog, cache: Cache) -> None:
         self._cfg = cfg
@@ -48,30 +53,41 @@ class Messenger:
             await self.append(event, key=conv, recipients=[sender, to])
             return Sent(event.id, conv, event.ts)
 
+        # The cid's claim: pending while an append is in flight, done once it is durable, failed
+        # when it was refused. A refused append may still reach the log (the producer can deliver
+        # a record after its caller's timeout), so a retry after `failed` appends the same event
+        # again, with the same id: a copy that did land is then a duplicate the client drops by
+        # id, never a second message.
         key = f"cid:{sender}:{cid}"
-        claim = pack({"id": event.id, "conv": conv, "ts": event.ts, "done": False})
-        if not await self._cache.set_if_absent(key, claim, ttl_s=self._cfg.gateway.cid_ttl_s):
-            return await self._earlier(key)
+        ttl_s = self._cfg.gateway.cid_ttl_s
+        if not await self._cache.set_if_absent(key, _claim(event, "pending"), ttl_s=ttl_s):
+            earlier = await self._earlier(key)
+            if isinstance(earlier, Sent):
+                return earlier
+            event = Event("dm", sender, {"to": to, "body": body, "conv": conv},
+                          id=earlier["id"], ts=earlier["ts"])
+            await self._cache.set(key, _claim(event, "pending"), ttl_s=ttl_s)
         try:
             await self.append(event, key=conv, recipients=[sender, to])
         except BaseException:
-            # Nothing acknowledged: free the cid so that the client's retry stores the message.
-            await self._cache.delete(key)
+            await self._cache.set(key, _claim(event, "failed"), ttl_s=ttl_s)
             raise
-        await self._cache.set(key, pack({"id": event.id, "conv": conv, "ts": event.ts, "done": True}),
-                              ttl_s=self._cfg.gateway.cid_ttl_s)
+        await self._cache.set(key, _claim(event, "done"), ttl_s=ttl_s)
         return Sent(event.id, conv, event.ts)
 
-    async def _earlier(self, key: str) -> Sent:
-        """The result of the first request with this cid, once it is durable."""
+    async def _earlier(self, key: str) -> Sent | dict[str, Any]:
+        """The result of the first request with this cid once it is durable, or its claim when
+        it failed (to be sent again with the same id)."""
         deadline = asyncio.get_running_loop().time() + _CID_WAIT_S
         while True:
             raw = await self._cache.get(key)
             if raw is None:
-                raise unavailable("an earlier request with this cid failed; retry")
+                raise unavailable("an earlier request with this cid expired meanwhile; retry")
             state = unpack(raw)
-            if state["done"]:
+            if state["state"] == "done":
                 return Sent(state["id"], state["conv"], state["ts"])
+            if state["state"] == "failed":
+                return state
             if asyncio.get_running_loop().time() > deadline:
                 raise unavailable("an earlier request with this cid is still in flight; retry")
             await asyncio.sleep(0.02)

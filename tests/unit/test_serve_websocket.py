@@ -16,7 +16,7 @@ from unit_helpers import FAST_TIMING, inbox_item, unique_user
 from actors.inbox_items import parse_recipients
 from bus.inbox_memory import MemoryInboxCache
 from peernet.envelope import Event
-from peernet.errors import CloseCode
+from peernet.errors import CloseCode, unavailable
 from peernet.tokens import issue_token
 from serve.app import build_app
 
@@ -367,7 +367,7 @@ def test_a_dm_with_the_same_cid_is_stored_once_with_one_id(gw: Gateway) -> None:
     assert len(events_of(gw, alice)) == 2
 
 
-def test_a_dm_while_the_log_is_down_is_unavailable_and_its_cid_is_freed(gw: Gateway) -> None:
+def test_a_dm_while_the_log_is_down_is_unavailable_and_its_retry_is_stored(gw: Gateway) -> None:
     alice, bob = unique_user("a"), unique_user("b")
     with gw.connect(alice) as (ws, _):
         gw.log.set_down(True)
@@ -377,6 +377,30 @@ def test_a_dm_while_the_log_is_down_is_unavailable_and_its_cid_is_freed(gw: Gate
         ok = ws.request({"t": "dm", "rid": 2, "to": bob, "body": "hi", "cid": "c"})
         assert ok["t"] == "ok"
     assert len(events_of(gw, alice)) == 1
+
+
+def test_a_retry_after_a_lost_ack_keeps_the_id_of_the_copy_that_landed(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log stored the first attempt but its ack was lost (the caller timed out): the retry
+    with the same cid is appended again under the same id, so the copy is a duplicate that
+    clients drop by id, not a second message."""
+    alice, bob = unique_user("a"), unique_user("b")
+    append = gw.log.append
+
+    async def stored_then_lost(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(gw.log, "append", append)  # once
+        await append(*args, **kwargs)
+        raise unavailable("delivery timed out")
+
+    monkeypatch.setattr(gw.log, "append", stored_then_lost)
+    with gw.connect(alice) as (ws, _):
+        lost = ws.request({"t": "dm", "rid": 1, "to": bob, "body": "hi", "cid": "c"})
+        assert lost["code"] == "unavailable"
+        ok = ws.request({"t": "dm", "rid": 2, "to": bob, "body": "hi", "cid": "c"})
+        again = ws.request({"t": "dm", "rid": 3, "to": bob, "body": "hi", "cid": "c"})
+    assert ok["t"] == "ok" and again["id"] == ok["id"]
+    stored = events_of(gw, alice)
+    assert len(stored) == 2 and {Event.decode(r.value).id for r in stored} == {ok["id"]}
 
 
 def test_typing_reaches_the_recipient_and_is_not_stored(gw: Gateway) -> None:
