@@ -1,0 +1,105 @@
+"""cluster.yaml passes Ray's own cluster-launcher validation (what `ray up` runs), and the
+settings it deploys with (deploy/peernet.env) are real PEERNET_* variables that parse."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from peernet.config import ENV_VARS, PROJECT_ROOT, load_config
+
+CLUSTER_YAML = PROJECT_ROOT / "cluster.yaml"
+ENV_FILE = PROJECT_ROOT / "deploy" / "peernet.env"
+SERVE_SCRIPT = PROJECT_ROOT / "deploy" / "peernet-serve.sh"
+
+
+def _cluster() -> dict[str, Any]:
+    loaded = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _env_file() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in ENV_FILE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        assert sep, f"not NAME=VALUE: {line!r}"
+        assert name not in env, f"{name} is set twice"
+        env[name] = value
+    return env
+
+
+def test_cluster_yaml_passes_rays_validation_as_ray_up_runs_it() -> None:
+    # `ray up` (ray.autoscaler._private.commands._bootstrap_config) prepares the config (fills
+    # the provider's defaults, turns the host lists into node types) and then validates it
+    # against ray/autoscaler/ray-schema.json.
+    config = prepare_config(copy.deepcopy(_cluster()))
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+    # Both hosts lists are kept: the workers are the listed hosts.
+    node_type = config["available_node_types"][config["head_node_type"]]
+    assert node_type["min_workers"] == node_type["max_workers"] == 2
+
+
+def test_rays_validation_would_catch_a_broken_cluster_yaml() -> None:
+    import jsonschema
+
+    config = prepare_config(copy.deepcopy(_cluster()))
+    config["head_start_ray_commands"] = "ray start --head"  # a string, not a list
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(config)
+
+
+def test_placeholders_are_obvious() -> None:
+    provider = _cluster()["provider"]
+    for host in [provider["head_ip"], *provider["worker_ips"]]:
+        assert host.startswith("REPLACE-WITH-"), host
+
+
+def test_ray_is_started_with_the_settings_peernet_needs() -> None:
+    cluster = _cluster()
+    head = " ".join(cluster["head_start_ray_commands"])
+    workers = " ".join(cluster["worker_start_ray_commands"])
+    for commands in (head, workers):
+        assert "export RAY_AUTH_MODE=disabled;" in commands
+        assert "~/peernet-venv/bin/ray start" in commands
+    assert "--include-dashboard=false" in head and "--temp-dir=" in head
+    # The head runs `peernet serve` after Ray is up, and stops the previous one before.
+    assert cluster["head_start_ray_commands"][0] == "~/peernet/deploy/peernet-serve.sh stop"
+    assert cluster["head_start_ray_commands"][-1] == "~/peernet/deploy/peernet-serve.sh start"
+    assert "pip install --quiet -e ~/peernet" in " ".join(cluster["setup_commands"])
+    assert cluster["file_mounts"] == {"~/peernet": "."}
+
+
+def test_the_serve_script_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(SERVE_SCRIPT)], check=True)
+    assert SERVE_SCRIPT.stat().st_mode & 0o111, "deploy/peernet-serve.sh is not executable"
+
+
+def test_the_deployed_settings_are_real_peernet_variables() -> None:
+    env = _env_file()
+    unknown = sorted(set(env) - set(ENV_VARS))
+    assert not unknown, f"deploy/peernet.env sets variables peernet/config.py does not read: {unknown}"
+
+
+def test_the_deployed_settings_parse_and_name_external_services() -> None:
+    cfg = load_config(_env_file())  # ConfigError if a value does not parse
+    s = cfg.services
+    assert s.kafka_external and s.redis_external and s.mongo_external
+    assert len(s.kafka_bootstrap.split(",")) == 3
+    assert cfg.topics.replication_factor == 3
+    assert cfg.ray.address == "auto"
+    assert cfg.ray.auth_mode == "disabled"
+    assert cfg.gateway.host == "0.0.0.0"
+    assert not cfg.gateway.dev_tokens
+    # Placeholders, not defaults, for what must be the operator's own.
+    for value in (s.kafka_bootstrap, s.redis_url, s.mongo_url, cfg.gateway.token_secret):
+        assert "REPLACE-WITH-" in value
