@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from actors.session import user_channel
-from bus.eventlog import EventLog, LogConsumer, Record
+from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
 from bus.feeds import FeedFanout, FeedWrites, GraphChange, LikeChange, Lookup, Post
 from peernet.codec import pack
 from peernet.config import PeerNetConfig
@@ -143,16 +143,24 @@ class FeedShard:
         self._push = push
         self._threshold = cfg.feeds.celebrity_threshold
         self._consumer: LogConsumer | None = None
+        self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.stats = FeedStats()
 
     async def start(self) -> None:
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=feeds_group(self._cfg))
+        self._group = feeds_group(self._cfg)
+        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
         await self._retry("start consumer", self._consumer.start)
         self._task = asyncio.create_task(self._run(), name=f"feed-shard-{self.index}")
         self.stats.started = True
         log.info("feed shard %d/%d started", self.index, self.count)
+
+    async def lag(self) -> ConsumerLag | None:
+        """How far this shard's consumer trails the events topic (None before `start`)."""
+        if self._consumer is None or self._group is None:
+            return None
+        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bus.eventlog import EventLog, LogConsumer, Record
+from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
 from bus.store import Document, DocumentStore
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
@@ -97,6 +97,7 @@ class Projector:
         self._log = log_
         self._store = store
         self._consumer: LogConsumer | None = None
+        self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.stats = ProjectorStats()
@@ -104,11 +105,17 @@ class Projector:
     async def start(self) -> None:
         await self._until_ok("indexes", self.ensure_indexes)
         # One group per events topic: servers on other topics must not rebalance this one.
-        self._consumer = self._log.consumer(self._cfg.topics.events,
-                                            group=f"{PROJECTIONS_GROUP}@{self._cfg.topics.events}")
+        self._group = f"{PROJECTIONS_GROUP}@{self._cfg.topics.events}"
+        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name="projector")
         self.stats.started = True
+
+    async def lag(self) -> ConsumerLag | None:
+        """How far this projector's consumer trails the events topic (None before `start`)."""
+        if self._consumer is None or self._group is None:
+            return None
+        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
 
     async def stop(self) -> None:
         self._stopping = True

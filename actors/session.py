@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from actors.inbox_items import inbox_item, parse_recipients
-from bus.eventlog import EventLog, LogConsumer, Record
+from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
@@ -110,6 +110,7 @@ class SessionShard:
         self._events_pos: dict[int, int] = {}  # events-topic positions delivered, per partition
         self._version: int | None = None  # the cache checkpoint's version we last wrote
         self._consumer: LogConsumer | None = None
+        self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.stats = ShardStats()
@@ -133,14 +134,20 @@ class SessionShard:
 
     async def start(self) -> None:
         await self.recover()
-        self._consumer = self._log.consumer(self._cfg.topics.events,
-                                            group=f"peernet.sessions.{self.index}-of-{self.count}"
-                                                  f"@{self._cfg.topics.events}")
+        self._group = (f"peernet.sessions.{self.index}-of-{self.count}"
+                       f"@{self._cfg.topics.events}")
+        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
         await self._retry("start consumer", self._consumer.start)
         self._task = asyncio.create_task(self._run(), name=f"session-shard-{self.index}")
         self.stats.started = True
         log.info("session shard %d/%d started: %d sessions restored", self.index, self.count,
                  len(self._sessions))
+
+    async def lag(self) -> ConsumerLag | None:
+        """How far this shard's consumer trails the events topic (None before `start`)."""
+        if self._consumer is None or self._group is None:
+            return None
+        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
 
     async def stop(self) -> None:
         self._stopping = True

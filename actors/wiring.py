@@ -81,6 +81,11 @@ class SessionShardActor:
     async def stats(self) -> dict[str, Any]:
         return asdict(self._shard.stats) if self._shard else {"started": False}
 
+    async def lag(self) -> dict[str, Any] | None:
+        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
+        lag = await self._shard.lag() if self._shard else None
+        return asdict(lag) if lag else None
+
     async def ping(self) -> str:
         return "pong"
 
@@ -105,6 +110,11 @@ class ProjectorActor:
 
     async def stats(self) -> dict[str, Any]:
         return asdict(self._projector.stats) if self._projector else {"started": False}
+
+    async def lag(self) -> dict[str, Any] | None:
+        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
+        lag = await self._projector.lag() if self._projector else None
+        return asdict(lag) if lag else None
 
     async def ping(self) -> str:
         return "pong"
@@ -207,6 +217,11 @@ class FeedShardActor:
     async def stats(self) -> dict[str, Any]:
         return asdict(self._shard.stats) if self._shard else {"started": False}
 
+    async def lag(self) -> dict[str, Any] | None:
+        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
+        lag = await self._shard.lag() if self._shard else None
+        return asdict(lag) if lag else None
+
     async def ping(self) -> str:
         return "pong"
 
@@ -216,6 +231,12 @@ def actor_names(cfg: PeerNetConfig) -> list[str]:
     p = cfg.shards.presence_shards
     return ([session_shard_name(i, n) for i in range(n)]
             + [presence_shard_name(i, p) for i in range(p)] + _feed_shard_names(cfg) + [PROJECTOR_NAME])
+
+
+def consumer_actor_names(cfg: PeerNetConfig) -> list[str]:
+    """The actors that read the events topic in a consumer group (and answer `lag`)."""
+    n = cfg.shards.session_shards
+    return [session_shard_name(i, n) for i in range(n)] + _feed_shard_names(cfg) + [PROJECTOR_NAME]
 
 
 def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:

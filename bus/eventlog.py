@@ -109,3 +109,22 @@ class LogConsumer(Protocol):
 
     async def positions(self) -> dict[int, int]:
         """The offset of the next record `poll` will return, per partition."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerLag:
+    """How far one consumer of a group trails the log: per partition it reads now, the records
+    after its position (end offset minus the offset of the next record `poll` returns)."""
+
+    group: str
+    topic: str
+    partitions: dict[int, int]
+
+
+async def consumer_lag(consumer: LogConsumer, *, group: str, topic: str) -> ConsumerLag:
+    """The lag of `consumer` now. A partition that moved to another member between the two
+    reads (a rebalance) is left out: that member reports it."""
+    ends = await consumer.end_offsets()
+    positions = await consumer.positions()
+    return ConsumerLag(group, topic, {p: max(0, end - positions[p])
+                                      for p, end in sorted(ends.items()) if p in positions})

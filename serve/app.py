@@ -33,6 +33,8 @@ from serve.validate import conv_participants
 log = logging.getLogger("peernet.app")
 
 HEALTH_TIMEOUT_S = 2.0
+# A scrape waits at most this long for the consumers' lag; without it, the lag series are dropped.
+METRICS_LAG_TIMEOUT_S = 1.5
 # The web client's bundle, built by ./dev (not committed; README, "Web client"); served at / when present.
 WEB_DIST = PROJECT_ROOT / "web" / "dist"
 
@@ -72,6 +74,15 @@ def build_app(deps: GatewayDeps) -> Starlette:
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
+        if deps.consumer_lag is not None:
+            try:
+                metrics.set_consumer_lag(await asyncio.wait_for(deps.consumer_lag(),
+                                                                METRICS_LAG_TIMEOUT_S))
+            except Exception as exc:
+                # A stale lag would read as a healthy one: no series rather than old ones.
+                log.warning("consumer lag not read for /metrics: %s: %s", type(exc).__name__, exc)
+                metrics.set_consumer_lag([])
+                metrics.CONSUMER_LAG_ERRORS.inc()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def dev_token(request: Request) -> Response:

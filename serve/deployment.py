@@ -23,10 +23,12 @@ from actors.wiring import (
     NAMESPACE,
     PresenceShardClient,
     actor_names,
+    consumer_actor_names,
     create_actors,
     ensure_started,
 )
 from bus.backends import backends
+from bus.eventlog import ConsumerLag
 from bus.kafka import KafkaEventLog
 from bus.topics import peernet_topics
 from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
@@ -37,6 +39,8 @@ log = logging.getLogger("peernet.serve")
 
 APP_NAME = "peernet"
 SUPERVISE_EVERY_S = 1.0
+# One consumer actor's answer to `lag` for /metrics; a slower one is left out of that scrape.
+LAG_CALL_TIMEOUT_S = 1.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
@@ -49,6 +53,7 @@ class Gateway:
         logging.basicConfig(level=logging.INFO)
         self._cfg = load_config()
         self._handles: dict[str, Any] = {}
+        self._lag_handles: dict[str, Any] = {}
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         cfg = self._cfg
@@ -61,6 +66,7 @@ class Gateway:
                            store=b.store, feeds=b.feeds, presence=b.presence,
                            presence_shards=PresenceShardClient(cfg),
                            checks={"ray": self._ray_check}, replica=replica,
+                           consumer_lag=self._consumer_lag,
                            on_startup=[b.start], on_shutdown=[b.stop])
         return build_app(deps)
 
@@ -71,6 +77,27 @@ class Gateway:
         down = [n for n, s in zip(self._handles, stats, strict=True) if not s.get("started")]
         if down:
             raise RuntimeError(f"actors not started: {', '.join(down)}")
+
+    async def _consumer_lag(self) -> list[ConsumerLag]:
+        """Each consumer actor's own report (its consumer lives there, not in this replica).
+        Actors that do not answer within LAG_CALL_TIMEOUT_S are left out of this scrape."""
+
+        async def one(name: str) -> dict[str, Any] | None:
+            try:
+                handle = self._lag_handles.get(name)
+                if handle is None:
+                    handle = self._lag_handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+                result: dict[str, Any] | None = await asyncio.wait_for(handle.lag.remote(),
+                                                                       LAG_CALL_TIMEOUT_S)
+                return result
+            except Exception as exc:
+                self._lag_handles.pop(name, None)
+                log.warning("lag of %s not read: %s: %s", name, type(exc).__name__, exc)
+                return None
+
+        reports = await asyncio.gather(*(one(n) for n in consumer_actor_names(self._cfg)))
+        return [ConsumerLag(r["group"], r["topic"], {int(p): int(n) for p, n in r["partitions"].items()})
+                for r in reports if r]
 
 
 def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:

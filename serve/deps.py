@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bus.cache import Cache
-from bus.eventlog import EventLog
+from bus.eventlog import ConsumerLag, EventLog
 from bus.feeds import FeedStore
 from bus.inbox import InboxCache
 from bus.presence import PresenceStore
@@ -16,6 +16,8 @@ from peernet.config import PeerNetConfig
 from serve.presence import PresenceShards
 
 HealthCheck = Callable[[], Awaitable[None]]
+# The lag of every consumer PeerNet runs, read when /metrics is scraped.
+LagSource = Callable[[], Awaitable[list[ConsumerLag]]]
 
 
 @dataclass
@@ -36,3 +38,5 @@ class GatewayDeps:
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Home feeds and the social graph (serve/social.py); None: social frames are unavailable.
     feeds: FeedStore | None = None
+    # The consumers' lag for /metrics (bounded by METRICS_LAG_TIMEOUT_S); None: not exported.
+    consumer_lag: LagSource | None = None

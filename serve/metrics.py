@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bus.eventlog import ConsumerLag
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -29,6 +33,27 @@ PRESENCE_PUSH_LATENCY = Histogram(
 PRESENCE_ERRORS = Counter("peernet_presence_errors_total",
                           "Presence reports and lease renewals that failed, and lapsed leases",
                           ["kind"], registry=REGISTRY)
+# Set at scrape time from the consumers' own reports (they run in the shard actors, not here):
+# records in the events topic after each consumer's position, per group and partition.
+CONSUMER_LAG = Gauge("peernet_kafka_consumer_lag",
+                     "Records after a consumer group's position, per partition (read at scrape time)",
+                     ["group", "topic", "partition"], registry=REGISTRY)
+CONSUMER_LAG_ERRORS = Counter("peernet_kafka_consumer_lag_errors_total",
+                              "Scrapes whose consumer lag could not be read in time",
+                              registry=REGISTRY)
+
+
+def set_consumer_lag(reports: Iterable[ConsumerLag]) -> None:
+    """Replace the lag gauge's series with `reports` (a partition two members report during a
+    rebalance keeps the larger lag); series of consumers that no longer report go away."""
+    values: dict[tuple[str, str, str], int] = {}
+    for report in reports:
+        for partition, lag in report.partitions.items():
+            key = (report.group, report.topic, str(partition))
+            values[key] = max(lag, values.get(key, 0))
+    CONSUMER_LAG.clear()
+    for labels, lag in values.items():
+        CONSUMER_LAG.labels(*labels).set(lag)
 
 
 def render() -> bytes:
