@@ -30,6 +30,8 @@ start() {
   . "$env_file"
   set +a
   export PEERNET_RAY_ADDRESS="${PEERNET_RAY_ADDRESS:-auto}"
+  # Where cluster.yaml's `ray start` keeps its files: "auto" reads the head's address there.
+  export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/peernet}" RAY_AUTH_MODE="${PEERNET_RAY_AUTH_MODE:-disabled}"
   nohup "$venv/bin/peernet" serve >>"$log_file" 2>&1 </dev/null &
   echo $! >"$pid_file"
   echo "peernet serve started (pid $!, log $log_file)"

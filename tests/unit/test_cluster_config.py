@@ -69,9 +69,12 @@ def test_ray_is_started_with_the_settings_peernet_needs() -> None:
     head = " ".join(cluster["head_start_ray_commands"])
     workers = " ".join(cluster["worker_start_ray_commands"])
     for commands in (head, workers):
-        assert "export RAY_AUTH_MODE=disabled;" in commands
+        assert "export RAY_AUTH_MODE=disabled RAY_TMPDIR=/tmp/peernet;" in commands
         assert "~/peernet-venv/bin/ray start" in commands
-    assert "--include-dashboard=false" in head and "--temp-dir=" in head
+    assert "--include-dashboard=false" in head
+    # `peernet serve` joins with address "auto", which Ray resolves from $RAY_TMPDIR/ray: the
+    # script that runs it must use the same RAY_TMPDIR as `ray start`.
+    assert 'RAY_TMPDIR="${RAY_TMPDIR:-/tmp/peernet}"' in SERVE_SCRIPT.read_text()
     # The head runs `peernet serve` after Ray is up, and stops the previous one before.
     assert cluster["head_start_ray_commands"][0] == "~/peernet/deploy/peernet-serve.sh stop"
     assert cluster["head_start_ray_commands"][-1] == "~/peernet/deploy/peernet-serve.sh start"
