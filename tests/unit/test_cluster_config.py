@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import tomllib
 from typing import Any
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler._private.util import hash_runtime_conf, prepare_config, validate_config
 
 from peernet.config import ENV_VARS, PROJECT_ROOT, load_config
 
@@ -79,7 +80,26 @@ def test_ray_is_started_with_the_settings_peernet_needs() -> None:
     assert cluster["head_start_ray_commands"][0] == "~/peernet/deploy/peernet-serve.sh stop"
     assert cluster["head_start_ray_commands"][-1] == "~/peernet/deploy/peernet-serve.sh start"
     assert "pip install --quiet -e ~/peernet" in " ".join(cluster["setup_commands"])
-    assert cluster["file_mounts"] == {"~/peernet": "."}
+
+
+def test_the_nodes_get_every_package_peernet_installs() -> None:
+    mounts = _cluster()["file_mounts"]
+    for remote, local in mounts.items():
+        assert remote == "~/peernet/" + local.removeprefix("./"), (remote, local)
+        assert (PROJECT_ROOT / local).exists(), local
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    wanted = {"pyproject.toml", pyproject["project"]["readme"], "deploy", *packages}
+    assert {local.removeprefix("./") for local in mounts.values()} == wanted
+
+
+def test_ray_up_can_hash_the_file_mounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ray up` hashes the contents of every file it will copy (commands.get_or_create_head_node);
+    # a socket among them (a local Ray's, under .peernet/) would make it fail.
+    monkeypatch.chdir(PROJECT_ROOT)
+    runtime_hash, contents_hash = hash_runtime_conf(_cluster()["file_mounts"], None, {},
+                                                    generate_file_mounts_contents_hash=True)
+    assert runtime_hash and contents_hash
 
 
 def test_the_serve_script_is_valid_bash() -> None:
