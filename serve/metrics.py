@@ -38,7 +38,7 @@ PRESENCE_ERRORS = Counter("peernet_presence_errors_total",
 CONSUMER_LAG = Gauge("peernet_kafka_consumer_lag",
                      "Records after a consumer group's position, per partition (read at scrape time)",
                      ["group", "topic", "partition"], registry=REGISTRY)
-CONSUMER_LAG_ERRORS = Counter("peernet_kafka_consumer_lag_errors_total",
+CONSUMER_LAG_ERRORS = Counter("peernet_kafka_consumer_scrape_errors_total",
                               "Scrapes whose consumer lag could not be read in time",
                               registry=REGISTRY)
 

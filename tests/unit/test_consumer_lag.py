@@ -11,6 +11,7 @@ from gateway_harness import gateway
 from unit_helpers import eventually
 
 from actors.feed import FeedShard, feeds_group
+from bench.probe import parse_lag
 from bus.eventlog import ConsumerLag, TopicSpec, consumer_lag
 from bus.feeds_memory import MemoryFeedStore
 from bus.memory import MemoryEventLog, _partition_for_key
@@ -171,3 +172,10 @@ def test_a_lag_source_that_hangs_is_bounded_and_drops_the_series(
     assert _series(reply.text, "old@e") == {}
     assert "peernet_connections" in reply.text
     assert metrics.CONSUMER_LAG_ERRORS._value.get() == errors_before + 1
+
+
+def test_the_bench_harness_reads_the_lag_gauge_and_nothing_else() -> None:
+    # bench/probe.py sums every sample whose metric name contains "lag": only the gauge may.
+    metrics.CONSUMER_LAG_ERRORS.inc()
+    metrics.set_consumer_lag([ConsumerLag("a@e", "e", {0: 2, 1: 3}), ConsumerLag("b@e", "e", {0: 4})])
+    assert parse_lag(metrics.render().decode()) == {"peernet_kafka_consumer_lag": 9.0}
