@@ -232,3 +232,30 @@ async def test_healthz_names_all_four_checks(peernet_server: Server) -> None:
     assert reply.status_code == 200, reply.text
     assert reply.json() == {"status": "ok", "checks": {"kafka": "ok", "redis": "ok", "mongo": "ok",
                                                       "ray": "ok"}}
+
+
+async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Server) -> None:
+    """/metrics (Prometheus text) carries the consumer lag of the session shards' groups and the
+    projector's, read from the running actors, and the gateway's own counters."""
+    a = await connect(peernet_server, unique_user("m"))
+    ok = await a.request({"t": "dm", "to": unique_user("n"), "body": "counted"})
+    assert ok["t"] == "ok"
+    await a.close()
+    events = peernet_server.cfg.topics.events
+    shards = peernet_server.cfg.shards.session_shards
+    wanted = {f'group="peernet.sessions.{i}-of-{shards}@{events}"' for i in range(shards)}
+    wanted.add(f'group="peernet.projections@{events}"')
+    seen: set[str] = set()
+    async with httpx.AsyncClient() as http:
+        for _ in range(30):  # a scrape leaves out an actor that is slow to answer
+            reply = await http.get(peernet_server.url + "/metrics")
+            assert reply.status_code == 200
+            lines = [ln for ln in reply.text.splitlines()
+                     if ln.startswith("peernet_kafka_consumer_lag{")]
+            seen |= {w for w in wanted if any(w in ln for ln in lines)}
+            if seen == wanted:
+                break
+            await asyncio.sleep(1)
+        assert seen == wanted, reply.text[-2000:]
+        assert all(float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
+        assert "peernet_connections" in reply.text
