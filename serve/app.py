@@ -123,6 +123,10 @@ def build_app(deps: GatewayDeps) -> Starlette:
             return _error(400, ErrorCode.BAD_REQUEST, "limit and before must be integers")
         if not 1 <= limit <= 100:
             return _error(400, ErrorCode.BAD_REQUEST, "limit must be from 1 to 100")
+        if before is not None and not 0 <= before < 2**63:
+            # A cursor is a log position (a Kafka offset); a larger int would reach MongoDB,
+            # whose BSON encoder raises OverflowError, a 500, for anything past 8 bytes.
+            return _error(400, ErrorCode.BAD_REQUEST, "before is not a cursor of this conversation")
         query: dict[str, Any] = {"conv": conv}
         if before is not None:
             query["pos"] = {"$lt": before}

@@ -1,14 +1,21 @@
 """Hostile input the other unit suites do not cover, in-process: an unsigned (`alg: none`) token
-and an HMAC algorithm other than the pinned HS256 at hello (4401, a bystander unharmed)."""
+and an HMAC algorithm other than the pinned HS256 at hello (4401, a bystander unharmed), and
+fuzzed queries of the conversation history over HTTP (never a 500)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
+import bson
 import jwt
 import pytest
-from gateway_harness import gateway
+from gateway_harness import Gateway, gateway
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fuzz_protocol import PROFILE
 from unit_helpers import unique_user
 
 from peernet.errors import CloseCode
@@ -32,3 +39,51 @@ def test_unsigned_and_other_algorithm_tokens_close_4401_and_harm_no_one() -> Non
             assert frames == []
         assert bystander.request({"t": "ping", "rid": 1}) == {"t": "pong", "rid": 1}
 
+
+# -- conversation history over HTTP -------------------------------------------------------------
+
+
+def _store_like_the_wire(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encode every query as BSON first, as MongoDB's driver does: the in-memory store would take
+    an integer no MongoDB can hold."""
+    find = gw.store.find
+
+    async def find_as_bson(collection: str, query: Any, **kw: Any) -> Any:
+        bson.encode(query)  # OverflowError beyond 8-byte ints, like motor
+        return await find(collection, query, **kw)
+
+    monkeypatch.setattr(gw.store, "find", find_as_bson)
+
+
+@pytest.mark.parametrize("before", [str(2**63), str(10**30), "-1", "-" + str(2**63 + 1)])
+def test_a_history_cursor_outside_the_log_positions_is_400(monkeypatch: pytest.MonkeyPatch,
+                                                          before: str) -> None:
+    """Found by fuzzing: `before=99999999999999999999` reached MongoDB as an integer BSON cannot
+    encode, and the OverflowError came back as a 500."""
+    with gateway() as gw:
+        _store_like_the_wire(gw, monkeypatch)
+        reply = gw.client.get("/v1/conversations/dm:alice:bob/messages", params={"before": before},
+                              headers={"Authorization": f"Bearer {gw.token('alice')}"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "bad_request"
+
+
+@PROFILE
+@given(params=st.dictionaries(st.sampled_from(["limit", "before"]),
+                              st.one_of(st.text(max_size=30), st.integers().map(str),
+                                        st.integers(min_value=2**62, max_value=2**70).map(str)),
+                              max_size=2),
+       conv=st.one_of(st.just("dm:alice:bob"), st.text(max_size=30)))
+def test_fuzzed_history_queries_get_200_400_or_404_never_500(
+        http_gw: Gateway, params: dict[str, str], conv: str) -> None:
+    reply = http_gw.client.get(f"/v1/conversations/{quote(conv, safe=':')}/messages",
+                               params=params,
+                               headers={"Authorization": f"Bearer {http_gw.token('alice')}"})
+    assert reply.status_code in (200, 400, 403, 404), (reply.status_code, reply.text)
+
+
+@pytest.fixture(scope="module")
+def http_gw() -> Iterator[Gateway]:
+    with pytest.MonkeyPatch.context() as monkeypatch, gateway() as gw:
+        _store_like_the_wire(gw, monkeypatch)
+        yield gw
