@@ -9,6 +9,9 @@ and text. Profiles: "ci" (the default, short) and "long", chosen by HYPOTHESIS_P
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -28,7 +31,9 @@ from hypothesis import strategies as st
 
 from bus.feeds_memory import MemoryFeedStore
 from peernet.codec import decode_frame
+from peernet.config import GatewayConfig
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
+from peernet.tokens import TokenError, valid_user_id, verify_token
 from serve.handlers import build_handlers
 
 settings.register_profile(
@@ -199,6 +204,43 @@ def test_decoding_bytes_gives_a_frame_or_bad_frame(data: bytes) -> None:
 @given(json_data())
 def test_decoding_text_gives_a_frame_or_bad_frame(data: str) -> None:
     _decodes_or_bad_frame(data)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@st.composite
+def signed_tokens(draw: st.DrawFn) -> str:
+    """JWTs signed with the server's own secret (so they get past the signature to the claims)
+    whose header and claims are fuzzed JSON, or arbitrary text."""
+    header = draw(st.one_of(
+        st.fixed_dictionaries({"alg": st.sampled_from(["HS256", "none", "HS512", "RS256"])},
+                              optional={"typ": anything(json_safe=True),
+                                        "kid": anything(json_safe=True),
+                                        "crit": anything(json_safe=True)}),
+        anything(json_safe=True)))
+    claims = draw(st.one_of(
+        st.fixed_dictionaries({}, optional={name: st.one_of(USER_IDS, anything(json_safe=True))
+                                            for name in ("sub", "exp", "iat", "nbf", "aud", "iss")}),
+        anything(json_safe=True)))
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    mac = hmac.new(TOKEN_CFG.token_secret.encode(), signing_input.encode(), hashlib.sha256)
+    return f"{signing_input}.{_b64(mac.digest())}"
+
+
+TOKEN_CFG = GatewayConfig(token_secret="fuzz-secret-long-enough-for-hs256-keys")
+
+
+@PROFILE
+@given(st.one_of(signed_tokens(), st.text(max_size=200), anything(json_safe=False)))
+def test_token_checks_give_a_user_or_token_error(token: Any) -> None:
+    """The handshake catches TokenError only: anything else would escape the connection."""
+    try:
+        user = verify_token(token, TOKEN_CFG)
+    except TokenError:
+        return
+    assert valid_user_id(user)
 
 
 # -- (b) the handlers, over a live connection ----------------------------------------------------
