@@ -93,10 +93,11 @@ def scalars(*, json_safe: bool) -> st.SearchStrategy[Any]:
 
 def anything(*, json_safe: bool) -> st.SearchStrategy[Any]:
     key = st.text(max_size=12) if json_safe else st.one_of(st.text(max_size=12), MSGPACK_INT)
-    return st.recursive(scalars(json_safe=json_safe),
-                        lambda inner: st.one_of(st.lists(inner, max_size=6),
-                                                st.dictionaries(key, inner, max_size=6)),
-                        max_leaves=20)
+
+    def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.one_of(st.lists(inner, max_size=6), st.dictionaries(key, inner, max_size=6))
+
+    return st.recursive(scalars(json_safe=json_safe), containers, max_leaves=20)
 
 
 USER_IDS = st.one_of(st.sampled_from([FUZZER, BYSTANDER, "bob", "a" * 32, "_"]),
