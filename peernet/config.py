@@ -59,9 +59,11 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 2
-    # How clients reach the replicas: "proxy", Serve's HTTP proxy; "haproxy", each replica
-    # serves its own sockets and HAProxy on `port` spreads connections over them.
-    ingress: str = "proxy"
+    # How clients reach the replicas: "haproxy", each replica serves its own sockets and HAProxy
+    # (bundled with Ray Serve) on `port` spreads connections over them by least connections;
+    # "proxy", Serve's HTTP proxy actor relays every frame (docs/benchmarks.md: slower, and 5x
+    # the memory per connection, on this project's 2-core machine).
+    ingress: str = "haproxy"
     max_connections_per_replica: int = 10_000
     max_frame_bytes: int = 64 * 1024
     max_body_chars: int = 4_000

@@ -16,13 +16,20 @@ async def connect(server: Server, user: str, **kw: object) -> Client:
 
 
 async def connect_on_replica(server: Server, user: str, avoid: str | None) -> Client:
-    """A connection of `user` on a replica other than `avoid` (Serve picks replicas itself)."""
-    for _ in range(40):
-        client = await connect(server, user)
-        if avoid is None or client.welcome["replica"] != avoid:
-            return client
-        await client.close()
-    pytest.fail("never reached a second gateway replica")
+    """A connection of `user` on a replica other than `avoid` (the ingress picks replicas
+    itself). Misses stay open until then: HAProxy balances by least connections, so a closed
+    miss would send the next try to the same replica."""
+    misses: list[Client] = []
+    try:
+        for _ in range(40):
+            client = await connect(server, user)
+            if avoid is None or client.welcome["replica"] != avoid:
+                return client
+            misses.append(client)
+        pytest.fail("never reached a second gateway replica")
+    finally:
+        for miss in misses:
+            await miss.close()
 
 
 async def test_two_clients_on_different_replicas_exchange_dms_in_one_order(
