@@ -192,7 +192,8 @@ def social_routes(deps: GatewayDeps) -> list[Route]:
             return _error(401, ErrorCode.FORBIDDEN, str(exc))
         try:
             raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
-            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+            # isdecimal, not isdigit: superscripts are digits that int() refuses.
+            if not raw_limit.isdecimal() or not 1 <= int(raw_limit) <= MAX_LIMIT:
                 raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
             before = parse_before(request.query_params.get("before"))
             page = await read_page(_feeds(deps), user, int(raw_limit), before)

@@ -1,6 +1,6 @@
 """Hostile input the other unit suites do not cover, in-process: an unsigned (`alg: none`) token
 and an HMAC algorithm other than the pinned HS256 at hello (4401, a bystander unharmed), and
-fuzzed queries of the conversation history over HTTP (never a 500)."""
+fuzzed queries of the HTTP routes (history, feed, presence: never a 500)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from test_fuzz_protocol import PROFILE
 from unit_helpers import unique_user
 
+from bus.feeds_memory import MemoryFeedStore
 from peernet.errors import CloseCode
 
 
@@ -82,8 +83,46 @@ def test_fuzzed_history_queries_get_200_400_or_404_never_500(
     assert reply.status_code in (200, 400, 403, 404), (reply.status_code, reply.text)
 
 
+@pytest.mark.parametrize("limit", ["\u00b2", "1\u00b9"])
+def test_a_feed_limit_of_superscript_digits_is_400(limit: str) -> None:
+    """Found by fuzzing: `limit=²` passed str.isdigit() and int() raised, a 500."""
+    with gateway() as gw:
+        gw.deps.feeds = MemoryFeedStore(cap=gw.cfg.feeds.cap)
+        reply = gw.client.get("/v1/feed", params={"limit": limit},
+                              headers={"Authorization": f"Bearer {gw.token('alice')}"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "bad_request"
+
+
+# Digits that str.isdigit() accepts and int() does not (superscripts), other scripts' digits,
+# and the spellings int() is lenient about.
+EDGE_VALUES = st.sampled_from(["\u00b2", "1\u00b9", "\u0661\u0660", "0", "100", "101", " 5", "5 ",
+                               "1_0", "+5", "-1", "1e2", "99999999999999999999:a"])
+QUERY_VALUES = st.one_of(EDGE_VALUES, EDGE_VALUES, st.text(max_size=30), st.integers().map(str))
+
+
+@PROFILE
+@given(path=st.sampled_from(["/v1/feed", "/v1/presence"]),
+       params=st.dictionaries(st.sampled_from(["limit", "before", "users"]),
+                              st.one_of(QUERY_VALUES, st.lists(st.sampled_from(["alice", "bob", "X", ""]),
+                                                               max_size=4).map(",".join)),
+                              max_size=3),
+       auth=st.one_of(st.none(), st.none(), st.text(max_size=40),
+                      st.sampled_from(["Bearer ", "bearer x"])))
+def test_fuzzed_feed_and_presence_queries_never_500(http_gw: Gateway, path: str,
+                                                   params: dict[str, str], auth: str | None) -> None:
+    headers = {"Authorization": f"Bearer {http_gw.token('alice')}" if auth is None else auth}
+    try:
+        headers["Authorization"].encode("ascii")
+    except UnicodeEncodeError:
+        headers = {}  # not sendable as an HTTP header
+    reply = http_gw.client.get(path, params=params, headers=headers)
+    assert reply.status_code in (200, 400, 401), (reply.status_code, reply.text)
+
+
 @pytest.fixture(scope="module")
 def http_gw() -> Iterator[Gateway]:
     with pytest.MonkeyPatch.context() as monkeypatch, gateway() as gw:
         _store_like_the_wire(gw, monkeypatch)
+        gw.deps.feeds = MemoryFeedStore(cap=gw.cfg.feeds.cap)
         yield gw
