@@ -4,6 +4,7 @@ fuzzed queries of the HTTP routes (history, feed, presence: never a 500)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -126,3 +127,14 @@ def http_gw() -> Iterator[Gateway]:
         _store_like_the_wire(gw, monkeypatch)
         gw.deps.feeds = MemoryFeedStore(cap=gw.cfg.feeds.cap)
         yield gw
+
+
+@PROFILE
+@given(body=st.one_of(st.binary(max_size=100),
+                      st.builds(lambda v: json.dumps({"user": v}).encode(),
+                                st.one_of(st.none(), st.integers(), st.text(max_size=40),
+                                          st.lists(st.text(max_size=5), max_size=3))),
+                      st.sampled_from([b"null", b"[]", b'"alice"', b'{"user":"\\ud800"}', b"\xff"])))
+def test_fuzzed_dev_token_bodies_get_a_token_or_400(http_gw: Gateway, body: bytes) -> None:
+    reply = http_gw.client.post("/v1/dev/token", content=body)
+    assert reply.status_code in (200, 400), (reply.status_code, reply.text)
