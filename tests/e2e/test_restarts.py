@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from wsclient import Client, Server, keep_alive, unique_user
+from wsclient import Client, Server, dev_token, keep_alive, unique_user
 
 from peernet.config import PeerNetConfig
 
@@ -133,6 +133,50 @@ async def test_open_connections_carry_on_after_redis_restarts(
         got = await bob.next(lambda f: f.get("t") == "msg" and f.get("body") == "after",
                              timeout=RECOVERY_S)
         assert got["id"] == after["id"]
+    finally:
+        pinger.cancel()
+        await alice.close()
+        await bob.close()
+
+
+async def test_delivery_goes_on_while_mongodb_is_stopped_and_history_catches_up(
+        peernet_server: Server, stack_control: Any, cfg: PeerNetConfig) -> None:
+    """The store of record is written from the log, behind delivery: with MongoDB stopped, DMs
+    are acknowledged and delivered as usual; once it is back the projector writes what it
+    missed, and the conversation's history over HTTP holds every message."""
+    require_managed(stack_control, cfg, "mongo")
+    alice_name, bob_name = unique_user("ma"), unique_user("mb")
+    alice, bob = await connect(peernet_server, alice_name), await connect(peernet_server, bob_name)
+    pinger = asyncio.create_task(keep_alive([alice, bob], peernet_server.cfg.gateway.heartbeat_ms
+                                            / 2000))
+    try:
+        await asyncio.to_thread(stack_control.stop_service, cfg, "mongo")
+        down = await until_health(peernet_server, 503, within_s=30)
+        assert down["failing"] == ["mongo"], down
+
+        sent = []
+        for i in range(5):
+            ok = await alice.request({"t": "dm", "to": bob_name, "body": f"while mongo is down {i}"})
+            assert ok["t"] == "ok", ok
+            sent.append(ok["id"])
+        got = await bob.items(5)
+        assert [g["id"] for g in got] == sent
+
+        await asyncio.to_thread(stack_control.start_service, cfg, "mongo", wait=True,
+                                timeout=RECOVERY_S)
+        await until_health(peernet_server, 200, within_s=RECOVERY_S)
+        token = await dev_token(peernet_server.url, bob_name)
+        conv = got[0]["conv"]
+        deadline = time.monotonic() + RECOVERY_S
+        async with httpx.AsyncClient(base_url=peernet_server.url, timeout=10) as http:
+            while True:
+                reply = await http.get(f"/v1/conversations/{conv}/messages",
+                                       headers={"Authorization": f"Bearer {token}"})
+                ids = [i["id"] for i in reply.json().get("items", [])] if reply.is_success else []
+                if ids == list(reversed(sent)):
+                    break
+                assert time.monotonic() < deadline, (reply.status_code, reply.text[:500])
+                await asyncio.sleep(0.5)
     finally:
         pinger.cancel()
         await alice.close()
