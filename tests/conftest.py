@@ -135,3 +135,17 @@ def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPath
 def peernet_url(peernet_server: Server) -> str:
     """The base URL of a running PeerNet with development tokens enabled."""
     return peernet_server.url
+
+
+@pytest.fixture
+def ray_cluster(peernet_server: Server) -> Iterator[None]:
+    """A Ray client attached to the test server's cluster, for tests that kill its actors."""
+    import ray
+
+    from actors.wiring import NAMESPACE
+
+    ray.init(address=peernet_server.gcs_address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

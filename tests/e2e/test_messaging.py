@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
+from replicas import kill_replica, until_two_replicas
 from wsclient import Client, Server, dev_token, unique_user
 
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
@@ -266,3 +268,45 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
         assert seen == wanted, reply.text[-2000:]
         assert all(float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
         assert "peernet_connections" in reply.text
+
+
+async def test_a_killed_gateway_replicas_clients_resume_elsewhere_and_lose_nothing(
+        peernet_server: Server, ray_cluster: None) -> None:
+    """The recipient's gateway replica is SIGKILLed mid-stream: its socket dies with it; the
+    client reconnects (to the surviving replica, or the replacement) with `resume`, and every DM
+    the sender had acknowledged arrives, seqs gap-free."""
+    sender_name, rcpt_name = unique_user("gs"), unique_user("gr")
+    sender = await connect_on_replica(peernet_server, sender_name, None)
+    rcpt = await connect_on_replica(peernet_server, rcpt_name, sender.welcome["replica"])
+    doomed = rcpt.welcome["replica"]
+
+    async def send_all() -> list[str]:
+        ids = []
+        for i in range(150):
+            ok = await sender.request({"t": "dm", "to": rcpt_name, "body": f"g{i}"})
+            assert ok["t"] == "ok", ok
+            ids.append(ok["id"])
+            await asyncio.sleep(0.01)
+        return ids
+
+    sending = asyncio.create_task(send_all())
+    seen: dict[str, int] = {}
+    for m in await rcpt.items(30):
+        seen[m["id"]] = m["seq"]
+    kill_replica(doomed)
+    # Whatever reached the dying socket counts: read until it is gone.
+    with contextlib.suppress(Exception):
+        while True:
+            m = await rcpt.next(lambda f: f.get("t") == "msg", timeout=10)
+            seen[m["id"]] = m["seq"]
+    rcpt = await Client.connect(peernet_server.ws_url, peernet_server.url, rcpt_name,
+                                resume=max(seen.values()))
+    ids = await sending
+    while not set(ids) <= set(seen):
+        frame = await rcpt.next(lambda f: f.get("t") in ("msg", "resumed"), timeout=30)
+        if frame["t"] == "msg":
+            seen[frame["id"]] = frame["seq"]
+    assert sorted(seen.values()) == list(range(1, len(seen) + 1))
+    await rcpt.close()
+    await sender.close()
+    await until_two_replicas(peernet_server)

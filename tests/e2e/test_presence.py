@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import websockets
+from replicas import kill_replica, until_two_replicas
 from wsclient import Client, Frame, Server, dev_token, keep_alive, unique_user
 
 from peernet.config import presence_lease_ms
@@ -75,19 +73,6 @@ async def http_presence(server: Server, users: list[str], *, as_user: str | None
                                headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert reply.status_code == 200, reply.text
     return reply.json()["users"]  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def ray_cluster(peernet_server: Server) -> Iterator[None]:
-    import ray
-
-    from actors.wiring import NAMESPACE
-
-    ray.init(address=peernet_server.gcs_address, namespace=NAMESPACE, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 async def test_a_watcher_on_one_replica_sees_a_user_on_another_go_online_and_offline(
@@ -289,7 +274,7 @@ async def test_a_killed_gateway_replicas_users_go_offline_within_the_lease(
     assert {s["status"] for s in states.values()} == {"online"}
 
     assert doomed_replica is not None
-    killed = _kill_replica(doomed_replica)
+    killed = kill_replica(doomed_replica)
     offline_after: dict[str, float] = {}
     while len(offline_after) < len(users):
         frame = await watcher.next(lambda f: f.get("t") == "presence", lease_s + 10)
@@ -303,40 +288,6 @@ async def test_a_killed_gateway_replicas_users_go_offline_within_the_lease(
     for c in clients:
         with contextlib.suppress(Exception):
             await c.close()
-    await _two_replicas_again(peernet_server)
+    await until_two_replicas(peernet_server)
 
 
-def _kill_replica(replica: str) -> float:
-    """SIGKILL the process of gateway replica `replica` (a crash, as a dead node looks to the
-    others); returns when. ray.kill would do, but it takes effect only once the cluster gets to
-    it, seconds later on a busy machine, which would blur the bound this measures."""
-    import ray
-
-    (actor,) = [a for a in ray._private.state.actors().values()
-                if (a.get("Name") or "").endswith(f"#{replica}") and a.get("State") == "ALIVE"]
-    killed = time.monotonic()
-    os.kill(int(actor["Pid"]), signal.SIGKILL)
-    return killed
-
-
-async def _two_replicas_again(server: Server) -> None:
-    """Serve replaces the killed replica; later tests expect two. Probes stay open until then:
-    HAProxy balances by least connections, so a closed probe sends the next to the same
-    replica."""
-    deadline = time.monotonic() + 120
-    seen: set[str] = set()
-    probes: list[Client] = []
-    try:
-        while len(seen) < 2:
-            assert time.monotonic() < deadline, "the killed gateway replica never came back"
-            try:
-                c = await connect(server, unique_user("probe"))
-                seen.add(c.welcome["replica"])
-                probes.append(c)
-            except Exception:
-                pass
-            await asyncio.sleep(0.5)
-    finally:
-        for probe in probes:
-            with contextlib.suppress(Exception):
-                await probe.close()
