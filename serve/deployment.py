@@ -266,8 +266,31 @@ def supervise(handles: dict[str, Any], stop: list[bool]) -> None:
     asyncio.run(loop())
 
 
+def already_serving(cfg: PeerNetConfig) -> dict[str, Any] | None:
+    """The state of a `peernet serve` of this home that is still running (its state file names a
+    live process whose command line is `peernet serve`), or None. A stale file is ignored."""
+    try:
+        state: dict[str, Any] = json.loads(state_file(cfg).read_text())
+        pid = int(state["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # `peernet serve` (the console script) or `python -m peernet.cli serve`.
+    ours = any(part.endswith(b"/peernet") or part in (b"peernet", b"peernet.cli")
+               for part in cmdline) and b"serve" in cmdline
+    if pid == os.getpid() or not ours:
+        return None
+    return state
+
+
 def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    running = already_serving(cfg)
+    if running is not None:
+        # `./dev up` run twice: the second finds the first and leaves it alone.
+        print(f"peernet: already serving on {running.get('url')} (pid {running['pid']}, "
+              f"state in {state_file(cfg)}); nothing started", flush=True)
+        return 0
     if dev_tokens:
         os.environ["PEERNET_DEV_TOKENS"] = "1"
         cfg = load_config()
