@@ -174,8 +174,13 @@ class PresenceShard:
 
     async def _apply(self, replica: str, online: Iterable[str], offline: Iterable[str], *,
                      reassert: bool = False) -> None:
-        """Record and publish what changes; memory changes only once the store has it.
-        `reassert`: also write again the replica's users that stay online, and their states."""
+        """Publish and record what changes; memory changes only once the store has it.
+        `reassert`: also write again the replica's users that stay online, and their states.
+
+        Published first: a shard killed between the two leaves the store without the change,
+        so the report Ray retries on the restarted shard finds it again and publishes it again
+        (a watcher may see it twice). Recorded first, a kill right after the write would leave
+        the change in the store, found by no retry and told to no watcher."""
         held = self._by_replica.get(replica, set())
         keep = sorted(u for u in online if u in held) if reassert else []
         add = sorted(u for u in online if u not in held and self._mine(u))
@@ -187,6 +192,7 @@ class PresenceShard:
         changes += [Change(u, OFFLINE, now) for u in remove if self._holders.get(u) == {replica}]
         unchanged = [Change(u, ONLINE, self._since.get(u, now)) for u in keep]
         empty = not add and len(remove) == len(held)  # remove is a subset of held
+        await self._publish(changes)
         await self._store.record(self.name, replica, add=add + keep, remove=remove,
                                  changes=changes + unchanged, forget=empty)
         for u in add:
@@ -210,7 +216,6 @@ class PresenceShard:
         self.stats.online = len(self._holders)
         self.stats.replicas = len(self._by_replica)
         self.stats.changes += len(changes)
-        await self._publish(changes)
 
     def _mine(self, user: str) -> bool:
         if self.owns(user):

@@ -230,6 +230,43 @@ async def test_a_failed_write_changes_nothing_and_the_retry_applies(world: World
     assert shard.is_online(a)
 
 
+class DiesAfterWrite:
+    """A store client whose process is killed right after its `record` reached the store."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def record(self, *args: Any, **kwargs: Any) -> None:
+        await self._store.record(*args, **kwargs)
+        raise asyncio.CancelledError  # ray.kill: the actor is gone mid-call
+
+
+async def test_a_shard_killed_right_after_its_write_loses_no_change(world: World) -> None:
+    """The e2e shard-kill test once lost a change: the dying shard had written it and not yet
+    published it, and the retried report found nothing to change on the restarted shard."""
+    (a,) = users_of(0, 2, 1)
+    await world.store.renew_lease("r1", TIMING.ttl_ms)  # r1 lives throughout
+    pushes = await world.watch(a)
+    ps = world.pubsub.client()
+    await ps.start()
+    dying = PresenceShard(0, 2, DiesAfterWrite(world.store.client()), ps, TIMING,
+                          clock=world.clock.ms)
+    await dying.start()
+    with pytest.raises(asyncio.CancelledError):
+        await dying.update("r1", 1, [a], [])
+    await dying.stop()
+    restarted = await start_shard(world, 0)
+    try:
+        await restarted.update("r1", 1, [a], [])  # Ray retries the call on the new actor
+        assert restarted.is_online(a)
+        await eventually(lambda: [s for s, _ in pushes.of(a)] in ([ONLINE], [ONLINE, ONLINE]))
+    finally:
+        await restarted.stop()
+
+
 async def test_last_seen_is_kept_for_a_while_then_the_user_reads_as_never_seen(world: World) -> None:
     (a,) = users_of(0, 2, 1)
     shard = world.shards[0]
