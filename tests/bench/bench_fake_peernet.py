@@ -192,11 +192,11 @@ class FakePeerNet:
 
 
 @contextlib.asynccontextmanager
-async def serve_fake(faults: Faults | None = None) -> AsyncIterator[tuple[FakePeerNet, str]]:
-    """Run a FakePeerNet on a free localhost port for the duration of the block."""
-    fake = FakePeerNet(faults)
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off", ws="websockets-sansio"))
+async def serve_asgi(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Run `app` under uvicorn on a free localhost port for the duration of the block; yields
+    its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           ws="websockets-sansio", **config))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -204,7 +204,15 @@ async def serve_fake(faults: Faults | None = None) -> AsyncIterator[tuple[FakePe
         await asyncio.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield fake, f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def serve_fake(faults: Faults | None = None) -> AsyncIterator[tuple[FakePeerNet, str]]:
+    """Run a FakePeerNet on a free localhost port for the duration of the block."""
+    fake = FakePeerNet(faults)
+    async with serve_asgi(fake.app, lifespan="off") as url:
+        yield fake, url

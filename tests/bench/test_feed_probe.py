@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from bench_fake_peernet import serve_asgi
 
 from actors.feed import FeedShard
 from bench.feed_probe import (
@@ -223,19 +223,8 @@ async def gateway(feeds: MemoryFeedStore | None = None) -> AsyncIterator[tuple[s
                        store=MemoryDocumentStore(), presence=MemoryPresenceStore(),
                        presence_shards=NoPresenceShards(), replica="probe-test", feeds=store,
                        on_startup=[start], on_shutdown=[stop])
-    server = uvicorn.Server(uvicorn.Config(build_app(deps), host="127.0.0.1", port=0,
-                                           log_level="warning", ws="websockets-sansio"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", store
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_asgi(build_app(deps)) as url:
+        yield url, store
 
 
 SMALL = dict(readers=4, authors=3, follows=2, posts=3, rate=150.0, duration=0.5, warmup=0.2,
