@@ -8,7 +8,9 @@ find the server as they expect."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -43,6 +45,21 @@ async def until_health(server: Server, status: int, within_s: float) -> dict[str
         await asyncio.sleep(0.5)
 
 
+@contextlib.asynccontextmanager
+async def two_clients(server: Server, prefix: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Two connected users, kept alive meanwhile (restarts take longer than 2 x heartbeat), and
+    closed at the end."""
+    alice = await connect(server, unique_user(prefix + "a"))
+    bob = await connect(server, unique_user(prefix + "b"))
+    pinger = asyncio.create_task(keep_alive([alice, bob], server.cfg.gateway.heartbeat_ms / 2000))
+    try:
+        yield alice, bob
+    finally:
+        pinger.cancel()
+        await alice.close()
+        await bob.close()
+
+
 def require_managed(manager: Any, cfg: PeerNetConfig, name: str) -> None:
     if manager.pid_of(cfg, name) is None:
         pytest.skip(f"{name} is not run by this project's stack (`peernet stack up`): "
@@ -66,12 +83,8 @@ async def send_until_ok(client: Client, frame: dict[str, Any], within_s: float) 
 async def test_healthz_names_kafka_while_the_broker_is_stopped_and_nothing_unsaved_is_acked(
         peernet_server: Server, stack_control: Any, cfg: PeerNetConfig) -> None:
     require_managed(stack_control, cfg, "kafka")
-    alice_name, bob_name = unique_user("ka"), unique_user("kb")
-    alice, bob = await connect(peernet_server, alice_name), await connect(peernet_server, bob_name)
-    # Restarts take longer than 2 x heartbeat: keep the two open connections alive meanwhile.
-    pinger = asyncio.create_task(keep_alive([alice, bob], peernet_server.cfg.gateway.heartbeat_ms
-                                            / 2000))
-    try:
+    async with two_clients(peernet_server, "k") as (alice, bob):
+        bob_name = bob.user
         await asyncio.to_thread(stack_control.stop_service, cfg, "kafka")
 
         down = await until_health(peernet_server, 503, within_s=30)
@@ -98,10 +111,6 @@ async def test_healthz_names_kafka_while_the_broker_is_stopped_and_nothing_unsav
         assert got["id"] == sent["id"]
         again = await alice.request(dict(frame))
         assert again["t"] == "ok" and again["id"] == sent["id"]
-    finally:
-        pinger.cancel()
-        await alice.close()
-        await bob.close()
 
 
 async def test_open_connections_carry_on_after_redis_restarts(
@@ -110,12 +119,8 @@ async def test_open_connections_carry_on_after_redis_restarts(
     commands reconnect (no `unavailable` to clients once Redis answers), the pub/sub reader
     resubscribes, and presence and DMs flow to the WebSockets that stayed open."""
     require_managed(stack_control, cfg, "redis")
-    alice_name, bob_name = unique_user("ra"), unique_user("rb")
-    alice, bob = await connect(peernet_server, alice_name), await connect(peernet_server, bob_name)
-    # Restarts take longer than 2 x heartbeat: keep the two open connections alive meanwhile.
-    pinger = asyncio.create_task(keep_alive([alice, bob], peernet_server.cfg.gateway.heartbeat_ms
-                                            / 2000))
-    try:
+    async with two_clients(peernet_server, "r") as (alice, bob):
+        alice_name, bob_name = alice.user, bob.user
         first = await alice.request({"t": "dm", "to": bob_name, "body": "before", "cid": "r-0"})
         assert first["t"] == "ok", first
         await bob.next(lambda f: f.get("t") == "msg" and f.get("body") == "before")
@@ -133,10 +138,6 @@ async def test_open_connections_carry_on_after_redis_restarts(
         got = await bob.next(lambda f: f.get("t") == "msg" and f.get("body") == "after",
                              timeout=RECOVERY_S)
         assert got["id"] == after["id"]
-    finally:
-        pinger.cancel()
-        await alice.close()
-        await bob.close()
 
 
 async def test_delivery_goes_on_while_mongodb_is_stopped_and_history_catches_up(
@@ -145,11 +146,8 @@ async def test_delivery_goes_on_while_mongodb_is_stopped_and_history_catches_up(
     are acknowledged and delivered as usual; once it is back the projector writes what it
     missed, and the conversation's history over HTTP holds every message."""
     require_managed(stack_control, cfg, "mongo")
-    alice_name, bob_name = unique_user("ma"), unique_user("mb")
-    alice, bob = await connect(peernet_server, alice_name), await connect(peernet_server, bob_name)
-    pinger = asyncio.create_task(keep_alive([alice, bob], peernet_server.cfg.gateway.heartbeat_ms
-                                            / 2000))
-    try:
+    async with two_clients(peernet_server, "m") as (alice, bob):
+        bob_name = bob.user
         await asyncio.to_thread(stack_control.stop_service, cfg, "mongo")
         down = await until_health(peernet_server, 503, within_s=30)
         assert down["failing"] == ["mongo"], down
@@ -177,7 +175,3 @@ async def test_delivery_goes_on_while_mongodb_is_stopped_and_history_catches_up(
                     break
                 assert time.monotonic() < deadline, (reply.status_code, reply.text[:500])
                 await asyncio.sleep(0.5)
-    finally:
-        pinger.cancel()
-        await alice.close()
-        await bob.close()

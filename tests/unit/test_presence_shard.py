@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from unit_helpers import users_of_shard
 
 from actors.presence import LeaseTiming, PresenceShard, presence_channel
 from bus.memory import MemoryPresenceStore, MemoryPubSub
 from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, PresenceState
 from peernet.codec import unpack
 from peernet.errors import ErrorCode, PeerNetError
-from peernet.routing import shard_for
 from serve.hub import Outgoing
 from serve.presence import ReplicaPresence, Watchers
 
@@ -41,14 +41,8 @@ class Clock:
 
 
 def users_of(shard: int, count: int, n: int) -> list[str]:
-    tag = uuid.uuid4().hex[:6]
-    out, i = [], 0
-    while len(out) < n:
-        name = f"u{tag}_{i}"
-        if shard_for(name, count) == shard:
-            out.append(name)
-        i += 1
-    return out
+    """`n` fresh user ids (a tag per call) that shard `shard` of `count` owns."""
+    return users_of_shard(shard, count, n, prefix=f"u{uuid.uuid4().hex[:6]}_")
 
 
 async def eventually(check: Callable[[], Any], within_s: float = 3.0) -> None:
