@@ -156,8 +156,16 @@ def wait_ready(cfg: PeerNetConfig, name: str, timeout: float | None = None) -> s
         time.sleep(0.2)
 
 
+# A process just killed (SIGKILL) can hold its ports a moment after it reads as dead: the JVM's
+# other threads are still exiting. A port is called taken only once it stays taken this long.
+PORT_RELEASE_GRACE_S = 5.0
+
+
 def _spawn(cfg: PeerNetConfig, svc: Service) -> int:
     for port in svc.ports(cfg):
+        deadline = time.monotonic() + PORT_RELEASE_GRACE_S
+        while port_in_use("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if port_in_use("127.0.0.1", port):
             raise StackError(
                 f"{svc.name}: port 127.0.0.1:{port} is taken by a process that is not this "
