@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -42,6 +43,41 @@ async def _bounded(aw: Awaitable[_T], timeout_s: float, what: str) -> _T:
         raise _unavailable(what, exc) from exc
 
 
+class FailFast:
+    """The fail-fast state of one event log (a circuit breaker): closed; open until a time
+    after a failure; then one trial call at a time until a call succeeds."""
+
+    def __init__(self, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._open_until: float | None = None
+        self._trial = False
+        # Appends refused without trying the broker: surfaced in the gateway's metrics.
+        self.refused = 0
+
+    def admit(self) -> bool:
+        """Let a call through (True when it is the trial of an open breaker) or raise
+        PeerNetError(unavailable)."""
+        if self._open_until is None or self.cooldown_s <= 0:
+            return False
+        if self._clock() >= self._open_until and not self._trial:
+            self._trial = True
+            return True
+        self.refused += 1
+        raise unavailable("kafka: the event log failed a moment ago; not tried again yet, retry")
+
+    def done(self, trial: bool, *, ok: bool | None) -> None:
+        """Record how an admitted call ended (None: it ended without an answer either way)."""
+        if trial:
+            self._trial = False
+        if ok is None:
+            return
+        if ok:
+            self._open_until = None
+        elif self.cooldown_s > 0:
+            self._open_until = self._clock() + self.cooldown_s
+
+
 class KafkaEventLog:
     """EventLog on Kafka.
 
@@ -51,11 +87,19 @@ class KafkaEventLog:
     whose append timed out may still be written later by the producer's retries (at-least-once).
     The producer survives broker restarts; if its sender dies (a fatal idempotence error) it is
     replaced on the next append.
+
+    Fail fast (`fail_fast_ms`): once an append has failed as `unavailable`, appends are refused
+    at once for that long, and then one append at a time tries the broker until one succeeds.
+    A caller that processes requests in order (a gateway connection) thus answers every queued
+    request within about one `delivery_timeout_ms`, not one timeout per request queued behind
+    a dead broker. 0 turns it off.
     """
 
     def __init__(self, bootstrap: str, *, request_timeout_ms: int = 5000,
                  delivery_timeout_ms: int = 10_000, linger_ms: int = 0,
-                 client_id: str = "peernet", ping_timeout_ms: int = 2000) -> None:
+                 client_id: str = "peernet", ping_timeout_ms: int = 2000,
+                 fail_fast_ms: int = 1000) -> None:
+        self._breaker = FailFast(fail_fast_ms / 1000)
         self._bootstrap = bootstrap
         self._request_timeout_ms = request_timeout_ms
         self._delivery_timeout_s = delivery_timeout_ms / 1000
@@ -178,9 +222,28 @@ class KafkaEventLog:
                           items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:
         if not items:
             return []
+        trial = self._breaker.admit()  # raises unavailable while the broker is known to be away
+        try:
+            out = await self._append_many(topic, items)
+        except PeerNetError as exc:
+            self._breaker.done(trial, ok=exc.code is not ErrorCode.UNAVAILABLE)
+            raise
+        except BaseException:
+            self._breaker.done(trial, ok=None)  # cancelled: says nothing of the broker
+            raise
+        self._breaker.done(trial, ok=True)
+        return out
+
+    async def _append_many(self, topic: str,
+                           items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
-        producer = await self._ready_producer()
+        try:
+            # The lock inside may be held by a producer start: wait for it within the deadline.
+            async with asyncio.timeout_at(deadline):
+                producer = await self._ready_producer()
+        except TimeoutError as exc:
+            raise _unavailable(f"append to {topic}: producer not ready", exc) from exc
         futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout_at(deadline):

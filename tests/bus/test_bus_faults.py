@@ -79,6 +79,13 @@ async def test_acknowledged_event_survives_kafka_sigkill(
         waited = time.monotonic() - t0
         assert down.value.code is ErrorCode.UNAVAILABLE and down.value.retriable
         assert waited < DELIVERY_TIMEOUT_MS / 1000 + 2
+        # Fail fast: the next append is refused at once, not after another full timeout (a
+        # gateway connection answers its queued requests in order).
+        t0 = time.monotonic()
+        with pytest.raises(PeerNetError) as refused:
+            await log.append(topic, b"right-after", key=b"k")
+        assert refused.value.code is ErrorCode.UNAVAILABLE and refused.value.retriable
+        assert time.monotonic() - t0 < 0.5
         with pytest.raises(PeerNetError) as pinged:
             await log.ping()
         assert pinged.value.code is ErrorCode.UNAVAILABLE
@@ -103,6 +110,7 @@ async def test_acknowledged_event_survives_kafka_sigkill(
             except PeerNetError:
                 if time.monotonic() > deadline:
                     raise
+                await asyncio.sleep(0.1)
         await log.ping()
 
         values = [r.value for r in await _read_all(log, topic, 5)]
