@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.chaos import parse_faults
 from bench.params import (
     DEFAULT_MIX,
     DEFAULT_SERVICE_PORTS,
@@ -36,6 +37,7 @@ examples:
   python -m bench dm --find-max --rate 100 --step-factor 1.5 --bound-ms 100
   python -m bench dm --vs socketio --find-max --rate 100     # PeerNet, then the baseline
   python -m bench dm --target socketio                       # the baseline alone
+  python -m bench dm --chaos all --clients 200 --rate 50 --duration 60   # faults, one per phase
 """
 
 
@@ -101,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-rate", type=float, default=d.max_rate, help="stop the ladder here")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
 
+    g = ap.add_argument_group("chaos (dm on PeerNet's local stack; see docs/reliability.md)")
+    g.add_argument("--chaos", metavar="FAULTS",
+                   help="one phase per fault, injected --fault-at s into it: all, or some of "
+                        "kafka, redis, mongo, replica, session-shard, feed-shard, presence-shard, burst")
+    g.add_argument("--fault-at", type=float, default=d.fault_at,
+                   help=f"seconds into each phase, warm-up included (default {d.fault_at:g})")
+    g.add_argument("--mongo-down", type=float, default=d.mongo_down,
+                   help=f"seconds the MongoDB-wire server stays stopped (default {d.mongo_down:g})")
+    g.add_argument("--burst-factor", type=float, default=d.burst_factor,
+                   help=f"burst: times the rate (default {d.burst_factor:g})")
+    g.add_argument("--burst-s", type=float, default=d.burst_s,
+                   help=f"burst: seconds (default {d.burst_s:g})")
+    g.add_argument("--fault-gap", type=float, default=d.fault_gap,
+                   help=f"seconds of quiet between faults, once /healthz is 200 (default {d.fault_gap:g})")
+    g.add_argument("--ray-address", default="",
+                   help="the target's GCS address (default: from `peernet serve`'s state file)")
+
     g = ap.add_argument_group("output")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="results go to OUT/<timestamp>/ (default bench/results)")
@@ -119,6 +138,9 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         binary=not args.json_frames, run_tag=args.run_tag, service_ports=parse_ports(args.service_ports),
         find_max=args.find_max, bound_ms=args.bound_ms,
         step_factor=args.step_factor, max_rate=args.max_rate, max_steps=args.max_steps,
+        chaos=parse_faults(args.chaos) if args.chaos else (), fault_at=args.fault_at,
+        mongo_down=args.mongo_down, burst_factor=args.burst_factor, burst_s=args.burst_s,
+        fault_gap=args.fault_gap, ray_address=args.ray_address,
     ).validate()
 
 
@@ -160,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(t["error"] for t in report["targets"]):
         return 1
     if losses["lost"] and not params.find_max:
+        return 1
+    if any(not f["ok"] for f in report.get("faults", [])):
         return 1
     return 0
 

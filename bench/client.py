@@ -119,6 +119,7 @@ class _Pending:
     idempotent: bool
     sent_gen: int | None = None
     attempts: int = 0
+    last_code: str = ""
 
 
 class ReconnectingConnection:
@@ -268,7 +269,9 @@ class ReconnectingConnection:
         try:
             return await asyncio.wait_for(fut, self.request_timeout)
         except TimeoutError:
-            raise RequestFailed("timeout") from None
+            # Silence, or refusals (retried) until the time ran out: not the same thing.
+            reason = f"{p.last_code}_until_timeout" if p.attempts else "timeout"
+            raise RequestFailed(reason) from None
         finally:
             self._pending.pop(rid, None)
 
@@ -309,6 +312,7 @@ class ReconnectingConnection:
             return
         if retriable and p.attempts < MAX_RETRIES:
             p.attempts += 1
+            p.last_code = code
             self.stats.retried += 1
             task = asyncio.create_task(self._retry_later(rid, p, 0.05 * 2 ** min(p.attempts, 5)))
             self._retry_tasks.add(task)

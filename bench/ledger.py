@@ -38,6 +38,7 @@ class Failed(NamedTuple):
     k: int
     kind: str
     reason: str
+    sched_us: int = 0
 
 
 class Receipt(NamedTuple):

@@ -55,6 +55,14 @@ class BenchParams:
     step_factor: float = 1.5
     max_rate: float = 100_000.0
     max_steps: int = 12
+    # --chaos (bench/chaos.py): one phase per fault, at `rate`
+    chaos: tuple[str, ...] = ()
+    fault_at: float = 10.0
+    mongo_down: float = 30.0
+    burst_factor: float = 10.0
+    burst_s: float = 30.0
+    fault_gap: float = 5.0
+    ray_address: str = ""
 
     def validate(self) -> BenchParams:
         """Return self, or raise ParamError naming the first bad parameter."""
@@ -90,12 +98,34 @@ class BenchParams:
         for ok, message in checks:
             if not ok:
                 raise ParamError(message)
+        if self.chaos:
+            self._validate_chaos()
         if self.scenario == "mixed":
             if set(self.mix) - {"dm", "fanout", "presence"}:
                 raise ParamError("--mix takes the shares dm, fanout and presence")
             if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
                 raise ParamError("--mix shares must be non-negative and not all zero")
         return self
+
+    def _validate_chaos(self) -> None:
+        phase = self.warmup + self.duration
+        checks: list[tuple[bool, str]] = [
+            (self.scenario == "dm" and self.target == "peernet", "--chaos runs the dm scenario on PeerNet"),
+            (not self.find_max, "--chaos and --find-max do not mix: chaos runs at one --rate"),
+            (0 <= self.fault_at < phase, "--fault-at must fall inside warm-up + duration"),
+            (self.mongo_down > 0, "--mongo-down must be positive"),
+            (self.burst_factor > 1, "--burst-factor must be greater than 1"),
+            (self.burst_s > 0, "--burst-s must be positive"),
+            (self.fault_gap >= 0, "--fault-gap must not be negative"),
+            ("mongo" not in self.chaos or self.fault_at + self.mongo_down < phase,
+             "--chaos mongo: --fault-at + --mongo-down must end before the phase does "
+             "(raise --duration)"),
+            ("burst" not in self.chaos or self.fault_at + self.burst_s < phase,
+             "--chaos burst: --fault-at + --burst-s must end before the phase does (raise --duration)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParamError(message)
 
     def with_(self, **changes: Any) -> BenchParams:
         return replace(self, **changes)
@@ -109,6 +139,7 @@ class BenchParams:
     def from_dict(cls, d: dict[str, Any]) -> BenchParams:
         d = dict(d)
         d["urls"] = tuple(d.get("urls", ()))
+        d["chaos"] = tuple(d.get("chaos", ()))
         return cls(**d)
 
 

@@ -255,8 +255,19 @@ def _churn_stream(plan: Plan, rate: float, seconds: float, rng: random.Random) -
         yield at, CHURN, c, int(online[c])
 
 
-def schedule(plan: Plan, seed: int, phase: int, rate: float, seconds: float) -> Iterator[Event]:
-    """The phase's actions in time order, `rate` per second in total over `seconds`."""
+def _shifted(stream: Iterator[_Action], by_us: int) -> Iterator[_Action]:
+    for at, kind, actor, target in stream:
+        yield at + by_us, kind, actor, target
+
+
+def schedule(plan: Plan, seed: int, phase: int, rate: float, seconds: float,
+             burst: tuple[float, float, float] | None = None) -> Iterator[Event]:
+    """The phase's actions in time order, `rate` per second in total over `seconds`.
+
+    `burst` (start s, length s, factor) raises the DM rate to `factor` times `rate` for that
+    window (chaos mode's burst): the extra DMs come from their own stream, so the rest of the
+    schedule is the same as without it.
+    """
     streams = []
     makers = {DM: _dm_stream, POST: _post_stream, CHURN: _churn_stream}
     for kind in KINDS:
@@ -264,6 +275,13 @@ def schedule(plan: Plan, seed: int, phase: int, rate: float, seconds: float) -> 
         if share > 0:
             rng = random.Random(f"schedule:{seed}:{phase}:{kind}")
             streams.append(makers[kind](plan, rate * share, seconds, rng))
+    if burst is not None and plan.shares.get(DM, 0.0) > 0:
+        start_s, length_s, factor = burst
+        length_s = max(0.0, min(length_s, seconds - start_s))
+        if factor > 1 and length_s > 0:
+            rng = random.Random(f"schedule:{seed}:{phase}:burst")
+            extra = rate * plan.shares[DM] * (factor - 1)
+            streams.append(_shifted(_dm_stream(plan, extra, length_s, rng), round(start_s * US)))
     for k, (at, kind, actor, target) in enumerate(heapq.merge(*streams, key=lambda e: e[0])):
         yield Event(k, at, kind, actor, target)
 

@@ -84,6 +84,7 @@ def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
         "inbox_gaps": o.inbox_gaps,
         "connections": o.conn_stats,
         "server": o.server,
+        "fault": o.fault.to_dict() if o.fault is not None else None,
         "histograms": {k: h.encode() for k, h in sorted(acc.latency.items())},
         "cdf_ms": {k: [[round(v, 3), round(p, 5)] for v, p in h.cdf()] for k, h in sorted(acc.latency.items())
                    if not k.endswith("_ack")},
@@ -177,6 +178,7 @@ def build_report(run: BenchRun, argv: list[str]) -> dict[str, Any]:
                    "by_target": {t["name"]: t["lost"] for t in targets}},
         "targets": targets,
         "comparison": comparison(run),
+        "faults": [ph["fault"] for t in targets for ph in t["phases"] if ph.get("fault")],
         "versions": versions(),
         "machine": machine(),
         "notes": run.notes,
@@ -218,6 +220,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lines[-1] != "":
         lines.append("")
 
+    faults = report.get("faults") or []
+    if faults:
+        lines += _fault_table(faults)
     comp = report.get("comparison")
     if comp:
         lines += ["## PeerNet against the baseline", ""]
@@ -255,7 +260,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
                          f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
                          f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
-        if t["max_held_rate"] is not None or p["find_max"]:
+        if (t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos"):
             lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
                          f"{_fmt(t['max_held_rate'])}/s")
         for n in t["notes"]:
@@ -273,6 +278,27 @@ def render_markdown(report: dict[str, Any]) -> str:
               ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), "",
               ", ".join(f"{k} {val}" for k, val in report["machine"].items()), ""]
     return "\n".join(lines)
+
+
+def _fault_table(faults: list[dict[str, Any]]) -> list[str]:
+    """Chaos mode: one row per fault, losses first."""
+    bad = sum(1 for f in faults if not f["ok"])
+    lines = [f"## Faults: {len(faults) - bad} of {len(faults)} passed", "",
+             "| fault | what was done | acked | lost | delivered | dup | failed (reason) "
+             "| back after s | recovered in s | verdict |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for f in faults:
+        failed = ", ".join(f"{n} {r}" for r, n in sorted(f["failed"].items())) or "0"
+        cells = [f["fault"], f["detail"] or "-", _fmt(f["acknowledged"]), _fmt(f["lost"]),
+                 f"{_fmt(f['delivered'])} of {_fmt(f['expected_deliveries'])}", _fmt(f["duplicated"]),
+                 failed, _fmt(f["repaired_after_s"]), _fmt(f["recovery_s"]), f["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Lost: acknowledged (`ok`) but never delivered to a recipient. Failed: never "
+              "acknowledged; `unavailable` and `rate_limited` are answers (the client may retry), "
+              "`timeout` is silence. Back after: the injection until the service or actor ran "
+              "again. Recovered in: the injection until the first delivery after the last "
+              "disturbed message (failed, lost, or later than 1 s).", ""]
+    return lines
 
 
 _PHASE_HEADER = [

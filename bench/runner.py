@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import httpx
 
 from bench.baseline_socketio import BaselineCluster
+from bench.chaos import FaultOutcome, Injector, gcs_address_of, judge
 from bench.client import ConnStats, SetupError, now_us
 from bench.control import Channel, Message, PipeChannel, queue_pair
 from bench.latency import LatencyHistogram
@@ -33,6 +34,8 @@ SETTLE_S = 1.0
 # be what limits the run: latencies then include the generator's own delay (still measured from
 # the schedule, so never hidden, but not all the server's).
 GENERATOR_LAG_MS = 10.0
+# How long chaos mode waits for /healthz to answer 200 again before the next fault.
+CHAOS_HEALTH_TIMEOUT_S = 120.0
 # Per-connection frame rate above which PeerNet's default limit (200/s) would refuse frames.
 RATE_LIMIT_WARN = 150.0
 
@@ -62,6 +65,7 @@ class PhaseOutcome:
     verdict: str = ""
     headline_p99_ms: float = 0.0
     generator_behind: bool = False
+    fault: FaultOutcome | None = None
 
     def headline_kinds(self, scenario: str) -> list[str]:
         return [k for k in SCENARIO_KINDS[scenario] if self.accounting.hist(k).count > 0]
@@ -227,6 +231,7 @@ class Coordinator:
         await probe.start()
         handles: list[WorkerHandle] = []
         try:
+            injector = self._injector() if p.chaos else None
             before = probe.samples[-1]
             started = time.monotonic()
             self.progress.say(f"[{p.target}] connecting {p.clients} clients "
@@ -241,7 +246,9 @@ class Coordinator:
             await asyncio.sleep(SETTLE_S)
             after = await probe.mark("connected")
             result.memory = self._memory(probe, before, after, result.connections)
-            for i, rate in enumerate(rate_ladder(p)):
+            if injector is not None:
+                await self._chaos(handles, probe, injector, result)
+            for i, rate in enumerate(rate_ladder(p) if injector is None else []):
                 result.notes.extend(n for n in plan_notes(self.plan, p, rate) if n not in result.notes)
                 outcome = await self.run_phase(handles, probe, i, rate)
                 result.phases.append(outcome)
@@ -258,6 +265,39 @@ class Coordinator:
             if probe.lag_note not in ("ok", "no metrics URL for this target"):
                 result.notes.append(f"Kafka consumer lag not measured: {probe.lag_note}")
         return result
+
+    def _injector(self) -> Injector:
+        """The fault injector, checked against what runs here before any client connects."""
+        from peernet.config import load_config
+
+        p = self.params
+        cfg = load_config()
+        gcs = p.ray_address or gcs_address_of(http_url(p.urls[0]), cfg.stack.home / "run" / "serve.json")
+        injector = Injector(gcs, p.mongo_down, cfg)
+        injector.check(p.chaos)
+        return injector
+
+    async def _chaos(self, handles: list[WorkerHandle], probe: ServerProbe, injector: Injector,
+                     result: TargetResult) -> None:
+        """One phase per fault at --rate, each after the server is healthy again."""
+        p = self.params
+        for i, name in enumerate(p.chaos):
+            if i:
+                await self._until_healthy(CHAOS_HEALTH_TIMEOUT_S)
+                await asyncio.sleep(p.fault_gap)
+            self.progress.say(f"[chaos {name}] {p.rate:g}/s; the fault at {p.fault_at:g} s")
+            outcome = await self.run_phase(handles, probe, i, p.rate, fault=name, injector=injector)
+            result.phases.append(outcome)
+            self.progress.say(self._phase_line(outcome))
+        await self._until_healthy(CHAOS_HEALTH_TIMEOUT_S)
+
+    async def _until_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (await peernet_health(self.params.urls[0])).get("http_status") == 200:
+                return
+            await asyncio.sleep(0.5)
+        self.progress.say(f"[chaos] /healthz not 200 within {timeout_s:.0f} s; going on")
 
     @staticmethod
     def _memory(probe: ServerProbe, before: Any, after: Any, connections: int) -> dict[str, Any]:
@@ -276,17 +316,28 @@ class Coordinator:
 
     def _phase_line(self, o: PhaseOutcome) -> str:
         t = o.accounting.total
+        if o.fault is not None:
+            f = o.fault
+            return (f"[chaos {f.event.name}] {f.event.detail or '-'}; acknowledged {f.acknowledged}, "
+                    f"lost {f.lost} of {f.expected}, dup {f.duplicated}, failed {sum(f.failed.values())} "
+                    f"{dict(f.failed) if f.failed else ''}-> {f.verdict}")
         return (f"[{self.params.target} {o.rate:g}/s] lost {t.lost} of {t.expected} deliveries, "
                 f"dup {t.duplicated}, reordered {t.reordered}, failed {t.failed}; "
                 f"p99 {o.headline_p99_ms:.1f} ms -> {o.verdict}")
 
     async def run_phase(self, handles: list[WorkerHandle], probe: ServerProbe, phase: int,
-                        rate: float) -> PhaseOutcome:
+                        rate: float, *, fault: str | None = None,
+                        injector: Injector | None = None) -> PhaseOutcome:
         p = self.params
         seconds = p.warmup + p.duration
         t0_us = now_us() + int(PHASE_LEAD_S * 1e6)
+        cmd: dict[str, Any] = {"op": "phase", "phase": phase, "rate": rate, "t0_us": t0_us}
+        if fault == "burst":
+            cmd["burst"] = [p.fault_at, p.burst_s, p.burst_factor]
         for h in handles:
-            await h.send({"op": "phase", "phase": phase, "rate": rate, "t0_us": t0_us})
+            await h.send(cmd)
+        injecting = (asyncio.create_task(injector.inject(fault, t0_us + int(p.fault_at * 1e6)))
+                     if fault is not None and injector is not None else None)
         ticker = asyncio.create_task(self._show_progress(handles, rate, t0_us))
         try:
             send_wait = seconds + PHASE_LEAD_S + p.request_timeout + 60
@@ -327,6 +378,17 @@ class Coordinator:
             server=probe.window(t0_us, ended_us),
         )
         self._judge(outcome)
+        if injecting is not None:
+            event = await injecting
+            t = accounting.total
+            outcome.fault = judge(event, acked, failed, receipts, t.expected, t.delivered, t.lost,
+                                  t.duplicated)
+            per = outcome.server.get("by_category") or {}
+            outcome.fault.memory_peak_mib = {c: v["rss_peak_mib"] for c, v in per.items()}
+            if "server_rss_peak_mib" in outcome.server:
+                outcome.fault.memory_peak_mib["server"] = outcome.server["server_rss_peak_mib"]
+            outcome.held = outcome.fault.ok
+            outcome.verdict = outcome.fault.verdict
         return outcome
 
     def _judge(self, o: PhaseOutcome) -> None:

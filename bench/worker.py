@@ -183,7 +183,9 @@ class LoadWorker:
         self.state = st
         inflight: set[asyncio.Task[None]] = set()
         unyielded = 0
-        for ev in schedule(self.plan, p.seed, phase, rate, p.warmup + p.duration):
+        burst = cmd.get("burst")
+        for ev in schedule(self.plan, p.seed, phase, rate, p.warmup + p.duration,
+                           burst=tuple(burst) if burst else None):
             mine = sum(1 for r in self.plan.recipients(ev) if self.owns(r))
             if mine:
                 st.owed[ev.k] = mine
@@ -257,7 +259,7 @@ class LoadWorker:
             # A DM carries a cid, so it may be sent again after a reconnect; a post may not.
             await conn.request(frame, idempotent=ev.kind == DM)
         except RequestFailed as exc:
-            st.failed.append(Failed(ev.k, ev.kind, exc.reason))
+            st.failed.append(Failed(ev.k, ev.kind, exc.reason, due_us))
             return
         st.acked.append(Acked(ev.k, ev.kind, plan.conv(ev), ev.actor, plan.recipients(ev),
                               due_us, now_us(), warm))
@@ -275,7 +277,7 @@ class LoadWorker:
                 else:
                     await conn.close()
             except SetupError as exc:
-                st.failed.append(Failed(ev.k, CHURN, f"connect: {exc}"[:120]))
+                st.failed.append(Failed(ev.k, CHURN, f"connect: {exc}"[:120], due_us))
                 return
             st.acked.append(Acked(ev.k, CHURN, self.plan.conv(ev), ev.actor, self.plan.recipients(ev),
                                   due_us, now_us(), warm))

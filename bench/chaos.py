@@ -1,0 +1,316 @@
+"""Chaos mode (`--chaos`): the `dm` scenario with one fault injected into the real stack per
+phase, and every acknowledged message accounted for afterwards.
+
+A fault is injected `--fault-at` seconds into its phase; the phase then goes on at the same rate
+until its end, and drains. What each fault reports: acknowledged, delivered, lost (must be 0),
+duplicated, failed actions by reason (`unavailable` is an answer; `timeout` with no answer at all
+is silence, which the protocol never allows), and the time to recover: from the injection until
+the first message after the last disturbed one arrives (below).
+
+The faults act on this machine: the services of PeerNet's own local stack (`stack.manager`, by
+pid, as `peernet stack` started them) and the Ray worker processes of the target's cluster
+(found by process title under the raylet of its GCS address). External services (a
+`PEERNET_*_URL` set) and other hosts cannot be faulted from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import psutil
+
+from bench.client import SetupError, now_us
+from bench.ledger import Acked, Failed, Receipt
+
+# name -> what it does; the order of `--chaos all`.
+FAULTS: dict[str, str] = {
+    "kafka": "the Kafka broker SIGKILLed during the send storm, then started again",
+    "redis": "Redis SIGKILLed, then started again",
+    "mongo": "the MongoDB-wire server stopped for --mongo-down seconds, then started again",
+    "replica": "one gateway replica's process SIGKILLed; Serve starts a new one",
+    "session-shard": "one SessionShard actor's process SIGKILLed; Ray restarts it",
+    "feed-shard": "one FeedShard actor's process SIGKILLed; Ray restarts it",
+    "presence-shard": "one PresenceShard actor's process SIGKILLed; Ray restarts it",
+    "burst": "--burst-factor times the rate for --burst-s seconds",
+}
+SERVICE_FAULTS = frozenset({"kafka", "redis", "mongo"})
+# Process titles Ray gives the actors' worker processes.
+ACTOR_TITLES: dict[str, str] = {
+    "replica": "ray::ServeReplica:peernet:Gateway",
+    "session-shard": "ray::SessionShardActor",
+    "feed-shard": "ray::FeedShardActor",
+    "presence-shard": "ray::PresenceShardActor",
+}
+# A delivery slower than this (from its scheduled send) counts as disturbed by the fault.
+RECOVERY_BOUND_MS = 1000.0
+# How long a killed service or actor may take to come back before the fault reports failure.
+RESTART_TIMEOUT_S = 120.0
+# Failure reasons that mean the server said something (the client may retry); anything else
+# that is a plain timeout means it said nothing.
+SILENT = "timeout"
+
+
+def parse_faults(text: str) -> tuple[str, ...]:
+    """`all`, or a comma-separated list of names from FAULTS (in the order given)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return tuple(FAULTS)
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown or not names:
+        raise ValueError(f"--chaos takes all or some of {', '.join(FAULTS)}; got {text!r}")
+    return tuple(names)
+
+
+@dataclass
+class FaultEvent:
+    """What the injector did, and when (wall-clock microseconds, as the load's timestamps)."""
+
+    name: str
+    injected_us: int = 0
+    repaired_us: int = 0
+    detail: str = ""
+    error: str = ""
+
+    @property
+    def repair_s(self) -> float | None:
+        if not self.repaired_us or not self.injected_us:
+            return None
+        return round((self.repaired_us - self.injected_us) / 1e6, 2)
+
+
+@dataclass
+class FaultOutcome:
+    """One fault's phase, accounted."""
+
+    event: FaultEvent
+    acknowledged: int
+    failed: dict[str, int]
+    expected: int
+    delivered: int
+    lost: int
+    duplicated: int
+    recovery_s: float | None
+    ok: bool = False
+    verdict: str = ""
+    memory_peak_mib: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fault": self.event.name, "what": FAULTS.get(self.event.name, ""),
+            "detail": self.event.detail, "injector_error": self.event.error or None,
+            "repaired_after_s": self.event.repair_s, "acknowledged": self.acknowledged,
+            "failed": self.failed, "expected_deliveries": self.expected,
+            "delivered": self.delivered, "lost": self.lost, "duplicated": self.duplicated,
+            "recovery_s": self.recovery_s, "ok": self.ok, "verdict": self.verdict,
+            "memory_peak_mib": self.memory_peak_mib,
+        }
+
+
+def recovery_time(acked: Sequence[Acked], failed: Sequence[Failed], receipts: Iterable[Receipt],
+                  injected_us: int, bound_ms: float = RECOVERY_BOUND_MS) -> float | None:
+    """Seconds from the injection until the service was whole again, or None if it never was
+    within the phase.
+
+    Actions scheduled from the injection on are taken in schedule order. One is disturbed when
+    it failed, when a recipient never got it, or when its last recipient got it more than
+    `bound_ms` after its scheduled time. Recovery is the arrival of the first undisturbed action
+    after the last disturbed one (0.0 when none was disturbed); None when the last action of the
+    phase was still disturbed.
+    """
+    first: dict[tuple[int, int], int] = {}
+    for r in receipts:
+        key = (r.k, r.recipient)
+        if key not in first or r.recv_us < first[key]:
+            first[key] = r.recv_us
+    bound_us = bound_ms * 1000
+    # (scheduled, disturbed, arrived)
+    timeline: list[tuple[int, bool, int]] = []
+    for a in acked:
+        if a.sched_us < injected_us:
+            continue
+        arrivals = [first.get((a.k, rcp)) for rcp in a.recipients]
+        if any(t is None for t in arrivals) or not arrivals:
+            timeline.append((a.sched_us, True, 0))
+            continue
+        last = max(t for t in arrivals if t is not None)
+        timeline.append((a.sched_us, last - a.sched_us > bound_us, last))
+    timeline.extend((f.sched_us, True, 0) for f in failed if f.sched_us >= injected_us)
+    timeline.sort(key=lambda t: t[0])
+    last_bad = max((i for i, t in enumerate(timeline) if t[1]), default=None)
+    if last_bad is None:
+        return 0.0
+    after = [t for t in timeline[last_bad + 1:] if not t[1]]
+    if not after:
+        return None
+    return round(max(0, after[0][2] - injected_us) / 1e6, 3)
+
+
+def judge(event: FaultEvent, acked: Sequence[Acked], failed: Sequence[Failed],
+          receipts: Sequence[Receipt], expected: int, delivered: int, lost: int,
+          duplicated: int) -> FaultOutcome:
+    """The fault's figures and verdict: it passes when the injection worked, nothing
+    acknowledged was lost, no request went unanswered, and the service recovered in the phase."""
+    reasons: dict[str, int] = {}
+    for f in failed:
+        reasons[f.reason] = reasons.get(f.reason, 0) + 1
+    recovery = (recovery_time(acked, failed, receipts, event.injected_us)
+                if event.injected_us else None)
+    out = FaultOutcome(event, len(acked), reasons, expected, delivered, lost, duplicated, recovery)
+    silent = reasons.get(SILENT, 0)
+    problems = []
+    if event.error:
+        problems.append(f"injection failed: {event.error}")
+    if lost:
+        problems.append(f"{lost} lost")
+    if silent:
+        problems.append(f"{silent} requests never answered")
+    if recovery is None and not event.error:
+        problems.append("not recovered by the end of the phase")
+    out.ok = not problems
+    out.verdict = "; ".join(problems) if problems else f"ok: 0 lost, recovered in {recovery:.1f} s"
+    return out
+
+
+# --- finding the target's processes ----------------------------------------------------------
+
+
+class ProcInfo(NamedTuple):
+    pid: int
+    title: str
+    parent_cmdline: str
+
+
+def pick_processes(procs: Iterable[ProcInfo], title: str, gcs_address: str) -> list[int]:
+    """Pids of the processes titled `title` (a Ray actor's process title, with or without the
+    method it is running) whose parent is the raylet of the cluster at `gcs_address`."""
+    out = []
+    for p in procs:
+        head = p.title.split(" ", 1)[0]
+        if head != title and not head.startswith(title + "."):
+            continue
+        if f"--gcs-address={gcs_address}" not in p.parent_cmdline.split():
+            continue
+        out.append(p.pid)
+    return sorted(out)
+
+
+def _scan() -> list[ProcInfo]:
+    procs = []
+    for proc in psutil.process_iter(["pid", "cmdline", "ppid"]):
+        try:
+            cmd = " ".join(proc.info.get("cmdline") or []).strip()
+            if not cmd.startswith("ray::"):
+                continue
+            parent = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
+        except (psutil.Error, TypeError):
+            continue
+        procs.append(ProcInfo(proc.info["pid"], cmd, parent))
+    return procs
+
+
+def actor_pids(fault: str, gcs_address: str) -> list[int]:
+    return pick_processes(_scan(), ACTOR_TITLES[fault], gcs_address)
+
+
+def gcs_address_of(url: str, state_file: Path) -> str:
+    """The GCS address of the `peernet serve` answering at `url`, from its state file."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        raise SetupError(f"no `peernet serve` state in {state_file}: pass --ray-address") from None
+    if str(state.get("url", "")).rstrip("/") != url.rstrip("/"):
+        raise SetupError(f"{state_file} describes {state.get('url')}, not {url}: pass --ray-address")
+    return str(state["gcs_address"])
+
+
+# --- injecting ---------------------------------------------------------------------------------
+
+
+class Injector:
+    """Injects one fault at a time into the local stack and the target's Ray cluster."""
+
+    def __init__(self, gcs_address: str, mongo_down_s: float, stack_cfg: Any = None) -> None:
+        self.gcs_address = gcs_address
+        self.mongo_down_s = mongo_down_s
+        self._cfg = stack_cfg
+
+    @property
+    def cfg(self) -> Any:
+        if self._cfg is None:
+            from peernet.config import load_config
+
+            self._cfg = load_config()
+        return self._cfg
+
+    def check(self, faults: Sequence[str]) -> None:
+        """Fail before the run, not in the middle, when a fault cannot be injected here."""
+        from stack import manager
+
+        for name in faults:
+            if name in SERVICE_FAULTS and manager.pid_of(self.cfg, name) is None:
+                raise SetupError(f"--chaos {name}: no {name} of PeerNet's local stack runs here "
+                                 "(chaos mode faults `peernet stack` services only)")
+            if name in ACTOR_TITLES and not actor_pids(name, self.gcs_address):
+                raise SetupError(f"--chaos {name}: no {ACTOR_TITLES[name]} process of the Ray "
+                                 f"cluster at {self.gcs_address} on this machine")
+
+    async def inject(self, name: str, at_us: int) -> FaultEvent:
+        """Wait until `at_us`, inject `name`, and return once it is repaired (or has failed)."""
+        event = FaultEvent(name)
+        await asyncio.sleep(max(0.0, (at_us - now_us()) / 1e6))
+        try:
+            if name in SERVICE_FAULTS:
+                await self._service(name, event)
+            elif name in ACTOR_TITLES:
+                await self._actor(name, event)
+            else:  # burst: the schedule carries it
+                event.injected_us = now_us()
+                event.repaired_us = event.injected_us
+                event.detail = "rate raised in the schedule"
+        except Exception as exc:  # reported as the fault's failure, never a crash of the run
+            event.error = f"{type(exc).__name__}: {exc}"[:300]
+        return event
+
+    async def _service(self, name: str, event: FaultEvent) -> None:
+        from stack import manager
+
+        cfg = self.cfg
+        pid = manager.pid_of(cfg, name)
+        if pid is None:
+            raise SetupError(f"{name} is not running")
+        event.injected_us = now_us()
+        if name == "mongo":
+            await asyncio.to_thread(manager.stop_service, cfg, name)
+            event.detail = f"pid {pid} stopped (SIGTERM) for {self.mongo_down_s:g} s"
+            await asyncio.sleep(self.mongo_down_s)
+        else:
+            await asyncio.to_thread(manager.stop_service, cfg, name, kill=True)
+            event.detail = f"pid {pid} SIGKILLed"
+        await asyncio.to_thread(manager.start_service, cfg, name, wait=True,
+                                timeout=RESTART_TIMEOUT_S)
+        event.repaired_us = now_us()
+
+    async def _actor(self, name: str, event: FaultEvent) -> None:
+        before = await asyncio.to_thread(actor_pids, name, self.gcs_address)
+        if not before:
+            raise SetupError(f"no {ACTOR_TITLES[name]} process to kill")
+        victim = before[0]
+        event.injected_us = now_us()
+        os.kill(victim, signal.SIGKILL)
+        event.detail = f"pid {victim} of {len(before)} SIGKILLed"
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = await asyncio.to_thread(actor_pids, name, self.gcs_address)
+            if len(now) >= len(before) and victim not in now:
+                event.repaired_us = now_us()
+                return
+            await asyncio.sleep(0.2)
+        raise SetupError(f"no new {ACTOR_TITLES[name]} process within {RESTART_TIMEOUT_S:.0f} s")
