@@ -65,6 +65,12 @@ class GatewayConfig:
     # the memory per connection, on this project's 2-core machine).
     ingress: str = "haproxy"
     max_connections_per_replica: int = 10_000
+    # Connections one client address may hold open on one replica; over it a new one is closed
+    # with 4429 (0: no limit). IPv6 addresses count by /64. See serve/limits.py, client_address.
+    max_connections_per_address: int = 1_000
+    # Peers whose X-Forwarded-For names the client (addresses or networks, comma-separated):
+    # loopback and private networks, where a proxy in front of the replicas connects from.
+    trusted_proxies: str = "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
     max_frame_bytes: int = 64 * 1024
     max_body_chars: int = 4_000
     rate_per_s: float = 200.0
@@ -163,6 +169,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_REPLICAS": ("gateway", "replicas"),
     "PEERNET_INGRESS": ("gateway", "ingress"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
+    "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
+    "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),
     "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),
     "PEERNET_MAX_BODY_CHARS": ("gateway", "max_body_chars"),
     "PEERNET_RATE_PER_S": ("gateway", "rate_per_s"),

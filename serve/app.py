@@ -18,13 +18,14 @@ from starlette.websockets import WebSocket, WebSocketClose
 
 from actors.presence import LeaseTiming
 from peernet.config import PROJECT_ROOT, presence_lease_ms
-from peernet.errors import ErrorCode, PeerNetError
+from peernet.errors import CloseCode, ErrorCode, PeerNetError
 from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
 from serve import metrics
 from serve.connection import Connection
 from serve.deps import GatewayDeps
 from serve.handlers import build_handlers
 from serve.hub import Hub
+from serve.limits import AddressLimiter, TrustedProxies, client_address
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
 from serve.social import social_routes
@@ -33,6 +34,8 @@ from serve.validate import conv_participants
 log = logging.getLogger("peernet.app")
 
 HEALTH_TIMEOUT_S = 2.0
+# The close reason of a connection over PEERNET_MAX_CONNECTIONS_PER_ADDRESS (with 4429).
+ADDRESS_FULL = "too many connections from this address"
 # A scrape waits at most this long for the consumers' lag; without it, the lag series are dropped.
 METRICS_LAG_TIMEOUT_S = 1.5
 # The web client's bundle, built by ./dev (not committed; README, "Web client"); served at / when present.
@@ -50,9 +53,29 @@ def build_app(deps: GatewayDeps) -> Starlette:
                         LeaseTiming(presence_lease_ms(deps.cfg)), deps.replica,
                         deps.cfg.gateway.max_watch)
     handlers = build_handlers(messenger, presence)
+    trusted = TrustedProxies(deps.cfg.gateway.trusted_proxies)
+    per_address = AddressLimiter(deps.cfg.gateway.max_connections_per_address)
 
     async def websocket(ws: WebSocket) -> None:
-        await Connection(ws, deps, hub, handlers, presence).run()
+        peer = ws.client.host if ws.client else None
+        address = client_address(peer, ws.headers.getlist("x-forwarded-for"), trusted)
+        if not per_address.acquire(address):
+            await refuse(ws, "address", ADDRESS_FULL)
+            return
+        try:
+            await Connection(ws, deps, hub, handlers, presence).run()
+        finally:
+            # Every way out of the connection, its errors and cancellation too.
+            per_address.release(address)
+
+    async def refuse(ws: WebSocket, reason: str, message: str) -> None:
+        # Accepted, then closed: a browser sees the close code, never the HTTP status of a
+        # refused upgrade. Nothing is logged per refusal (a flood would fill the log).
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        metrics.CLOSES.labels(str(CloseCode.SLOW_OR_FLOODING.value)).inc()
+        with contextlib.suppress(Exception):
+            await ws.accept()
+            await ws.close(CloseCode.SLOW_OR_FLOODING, message)
 
     async def healthz(request: Request) -> Response:
         checks = {"kafka": deps.log.ping, "redis": deps.cache.ping, "mongo": deps.store.ping,
@@ -193,4 +216,5 @@ def build_app(deps: GatewayDeps) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.presence = presence
+    app.state.per_address = per_address
     return app

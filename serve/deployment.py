@@ -34,6 +34,7 @@ from bus.topics import peernet_topics
 from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
 from serve.app import build_app
 from serve.deps import GatewayDeps
+from serve.limits import TrustedProxies
 
 log = logging.getLogger("peernet.serve")
 
@@ -156,6 +157,13 @@ def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
     return {k: os.environ.get(k) or v or str(_free_port()) for k, v in wanted.items()}
 
 
+# Uvicorn (the replicas' server, and the proxy's) replaces a connection's peer address with the
+# X-Forwarded-For it names when the peer is loopback; Serve's HAProxy passes a client's own
+# header through, so that address would be the client's choice. With no trusted host it leaves
+# the peer as it is, and the app reads the header itself, trusting PEERNET_TRUSTED_PROXIES only.
+ASGI_SERVER_ENV = {"FORWARDED_ALLOW_IPS": ""}
+
+
 def state_file(cfg: PeerNetConfig) -> Path:
     return cfg.stack.home / "run" / "serve.json"
 
@@ -205,7 +213,8 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     the caller keeps the handles (they are owned by this driver and die with it).
     """
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
-    serve_env = ingress_env(cfg)
+    TrustedProxies(cfg.gateway.trusted_proxies)  # a bad setting stops here, not in each replica
+    serve_env = {**ingress_env(cfg), **ASGI_SERVER_ENV}
     os.environ.update(serve_env)
     env = {**_peernet_env(cfg), **serve_env}
     t0 = time.monotonic()

@@ -18,6 +18,11 @@ FRAMES_OUT = Counter("peernet_frames_out_total", "Frames sent, by type", ["type"
 ERRORS = Counter("peernet_errors_total", "Error frames sent, by code", ["code"], registry=REGISTRY)
 CLOSES = Counter("peernet_closes_total", "Connections closed by the server, by close code",
                  ["code"], registry=REGISTRY)
+# Refused before any frame was read (closed at once with 4429, counted in CLOSES too), by reason:
+# "address", the client address already had PEERNET_MAX_CONNECTIONS_PER_ADDRESS open here.
+CONNECTIONS_REFUSED = Counter("peernet_connections_refused_total",
+                              "WebSocket connections refused on opening, by reason", ["reason"],
+                              registry=REGISTRY)
 DELIVERY_LATENCY = Histogram(
     "peernet_delivery_latency_seconds",
     "From an inbox item's event time to its push on a socket",

@@ -71,6 +71,9 @@ def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
         "PEERNET_HEARTBEAT_MS": "15000",
         # A flood is recognised sooner than the default so the test stays short.
         "PEERNET_FLOOD_CLOSE_AFTER": "300",
+        # Low, so that the connection flood test opens few sockets; the other tests send no
+        # X-Forwarded-For, so HAProxy's connections are not limited (serve/limits.py).
+        "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": "20",
         "PEERNET_RAY_NUM_CPUS": "2",
         # Low, so that the celebrity test needs only a few followers; feeds in their own keys.
         "PEERNET_CELEBRITY_THRESHOLD": "5",

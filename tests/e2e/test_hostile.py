@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import jwt
 import msgpack
 import pytest
 import websockets
+from websockets.asyncio.client import ClientConnection
 from wsclient import Client, Server, dev_token, unique_user
 
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
@@ -155,3 +157,65 @@ async def test_a_flood_is_rate_limited_then_closed_and_others_are_unharmed(
     assert limited and all(f["code"] == "rate_limited" for f in limited)
     assert sum(1 for f in c.pending if f.get("t") == "pong") <= gw.rate_burst + gw.rate_per_s * 10
     await still_serves(bystander)
+
+
+async def hello_from(server: Server, token: str, forwarded_for: str | None
+                     ) -> tuple[ClientConnection | None, int | None, str]:
+    """A connection that says hello with X-Forwarded-For (as a load balancer in front of Serve's
+    HAProxy adds it): the live socket, or None with the close code and reason."""
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    ws = await websockets.connect(server.ws_url, additional_headers=headers, max_size=None)
+    try:
+        await ws.send(msgpack.packb({"t": "hello", "token": token}))
+        frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+    except websockets.ConnectionClosed:
+        return None, ws.close_code, ws.close_reason or ""
+    assert frame["t"] == "welcome", frame
+    return ws, None, ""
+
+
+async def test_a_connection_flood_from_one_address_is_bounded_and_others_get_in(
+        peernet_server: Server, bystander: Client) -> None:
+    limit = peernet_server.cfg.gateway.max_connections_per_address
+    replicas = peernet_server.cfg.gateway.replicas
+    assert 0 < limit <= 100, "the test server's limit is low (tests/conftest.py)"
+    flooder = f"203.0.113.{secrets.randbelow(250) + 1}"  # TEST-NET-3: not a trusted proxy
+    token = await dev_token(peernet_server.url, unique_user("flood"))
+
+    async def flood() -> list[ClientConnection]:
+        """Open connections from the flooder's address until one is refused."""
+        opened: list[ClientConnection] = []
+        while True:
+            ws, code, reason = await hello_from(peernet_server, token, flooder)
+            if ws is None:
+                assert (code, reason) == (4429, "too many connections from this address")
+                return opened
+            opened.append(ws)
+            # The limit is per replica; HAProxy spreads one address's sockets over them.
+            assert len(opened) <= replicas * limit, "no connection was refused"
+
+    first = await flood()
+    assert len(first) >= limit
+    others: list[ClientConnection] = []
+    try:
+        # Another address, and a connection that names none (HAProxy's own), still get in.
+        for address in ("198.51.100.9", None):
+            ws, code, reason = await hello_from(peernet_server, token, address)
+            assert ws is not None, (address, code, reason)
+            others.append(ws)
+        # An address the client put left of the appended one does not let it in.
+        _, code, _ = await hello_from(peernet_server, token, f"198.51.100.10, {flooder}")
+        assert code == 4429
+        await still_serves(bystander)
+        # Closing gives the places back: as many get in again (give or take the one that
+        # HAProxy's tie between replicas may send to the full one first).
+        opened_before = len(first)
+        for ws in first + others:
+            await ws.close()
+        first, others = [], []
+        await asyncio.sleep(1)
+        first = await flood()
+        assert len(first) >= opened_before - 1
+    finally:
+        for ws in first + others:
+            await ws.close()

@@ -156,16 +156,17 @@ class Gateway:
         return self.client.portal.call(fn, *args)  # type: ignore[union-attr]
 
     @contextmanager
-    def open(self, *, binary: bool = True) -> Iterator[WS]:
+    def open(self, *, binary: bool = True,
+             headers: dict[str, str] | None = None) -> Iterator[WS]:
         """A connection that has sent nothing yet."""
-        with self.client.websocket_connect("/v1/ws") as session:
+        with self.client.websocket_connect("/v1/ws", headers=dict(headers or {})) as session:
             yield WS(session, binary)
 
     @contextmanager
     def connect(self, user: str, *, binary: bool = True, resume: Any = None,
-                **hello: Any) -> Iterator[tuple[WS, Frame]]:
+                headers: dict[str, str] | None = None, **hello: Any) -> Iterator[tuple[WS, Frame]]:
         """A connection past its hello: the client and the welcome."""
-        with self.open(binary=binary) as ws:
+        with self.open(binary=binary, headers=headers) as ws:
             frame: Frame = {"t": "hello", "token": self.token(user), **hello}
             if resume is not None:
                 frame["resume"] = resume
@@ -190,8 +191,10 @@ class Gateway:
 @contextmanager
 def gateway(env: dict[str, str] | None = None, *,
             checks: dict[str, HealthCheck] | None = None,
-            inbox: MemoryInboxCache | None = None) -> Iterator[Gateway]:
-    """The app on fresh in-memory backends, started (lifespan) and stopped around the block."""
+            inbox: MemoryInboxCache | None = None,
+            peer: tuple[str, int] = ("testclient", 50000)) -> Iterator[Gateway]:
+    """The app on fresh in-memory backends, started (lifespan) and stopped around the block.
+    Every connection comes from `peer` (the client address the server sees)."""
     from unit_helpers import unit_cfg
 
     cfg = unit_cfg(env)
@@ -215,5 +218,5 @@ def gateway(env: dict[str, str] | None = None, *,
     deps = GatewayDeps(cfg=cfg, log=log, cache=cache, inbox=inbox, pubsub=pubsub, store=store,
                        checks=dict(checks or {}), replica="unit", on_startup=[start],
                        on_shutdown=[stop], **_presence_parts())
-    with TestClient(build_app(deps)) as client:
+    with TestClient(build_app(deps), client=peer) as client:
         yield Gateway(cfg, client, deps, log, cache, inbox, pubsub, publisher, store)
