@@ -24,6 +24,7 @@ from actors.session import SessionShard
 from bus.backends import Backends, backends, presence_store
 from bus.redis import RedisPubSub
 from peernet.config import PeerNetConfig, load_config, presence_lease_ms
+from peernet.logs import setup_logging
 
 NAMESPACE = "peernet"
 PROJECTOR_NAME = "projector"
@@ -48,8 +49,7 @@ def presence_shard_name(index: int, count: int) -> str:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
 
 # Actors restart for ever after a crash or a kill (state is rebuilt from the log and Redis), and

@@ -32,6 +32,7 @@ from bus.eventlog import ConsumerLag
 from bus.kafka import KafkaEventLog
 from bus.topics import peernet_topics
 from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
+from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
@@ -51,7 +52,7 @@ class Gateway:
     """One gateway replica: the Starlette app with this process's own backends."""
 
     def __init__(self) -> None:
-        logging.basicConfig(level=logging.INFO)
+        setup_logging()
         self._cfg = load_config()
         self._handles: dict[str, Any] = {}
         self._lag_handles: dict[str, Any] = {}
@@ -293,7 +294,7 @@ def already_serving(cfg: PeerNetConfig) -> dict[str, Any] | None:
 
 
 def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     running = already_serving(cfg)
     if running is not None:
         # `./dev up` run twice: the second finds the first and leaves it alone.
