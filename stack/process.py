@@ -124,12 +124,23 @@ def write_pid(path: Path, pid: int) -> None:
     tmp.replace(path)
 
 
+# How long a process's command line may read as no one's while it rewrites its title.
+TITLE_REWRITE_S = 0.2
+
+
 def owned_pid(path: Path, identity: Identity) -> int | None:
     """The pid of our running process: the one in pid file `path` when it is ours, else one found
     by scanning /proc (then the pid file is rewritten). A stale pid file is removed."""
     pid = read_pid(path)
     if pid is not None and is_ours(pid, identity):
         return pid
+    if pid is not None and is_alive(pid):
+        # Redis rewrites its process title as it starts (proc-title-template); for that moment
+        # its command line matches nothing, and a pid file taken for stale here lost the
+        # server a chaos run had just restarted. A second look settles it.
+        time.sleep(TITLE_REWRITE_S)
+        if is_ours(pid, identity):
+            return pid
     if path.exists():
         log.info("removing stale pid file %s (pid %s is not ours or not running)", path, pid)
         path.unlink(missing_ok=True)
