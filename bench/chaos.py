@@ -203,16 +203,19 @@ def pick_processes(procs: Iterable[ProcInfo], title: str, gcs_address: str) -> l
 
 
 def _scan() -> list[ProcInfo]:
+    # Own Process objects, not process_iter's: that one shares its objects (and their `info`)
+    # between threads, and the server probe scans from another thread meanwhile.
     procs = []
-    for proc in psutil.process_iter(["pid", "cmdline", "ppid"]):
+    for pid in psutil.pids():
         try:
-            cmd = " ".join(proc.info.get("cmdline") or []).strip()
+            proc = psutil.Process(pid)
+            cmd = " ".join(proc.cmdline()).strip()
             if not cmd.startswith("ray::"):
                 continue
-            parent = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
-        except (psutil.Error, TypeError):
+            parent = " ".join(psutil.Process(proc.ppid()).cmdline())
+        except psutil.Error:
             continue
-        procs.append(ProcInfo(proc.info["pid"], cmd, parent))
+        procs.append(ProcInfo(pid, cmd, parent))
     return procs
 
 

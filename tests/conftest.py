@@ -42,6 +42,55 @@ def local_stack(cfg: PeerNetConfig) -> PeerNetConfig:
     return cfg
 
 
+# Topics the tests create (the test server's, the bus tests'), deleted when the session ends.
+TEST_TOPIC_PREFIXES = ("peernet.test-", "test.")
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        for i in range(0, len(names), 50):
+            await admin.delete_topics(names[i:i + 50], timeout_ms=30_000)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def delete_test_topics(cfg: PeerNetConfig) -> Iterator[None]:
+    """Delete the test topics this session created: a broker that keeps every run's topics
+    loads them all at each start (a SIGKILLed one took 56 s to answer again with ~1,000
+    partitions of earlier runs), which the fault tests then wait for."""
+    import asyncio
+
+    bootstrap = cfg.services.kafka_bootstrap
+    try:
+        before = asyncio.run(_topics(bootstrap))
+    except Exception:
+        before = None  # no broker yet: the stack fixture starts it; nothing of ours exists
+    yield
+    try:
+        after = asyncio.run(_topics(bootstrap))
+        ours = sorted(t for t in after - (before or set()) if t.startswith(TEST_TOPIC_PREFIXES))
+        if ours:
+            asyncio.run(_delete_topics(bootstrap, ours))
+    except Exception as exc:  # cleanup only: never fail the run for it
+        print(f"conftest: test topics not deleted: {exc!r}")
+
+
 @pytest.fixture
 def stack_control(cfg: PeerNetConfig) -> Iterator[Any]:
     """stack.manager, for tests that kill and restart a service. Leaves every service it found

@@ -1,0 +1,130 @@
+"""The fault harness's short form, run in CI: the `dm` scenario against the real test server
+with each fault of `bench --chaos` injected once, and zero loss asserted (docs/reliability.md
+has the long form's results, made by `peernet bench dm --chaos all ...`).
+
+Each fault passes when nothing acknowledged is lost, no request goes unanswered (`unavailable`
+is an answer; silence is not) and delivery is whole again before its phase ends. Timings are
+reported in test-artifacts/bench-chaos/, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from replicas import until_two_replicas
+from wsclient import Server
+
+from bench.chaos import SERVICE_FAULTS
+from bench.params import BenchParams
+from bench.report import build_report, write_results
+from bench.runner import run_bench
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "bench-chaos"
+
+BASE = BenchParams(scenario="dm", clients=30, rate=10, warmup=1, duration=14, drain=30,
+                   fault_at=3, fault_gap=1)
+# Per fault: long enough for the service or actor to come back inside the phase on a busy CI
+# machine (a SIGKILLed broker recovers its logs before it answers again).
+SHORT: dict[str, BenchParams] = {
+    "kafka": BASE.with_(duration=40),
+    "redis": BASE.with_(duration=20),
+    "mongo": BASE.with_(mongo_down=8, duration=20),
+    "replica": BASE,
+    "session-shard": BASE.with_(duration=25),
+    "feed-shard": BASE,
+    "presence-shard": BASE,
+    "burst": BASE.with_(burst_factor=10, burst_s=5),
+}
+
+
+# What an exception nobody handled leaves in a Python log.
+UNHANDLED = re.compile(r"Traceback \(most recent call last\)|Task exception was never retrieved|"
+                       r"Exception in callback|Unhandled exception")
+
+
+# Logs of Ray's own system processes, not PeerNet's: Ray's dashboard agent logs a traceback
+# whenever it cannot reach the dashboard, which `peernet serve` does not start.
+RAY_SYSTEM_LOGS = ("dashboard", "raylet", "gcs_server", "monitor", "log_monitor", "runtime_env",
+                   "debug_state", "events")
+
+
+class LogWatch:
+    """The test server's logs (its own output, and the logs of its Ray session but Ray's own
+    system processes'): what was written to them since the watch began."""
+
+    def __init__(self, server: Server) -> None:
+        tmp = server.env.get("PEERNET_RAY_TMPDIR", "")
+        self.roots = [server.log_path] + ([Path(tmp)] if tmp else [])
+        self.start = self._sizes()
+
+    def _files(self) -> Iterator[Path]:
+        for root in self.roots:
+            if root.is_file():
+                yield root
+            elif root.is_dir():
+                yield from (p for p in root.rglob("*")
+                            if p.is_file() and p.suffix in (".log", ".err", ".out")
+                            and not p.name.startswith(RAY_SYSTEM_LOGS))
+
+    def _sizes(self) -> dict[Path, int]:
+        out = {}
+        for p in self._files():
+            try:
+                out[p] = p.stat().st_size
+            except OSError:
+                pass
+        return out
+
+    def new_lines(self, pattern: re.Pattern[str]) -> list[str]:
+        found = []
+        for p in self._files():
+            try:
+                with open(p, "rb") as f:
+                    f.seek(self.start.get(p, 0))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if pattern.search(line):
+                    found.append(f"{p.name}: " + " | ".join(lines[i:i + 12]))
+        return found
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("fault", list(SHORT))
+async def test_fault_loses_nothing_acknowledged(fault: str, peernet_server: Server,
+                                                stack_control: Any) -> None:
+    if fault in SERVICE_FAULTS and stack_control.pid_of(peernet_server.cfg, fault) is None:
+        pytest.skip(f"{fault} is not run by this project's stack (`peernet stack up`): not ours to kill")
+    params = SHORT[fault].with_(urls=(peernet_server.url,), chaos=(fault,),
+                                ray_address=peernet_server.gcs_address).validate()
+    logs = LogWatch(peernet_server)
+    run = await run_bench(params)
+    report = build_report(run, ["pytest", "test_chaos", fault])
+    await asyncio.to_thread(write_results, report, ARTIFACTS / fault, plots=False)
+    if fault == "replica":
+        await until_two_replicas(peernet_server)
+
+    (result,) = run.targets
+    assert not result.error, result.error
+    (phase,) = result.phases
+    assert phase.fault is not None
+    f = phase.fault
+    assert not f.event.error, f.event.error
+    assert f.acknowledged > 0, "nothing was acknowledged"
+    assert f.lost == 0, f"{f.lost} of {f.expected} deliveries lost, e.g. {phase.accounting.lost_sample}"
+    assert f.delivered == f.expected
+    assert f.failed.get("timeout", 0) == 0, f"requests never answered: {f.failed}"
+    assert f.recovery_s is not None, "delivery was still disturbed when the phase ended"
+    assert f.ok, f.verdict
+    assert phase.inbox_gaps == 0
+    # Every failure on the way was handled: no exception escaped into any log.
+    unhandled = logs.new_lines(UNHANDLED)
+    assert not unhandled, "\n\n".join(unhandled[:5])
