@@ -39,7 +39,8 @@ class Backends:
 def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
     s = cfg.services
     return Backends(
-        log=KafkaEventLog(s.kafka_bootstrap, client_id=client_id),
+        log=KafkaEventLog(s.kafka_bootstrap, client_id=client_id,
+                          fail_fast_ms=s.kafka_fail_fast_ms),
         cache=RedisCache(s.redis_url),
         pubsub=RedisPubSub(s.redis_url),
         inbox=RedisInboxCache(redis_client(s.redis_url),

@@ -21,6 +21,8 @@ class ServicesConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
     mongo_db: str = "peernet"
+    # After an `unavailable` append, appends are refused at once for this long (bus.kafka.FailFast).
+    kafka_fail_fast_ms: int = 1000
     kafka_external: bool = False
     redis_external: bool = False
     mongo_external: bool = False
@@ -152,6 +154,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_REDIS_URL": ("services", "redis_url"),
     "PEERNET_MONGO_URL": ("services", "mongo_url"),
     "PEERNET_MONGO_DB": ("services", "mongo_db"),
+    "PEERNET_KAFKA_FAIL_FAST_MS": ("services", "kafka_fail_fast_ms"),
     "PEERNET_EVENTS_TOPIC": ("topics", "events"),
     "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
     "PEERNET_INBOX_TOPIC": ("topics", "inbox"),
