@@ -180,8 +180,8 @@ class FeedShard:
             try:
                 records = await consumer.poll(max_records=self._cfg.shards.max_batch,
                                               timeout_ms=200)
-            except PeerNetError as exc:
-                self._count_error("poll", exc)
+            except Exception as exc:
+                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
                 await asyncio.sleep(0.5)
                 continue
             if not records:

@@ -137,8 +137,8 @@ class Projector:
         while not self._stopping:
             try:
                 records = await self._consumer.poll(max_records=500, timeout_ms=500)
-            except PeerNetError as exc:
-                self._count_error("poll", exc)
+            except Exception as exc:
+                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
                 await asyncio.sleep(0.5)
                 continue
             if not records:
@@ -176,14 +176,18 @@ class Projector:
             try:
                 await action()
                 return
-            except PeerNetError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # PeerNetError is a backend away; anything else is a bug. Either way the batch is
+                # retried (writes are idempotent upserts), counted and logged.
                 if self._stopping:
                     raise
-                self._count_error(what, exc)
+                self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _count_error(self, what: str, exc: BaseException) -> None:
+    def _count_error(self, what: str, exc: BaseException, *, trace: bool = False) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{what}: {exc}"
-        log.warning("projector: %s failed: %s", what, exc)
+        log.warning("projector: %s failed: %s", what, exc, exc_info=exc if trace else None)

@@ -139,6 +139,7 @@ class SessionShard:
         self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
         await self._retry("start consumer", self._consumer.start)
         self._task = asyncio.create_task(self._run(), name=f"session-shard-{self.index}")
+        self._task.add_done_callback(self._run_ended)
         self.stats.started = True
         log.info("session shard %d/%d started: %d sessions restored", self.index, self.count,
                  len(self._sessions))
@@ -168,8 +169,8 @@ class SessionShard:
         while not self._stopping:
             try:
                 records = await consumer.poll(max_records=self._cfg.shards.max_batch, timeout_ms=200)
-            except PeerNetError as exc:
-                self._count_error("poll", exc)
+            except Exception as exc:
+                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
                 await asyncio.sleep(0.5)
                 continue
             if not records:
@@ -177,17 +178,29 @@ class SessionShard:
             await self.process(records)
             await self._retry("commit", consumer.commit)
 
+    def _run_ended(self, task: asyncio.Task[None]) -> None:
+        # Every step of the loop catches its failures; one that still escapes has stopped the
+        # delivery for good (retrying the batch could skip or renumber items), so the shard
+        # says so: `started` goes false, which the gateways' health check reports.
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        self.stats.started = False
+        self.stats.errors += 1
+        self.stats.last_error = f"delivery loop: {exc}"[:300]
+        log.error("session shard %d: the delivery loop stopped", self.index, exc_info=exc)
+
     async def process(self, records: Sequence[Record]) -> None:
         """Deliver the events of `records` to the inboxes of the users this shard owns."""
         pending: list[tuple[str, Item, tuple[int, int]]] = []
         for record in records:
             self.stats.events_seen += 1
-            if record.offset < self._events_pos.get(record.partition, 0):
-                # Delivered already (a redelivery after a crash before the commit).
-                self.stats.duplicates_dropped += sum(
-                    1 for u in parse_recipients(record.headers) if self.owns(u))
-                continue
             try:
+                if record.offset < self._events_pos.get(record.partition, 0):
+                    # Delivered already (a redelivery after a crash before the commit).
+                    self.stats.duplicates_dropped += sum(
+                        1 for u in parse_recipients(record.headers) if self.owns(u))
+                    continue
                 await self._collect(record, pending)
             except Exception as exc:  # one bad record must not stop every user's delivery
                 self.stats.records_skipped += 1
@@ -260,8 +273,8 @@ class SessionShard:
             return
         try:
             await self._pubsub.publish_many([(user_channel(user), pack(item)) for user, item in items])
-        except PeerNetError as exc:
-            self._count_error("publish", exc)
+        except Exception as exc:
+            self._count_error("publish", exc, trace=not isinstance(exc, PeerNetError))
 
     # -- sessions and recovery ---------------------------------------------------------------
 
@@ -339,14 +352,19 @@ class SessionShard:
         while True:
             try:
                 return await action()
-            except PeerNetError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # PeerNetError is a backend away; anything else is a bug. Either way the step is
+                # retried (never skipped: the same seqs go again), counted and logged.
                 if self._stopping:
                     raise
-                self._count_error(what, exc)
+                self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _count_error(self, what: str, exc: BaseException) -> None:
+    def _count_error(self, what: str, exc: BaseException, *, trace: bool = False) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{what}: {exc}"
-        log.warning("session shard %d: %s failed: %s", self.index, what, exc)
+        log.warning("session shard %d: %s failed: %s", self.index, what, exc,
+                    exc_info=exc if trace else None)

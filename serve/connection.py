@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from peernet.codec import Frame, decode_frame, encodable
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
@@ -120,11 +120,17 @@ class Connection:
     async def _write_loop(self) -> None:
         try:
             await self._write_forever()
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            # The socket went away under the writer (the client left, or `close` sent the close
+            # frame while frames were still queued): the read loop ends the connection.
+            log.debug("writer of %s: the socket is closed", self.user)
         except PeerNetError as exc:
             # The inbox cannot be read (Redis down): the client reconnects with resume later.
+            metrics.BACKGROUND_ERRORS.labels("writer").inc()
             log.warning("writer of %s stopped: %s", self.user, exc)
             self.close(CloseCode.GOING_AWAY, "backend unavailable")
         except Exception:
+            metrics.BACKGROUND_ERRORS.labels("writer").inc()
             log.exception("writer of %s failed", self.user)
             self.close(CloseCode.GOING_AWAY, "internal error")
 

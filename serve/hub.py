@@ -14,6 +14,7 @@ from actors.inbox_items import INBOX_FRAME_TYPES
 from actors.session import user_channel
 from bus.pubsub import PubSub, Subscription
 from peernet.codec import encode_frame, unpack
+from serve import metrics
 
 log = logging.getLogger("peernet.hub")
 
@@ -100,6 +101,7 @@ class Hub:
             sub = await task
             await sub.unsubscribe()
         except Exception as exc:  # the subscription failed or the broker is gone: nothing to undo
+            metrics.BACKGROUND_ERRORS.labels("hub_unsubscribe").inc()
             log.debug("unsubscribe failed: %s", exc)
 
     def _on_reconnect(self) -> None:

@@ -118,7 +118,13 @@ class ReplicaPresence:
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self._timing.renew_ms / 1000)
-            await self._renew()
+            try:
+                await self._renew()
+            except Exception:
+                # A bug, not the store (that is `_renew`'s): the lease must still be renewed,
+                # or every user of this replica goes offline while it serves them.
+                metrics.BACKGROUND_ERRORS.labels("presence_lease").inc()
+                log.exception("presence: lease renewal of %s failed", self.replica)
 
     async def _renew(self) -> None:
         try:
@@ -282,12 +288,22 @@ class Watchers:
             sub = await task
             await sub.unsubscribe()
         except Exception as exc:  # the subscription failed or the broker is gone: nothing to undo
+            metrics.BACKGROUND_ERRORS.labels("presence_unsubscribe").inc()
             log.debug("presence unsubscribe failed: %s", exc)
 
     def _in_background(self, coro: Any) -> None:
         fut = asyncio.ensure_future(coro)
         self._background.add(fut)
-        fut.add_done_callback(self._background.discard)
+        fut.add_done_callback(self._background_done)
+
+    def _background_done(self, fut: asyncio.Future[Any]) -> None:
+        # Nobody awaits these tasks: a failure is told here, or it would only surface as "Task
+        # exception was never retrieved" when the task is collected.
+        self._background.discard(fut)
+        if fut.cancelled() or fut.exception() is None:
+            return
+        metrics.BACKGROUND_ERRORS.labels("presence_watchers").inc()
+        log.error("presence: a background task of the watchers failed", exc_info=fut.exception())
 
     def _note(self, user: str, state: PresenceState) -> bool:
         """Remember `state` unless an equal or newer one is known; True when it was news."""
@@ -335,6 +351,7 @@ class Watchers:
             try:
                 states = await self._store.read(users[start:start + RECOVER_CHUNK])
             except PeerNetError as exc:
+                metrics.BACKGROUND_ERRORS.labels("presence_recover").inc()
                 log.warning("presence: re-reading watched users after a reconnect failed: %s", exc)
                 return
             for user, state in states.items():
