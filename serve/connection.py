@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from peernet.codec import Frame, decode_frame, encodable
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
@@ -120,19 +120,26 @@ class Connection:
     async def _write_loop(self) -> None:
         try:
             await self._write_forever()
-        except (WebSocketDisconnect, WebSocketDisconnected):
-            # The socket went away under the writer (the client left, or `close` sent the close
-            # frame while frames were still queued): the read loop ends the connection.
-            log.debug("writer of %s: the socket is closed", self.user)
         except PeerNetError as exc:
             # The inbox cannot be read (Redis down): the client reconnects with resume later.
             metrics.BACKGROUND_ERRORS.labels("writer").inc()
             log.warning("writer of %s stopped: %s", self.user, exc)
             self.close(CloseCode.GOING_AWAY, "backend unavailable")
-        except Exception:
+        except Exception as exc:
+            if self._socket_closed(exc):
+                # The socket went away under the writer (the client left, or `close` sent the
+                # close frame while frames were still queued): the read loop ends the connection.
+                log.debug("writer of %s: the socket is closed", self.user)
+                return
             metrics.BACKGROUND_ERRORS.labels("writer").inc()
             log.exception("writer of %s failed", self.user)
             self.close(CloseCode.GOING_AWAY, "internal error")
+
+    def _socket_closed(self, exc: Exception) -> bool:
+        # Starlette raises WebSocketDisconnect when the client is gone, and RuntimeError
+        # (WebSocketDisconnected in 1.x) on a send after the close frame went out.
+        return (isinstance(exc, (WebSocketDisconnect, RuntimeError))
+                and self.ws.application_state == WebSocketState.DISCONNECTED)
 
     async def _write_forever(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 from unit_helpers import eventually, unit_cfg
 
 from actors.feed import FeedShard
@@ -299,13 +300,19 @@ async def test_a_failed_unsubscribe_is_counted() -> None:
 
 
 class FakeSocket:
-    def __init__(self, send_error: BaseException | None = None) -> None:
+    """A WebSocket whose sends can fail, with the socket closed first (as Starlette does) or not."""
+
+    def __init__(self, send_error: BaseException | None = None, *, closes: bool = False) -> None:
         self.send_error = send_error
+        self.closes = closes
+        self.application_state = WebSocketState.CONNECTED
         self.sent: list[bytes] = []
         self.closed: list[int] = []
 
     async def send_bytes(self, data: bytes) -> None:
         if self.send_error is not None:
+            if self.closes:
+                self.application_state = WebSocketState.DISCONNECTED
             raise self.send_error
         self.sent.append(data)
 
@@ -338,11 +345,13 @@ async def test_a_writer_that_fails_is_counted_and_closes_its_connection() -> Non
     assert ws.closed == [CloseCode.GOING_AWAY]
 
 
-async def test_a_writer_whose_socket_closed_ends_quietly(caplog: pytest.LogCaptureFixture) -> None:
-    from starlette.websockets import WebSocketDisconnected
-
-    ws = FakeSocket(WebSocketDisconnected('Cannot call "send" once a close message has been sent.'))
-    conn = connection(ws)
+@pytest.mark.parametrize("error", [
+    RuntimeError('Cannot call "send" once a close message has been sent.'),  # after close()
+    WebSocketDisconnect(1006),  # the client is gone
+])
+async def test_a_writer_whose_socket_closed_ends_quietly(
+        error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    conn = connection(FakeSocket(error, closes=True))
     before = background_errors("writer")
     conn.send({"t": "pong"})
     with caplog.at_level(logging.WARNING, logger="peernet.connection"):
@@ -350,3 +359,15 @@ async def test_a_writer_whose_socket_closed_ends_quietly(caplog: pytest.LogCaptu
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert background_errors("writer") == before
     assert conn._closer is None  # nothing to close: the socket is closed already
+
+
+async def test_a_writer_send_that_fails_on_an_open_socket_is_counted() -> None:
+    ws = FakeSocket(RuntimeError("a bug"))
+    conn = connection(ws)
+    before = background_errors("writer")
+    conn.send({"t": "pong"})
+    await asyncio.wait_for(conn._write_loop(), 5)
+    assert background_errors("writer") == before + 1
+    assert conn._closer is not None
+    await conn._closer
+    assert ws.closed == [CloseCode.GOING_AWAY]
