@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import psutil
 
 from bench.client import SetupError, now_us
@@ -78,12 +79,21 @@ class FaultEvent:
     repaired_us: int = 0
     detail: str = ""
     error: str = ""
+    # mongo: when the projector's consumer lag was back to what it was before the fault
+    caught_up_us: int = 0
+    catch_up_note: str = ""
 
     @property
     def repair_s(self) -> float | None:
         if not self.repaired_us or not self.injected_us:
             return None
         return round((self.repaired_us - self.injected_us) / 1e6, 2)
+
+    @property
+    def caught_up_s(self) -> float | None:
+        if not self.caught_up_us or not self.injected_us:
+            return None
+        return round((self.caught_up_us - self.injected_us) / 1e6, 2)
 
 
 @dataclass
@@ -106,7 +116,9 @@ class FaultOutcome:
         return {
             "fault": self.event.name, "what": FAULTS.get(self.event.name, ""),
             "detail": self.event.detail, "injector_error": self.event.error or None,
-            "repaired_after_s": self.event.repair_s, "acknowledged": self.acknowledged,
+            "repaired_after_s": self.event.repair_s,
+            "projections_caught_up_after_s": self.event.caught_up_s,
+            "catch_up_note": self.event.catch_up_note or None, "acknowledged": self.acknowledged,
             "failed": self.failed, "expected_deliveries": self.expected,
             "delivered": self.delivered, "lost": self.lost, "duplicated": self.duplicated,
             "recovery_s": self.recovery_s, "ok": self.ok, "verdict": self.verdict,
@@ -174,6 +186,8 @@ def judge(event: FaultEvent, acked: Sequence[Acked], failed: Sequence[Failed],
         problems.append(f"{silent} requests never answered")
     if recovery is None and not event.error:
         problems.append("not recovered by the end of the phase")
+    if event.catch_up_note:
+        problems.append(event.catch_up_note)
     out.ok = not problems
     out.verdict = "; ".join(problems) if problems else f"ok: 0 lost, recovered in {recovery:.1f} s"
     return out
@@ -237,13 +251,58 @@ def gcs_address_of(url: str, state_file: Path) -> str:
 # --- injecting ---------------------------------------------------------------------------------
 
 
+# The consumer group that writes MongoDB, and how long its catch-up after `mongo` is awaited.
+PROJECTIONS_GROUP = "peernet.projections@"
+CATCH_UP_TIMEOUT_S = 180.0
+
+
+def projections_lag(metrics_text: str) -> float | None:
+    """The projector's consumer lag summed over partitions, from Prometheus text (None when the
+    server exports none)."""
+    total, seen = 0.0, False
+    for line in metrics_text.splitlines():
+        if line.startswith("peernet_kafka_consumer_lag{") and f'group="{PROJECTIONS_GROUP}' in line:
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+            seen = True
+    return total if seen else None
+
+
 class Injector:
     """Injects one fault at a time into the local stack and the target's Ray cluster."""
 
-    def __init__(self, gcs_address: str, mongo_down_s: float, stack_cfg: Any = None) -> None:
+    def __init__(self, gcs_address: str, mongo_down_s: float, stack_cfg: Any = None,
+                 metrics_url: str = "") -> None:
         self.gcs_address = gcs_address
         self.mongo_down_s = mongo_down_s
         self._cfg = stack_cfg
+        self.metrics_url = metrics_url
+
+    async def _projections_lag(self) -> float | None:
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                resp = await client.get(self.metrics_url)
+            return projections_lag(resp.text) if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    async def _await_catch_up(self, event: FaultEvent, before: float | None) -> None:
+        """mongo: wait until the projector's lag is back to where it was before the fault
+        (or 10 records, whichever is more: under load it never reads 0 for long)."""
+        if not self.metrics_url or before is None:
+            event.catch_up_note = "projector lag not readable: catch-up not measured"
+            return
+        bound = max(10.0, before)
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            lag = await self._projections_lag()
+            if lag is not None and lag <= bound:
+                event.caught_up_us = now_us()
+                return
+            await asyncio.sleep(0.5)
+        event.catch_up_note = f"projections not caught up within {CATCH_UP_TIMEOUT_S:.0f} s"
 
     @property
     def cfg(self) -> Any:
@@ -289,6 +348,7 @@ class Injector:
         pid = manager.pid_of(cfg, name)
         if pid is None:
             raise SetupError(f"{name} is not running")
+        before = await self._projections_lag() if name == "mongo" else None
         event.injected_us = now_us()
         if name == "mongo":
             await asyncio.to_thread(manager.stop_service, cfg, name)
@@ -300,6 +360,8 @@ class Injector:
         await asyncio.to_thread(manager.start_service, cfg, name, wait=True,
                                 timeout=RESTART_TIMEOUT_S)
         event.repaired_us = now_us()
+        if name == "mongo":
+            await self._await_catch_up(event, before)
 
     async def _actor(self, name: str, event: FaultEvent) -> None:
         before = await asyncio.to_thread(actor_pids, name, self.gcs_address)

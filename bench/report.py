@@ -285,19 +285,22 @@ def _fault_table(faults: list[dict[str, Any]]) -> list[str]:
     bad = sum(1 for f in faults if not f["ok"])
     lines = [f"## Faults: {len(faults) - bad} of {len(faults)} passed", "",
              "| fault | what was done | acked | lost | delivered | dup | failed (reason) "
-             "| back after s | recovered in s | verdict |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| back after s | recovered in s | MongoDB caught up after s | verdict |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for f in faults:
         failed = ", ".join(f"{n} {r}" for r, n in sorted(f["failed"].items())) or "0"
         cells = [f["fault"], f["detail"] or "-", _fmt(f["acknowledged"]), _fmt(f["lost"]),
                  f"{_fmt(f['delivered'])} of {_fmt(f['expected_deliveries'])}", _fmt(f["duplicated"]),
-                 failed, _fmt(f["repaired_after_s"]), _fmt(f["recovery_s"]), f["verdict"]]
+                 failed, _fmt(f["repaired_after_s"]), _fmt(f["recovery_s"]),
+                 _fmt(f.get("projections_caught_up_after_s")), f["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Lost: acknowledged (`ok`) but never delivered to a recipient. Failed: never "
               "acknowledged; `unavailable` and `rate_limited` are answers (the client may retry), "
               "`timeout` is silence. Back after: the injection until the service or actor ran "
               "again. Recovered in: the injection until the first delivery after the last "
-              "disturbed message (failed, lost, or later than 1 s).", ""]
+              "disturbed message (failed, lost, or later than 1 s). MongoDB caught up: the "
+              "injection until the projector's consumer lag was back to its level before the "
+              "fault (at most 10 records more).", ""]
     return lines
 
 

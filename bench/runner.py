@@ -273,7 +273,7 @@ class Coordinator:
         p = self.params
         cfg = load_config()
         gcs = p.ray_address or gcs_address_of(http_url(p.urls[0]), cfg.stack.home / "run" / "serve.json")
-        injector = Injector(gcs, p.mongo_down, cfg)
+        injector = Injector(gcs, p.mongo_down, cfg, metrics_url=http_url(p.urls[0]) + "/metrics")
         injector.check(p.chaos)
         return injector
 

@@ -12,6 +12,7 @@ from bench.chaos import (
     judge,
     parse_faults,
     pick_processes,
+    projections_lag,
     recovery_time,
 )
 from bench.ledger import Acked, Failed, Receipt
@@ -140,3 +141,25 @@ def test_pick_processes_takes_the_targets_cluster_and_title_only() -> None:
     assert pick_processes(procs, "ray::SessionShardActor", "10.0.0.1:6000") == [20, 30]
     assert pick_processes(procs, "ray::ServeReplica:peernet:Gateway", "10.0.0.1:6000") == [60]
     assert pick_processes(procs, "ray::SessionShardActor", "10.0.0.1:60") == []
+
+
+def test_projections_lag_sums_the_projector_group_only() -> None:
+    text = "\n".join([
+        "# HELP peernet_kafka_consumer_lag records behind",
+        'peernet_kafka_consumer_lag{group="peernet.projections@peernet.events",partition="0",topic="t"} 4.0',
+        'peernet_kafka_consumer_lag{group="peernet.projections@peernet.events",partition="1",topic="t"} 6.0',
+        'peernet_kafka_consumer_lag{group="peernet.sessions.0-of-2@e",partition="0",topic="t"} 99.0',
+    ])
+    assert projections_lag(text) == 10.0
+    assert projections_lag("peernet_up 1") is None
+
+
+def test_a_projection_that_never_caught_up_fails_the_fault() -> None:
+    ev = FaultEvent("mongo", injected_us=10 * S, repaired_us=40 * S,
+                    catch_up_note="projections not caught up within 180 s")
+    a = [acked(0, 10.5)]
+    out = judge(ev, a, [], both(0, 10.6), expected=2, delivered=2, lost=0, duplicated=0)
+    assert not out.ok and "not caught up" in out.verdict
+    ev.catch_up_note, ev.caught_up_us = "", 45 * S
+    out = judge(ev, a, [], both(0, 10.6), expected=2, delivered=2, lost=0, duplicated=0)
+    assert out.ok and out.to_dict()["projections_caught_up_after_s"] == 35.0
