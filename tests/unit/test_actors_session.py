@@ -489,3 +489,23 @@ async def test_a_redelivered_batch_larger_than_the_remembered_ids_adds_no_duplic
     await again.recover()  # what a restarted shard does first
     await again.process(rig.events())  # the uncommitted batch comes again
     assert len(await rig.items("alice")) == 300
+
+
+async def test_a_second_copy_of_an_event_in_the_log_is_one_inbox_item(rig: Rig) -> None:
+    """The lost-ack case: an append reported `unavailable` landed all the same, and the cid
+    retry wrote the same event (same id) again at a later offset. Each inbox holds it once,
+    also when the shard restarted between the two copies."""
+    await rig.dm("alice", "bob", "first")
+    (original,) = rig.events()
+    first = await rig.shard()
+    await first.process(rig.events())
+    await rig.dm("alice", "bob", "between")
+    await rig.log.append(rig.cfg.topics.events, original.value, key=original.key,
+                         headers=original.headers)
+    again = await rig.shard()  # a restarted shard: its sessions come back from the cache
+    await again.process(rig.events())
+    for user in ("alice", "bob"):
+        items = await rig.items(user)
+        assert [i["body"] for i in items] == ["first", "between"], user
+        assert seqs(items) == [1, 2]
+    assert again.stats.duplicates_dropped >= 2
