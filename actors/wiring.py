@@ -54,7 +54,10 @@ def _setup_logging() -> None:
 
 # Actors restart for ever after a crash or a kill (state is rebuilt from the log and Redis), and
 # take no CPU reservation: they are I/O-bound and the machine is shared with the services.
-_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+# SPREAD: the shards of a kind go to different nodes where there are several, so that one
+# node's loss takes as few users' shards as possible (a restart goes to any node left).
+_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1,
+                                  "scheduling_strategy": "SPREAD"}
 
 
 @ray.remote(**_ACTOR_OPTIONS)

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("chaos (dm on PeerNet's local stack; see docs/reliability.md)")
     g.add_argument("--chaos", metavar="FAULTS",
                    help="one phase per fault, injected --fault-at s into it: all, or some of "
-                        "kafka, redis, mongo, replica, session-shard, feed-shard, presence-shard, burst")
+                        "kafka, redis, mongo, replica, session-shard, feed-shard, presence-shard, burst; "
+                        "node (a second Ray node on this machine, not in all)")
     g.add_argument("--fault-at", type=float, default=d.fault_at,
                    help=f"seconds into each phase, warm-up included (default {d.fault_at:g})")
     g.add_argument("--mongo-down", type=float, default=d.mongo_down,

@@ -41,7 +41,11 @@ FAULTS: dict[str, str] = {
     "feed-shard": "one FeedShard actor's process SIGKILLed; Ray restarts it",
     "presence-shard": "one PresenceShard actor's process SIGKILLed; Ray restarts it",
     "burst": "--burst-factor times the rate for --burst-s seconds",
+    "node": "a worker node of the cluster on this machine killed: its raylet and every process "
+            "of it SIGKILLed; Ray restarts its actors on the nodes left",
 }
+# What `--chaos all` runs: every fault a one-node deployment can take (`node` needs two).
+ALL_FAULTS = tuple(f for f in FAULTS if f != "node")
 SERVICE_FAULTS = frozenset({"kafka", "redis", "mongo"})
 # Process titles Ray gives the actors' worker processes.
 ACTOR_TITLES: dict[str, str] = {
@@ -63,7 +67,7 @@ def parse_faults(text: str) -> tuple[str, ...]:
     """`all`, or a comma-separated list of names from FAULTS (in the order given)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
-        return tuple(FAULTS)
+        return ALL_FAULTS
     unknown = [n for n in names if n not in FAULTS]
     if unknown or not names:
         raise ValueError(f"--chaos takes all or some of {', '.join(FAULTS)}; got {text!r}")
@@ -237,6 +241,29 @@ def actor_pids(fault: str, gcs_address: str) -> list[int]:
     return pick_processes(_scan(), ACTOR_TITLES[fault], gcs_address)
 
 
+def is_worker_raylet(cmdline: Sequence[str], gcs_address: str) -> bool:
+    """A raylet of the cluster at `gcs_address` that is not the head's."""
+    return (bool(cmdline) and cmdline[0].endswith("/raylet")
+            and f"--gcs-address={gcs_address}" in cmdline and "--head" not in cmdline)
+
+
+def worker_raylets(gcs_address: str) -> list[int]:
+    out = []
+    for pid in psutil.pids():
+        try:
+            if is_worker_raylet(psutil.Process(pid).cmdline(), gcs_address):
+                out.append(pid)
+        except psutil.Error:
+            continue
+    return sorted(out)
+
+
+def actor_counts(gcs_address: str) -> dict[str, int]:
+    """How many processes of each PeerNet actor kind the cluster runs on this machine."""
+    procs = _scan()
+    return {name: len(pick_processes(procs, title, gcs_address)) for name, title in ACTOR_TITLES.items()}
+
+
 def gcs_address_of(url: str, state_file: Path) -> str:
     """The GCS address of the `peernet serve` answering at `url`, from its state file."""
     try:
@@ -323,6 +350,9 @@ class Injector:
             if name in ACTOR_TITLES and not actor_pids(name, self.gcs_address):
                 raise SetupError(f"--chaos {name}: no {ACTOR_TITLES[name]} process of the Ray "
                                  f"cluster at {self.gcs_address} on this machine")
+            if name == "node" and not worker_raylets(self.gcs_address):
+                raise SetupError(f"--chaos node: the Ray cluster at {self.gcs_address} has no "
+                                 "worker node on this machine to kill")
 
     async def inject(self, name: str, at_us: int) -> FaultEvent:
         """Wait until `at_us`, inject `name`, and return once it is repaired (or has failed)."""
@@ -333,6 +363,8 @@ class Injector:
                 await self._service(name, event)
             elif name in ACTOR_TITLES:
                 await self._actor(name, event)
+            elif name == "node":
+                await self._node(event)
             else:  # burst: the schedule carries it
                 event.injected_us = now_us()
                 event.repaired_us = event.injected_us
@@ -379,3 +411,33 @@ class Injector:
                 return
             await asyncio.sleep(0.2)
         raise SetupError(f"no new {ACTOR_TITLES[name]} process within {RESTART_TIMEOUT_S:.0f} s")
+
+    async def _node(self, event: FaultEvent) -> None:
+        """Kill a worker node as a crashed host would go: its raylet and every process under
+        it at once. Repaired once the cluster runs as many of each actor as before, none on it."""
+        raylets = await asyncio.to_thread(worker_raylets, self.gcs_address)
+        if not raylets:
+            raise SetupError("no worker node to kill")
+        before = await asyncio.to_thread(actor_counts, self.gcs_address)
+        victim = psutil.Process(raylets[0])
+        doomed = [victim, *victim.children(recursive=True)]
+        gone = {p.pid for p in doomed}
+        on_it = {k: len(pick_processes([i for i in _scan() if i.pid in gone], t, self.gcs_address))
+                 for k, t in ACTOR_TITLES.items()}
+        event.injected_us = now_us()
+        for proc in reversed(doomed):
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        event.detail = (f"raylet {victim.pid} and {len(doomed) - 1} processes SIGKILLed ("
+                        + ", ".join(f"{n} {k}" for k, n in on_it.items() if n) + ")")
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = await asyncio.to_thread(actor_counts, self.gcs_address)
+            if all(now[k] >= before[k] for k in before):
+                event.repaired_us = now_us()
+                return
+            await asyncio.sleep(0.25)
+        raise SetupError(f"the killed node's actors were not all back within "
+                         f"{RESTART_TIMEOUT_S:.0f} s: {now} against {before} before")

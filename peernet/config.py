@@ -66,6 +66,9 @@ class GatewayConfig:
     # "proxy", Serve's HTTP proxy actor relays every frame (docs/benchmarks.md: slower, and 5x
     # the memory per connection, on this project's 2-core machine).
     ingress: str = "haproxy"
+    # Where Serve runs its ingress (HAProxy or its proxy): "EveryNode" that has a replica, or
+    # "HeadOnly" (several Ray nodes on one host, which would all bind `port`).
+    proxy_location: str = "EveryNode"
     max_connections_per_replica: int = 10_000
     # Connections one client address may hold open on one replica; over it a new one is closed
     # with 4429 (0: no limit). IPv6 addresses count by /64. See serve/limits.py, client_address.
@@ -171,6 +174,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_PORT": ("gateway", "port"),
     "PEERNET_REPLICAS": ("gateway", "replicas"),
     "PEERNET_INGRESS": ("gateway", "ingress"),
+    "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),

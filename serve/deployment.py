@@ -241,7 +241,8 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for name, result in results.items():
         outcome = "started" if isinstance(result, dict) else f"FAILED: {result}"
         print(f"peernet: actor {name} {outcome}", flush=True)
-    serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port},
+    serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port,
+                              "location": cfg.gateway.proxy_location},
                 detached=False)
     gateway = Gateway.options(  # type: ignore[attr-defined]
         num_replicas=cfg.gateway.replicas,

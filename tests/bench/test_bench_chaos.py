@@ -9,6 +9,7 @@ from bench.chaos import (
     FAULTS,
     FaultEvent,
     ProcInfo,
+    is_worker_raylet,
     judge,
     parse_faults,
     pick_processes,
@@ -35,7 +36,8 @@ def both(k: int, at_s: float) -> list[Receipt]:
 
 
 def test_parse_faults() -> None:
-    assert parse_faults("all") == tuple(FAULTS)
+    assert parse_faults("all") == tuple(f for f in FAULTS if f != "node")
+    assert parse_faults("node") == ("node",)
     assert parse_faults("kafka, burst") == ("kafka", "burst")
     for bad in ("", "kafka,nope", "all,kafka"):
         with pytest.raises(ValueError):
@@ -163,3 +165,14 @@ def test_a_projection_that_never_caught_up_fails_the_fault() -> None:
     ev.catch_up_note, ev.caught_up_us = "", 45 * S
     out = judge(ev, a, [], both(0, 10.6), expected=2, delivered=2, lost=0, duplicated=0)
     assert out.ok and out.to_dict()["projections_caught_up_after_s"] == 35.0
+
+
+def test_worker_raylets_are_the_clusters_non_head_raylets() -> None:
+    gcs = "10.0.0.1:6390"
+    worker = ["/x/ray/core/src/ray/raylet/raylet", "--gcs-address=10.0.0.1:6390", "--node_name=b"]
+    head = [*worker, "--head"]
+    assert is_worker_raylet(worker, gcs)
+    assert not is_worker_raylet(head, gcs)
+    assert not is_worker_raylet(worker, "10.0.0.1:639")
+    assert not is_worker_raylet(["/x/gcs_server", "--gcs-address=10.0.0.1:6390"], gcs)
+    assert not is_worker_raylet([], gcs)
