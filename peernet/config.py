@@ -151,6 +151,17 @@ class PeerNetConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+# Ray's node health checks on a PeerNet cluster's head (cluster.yaml sets them before `ray start
+# --head`; the GCS reads them): a node is checked each second and called dead after 3 misses, so
+# its shard actors restart elsewhere within seconds (Ray's default is 3 s x 5 with a 10 s
+# timeout). Shown by tests/e2e/test_multinode.py, which starts its cluster with them.
+RAY_HEALTH_CHECKS: dict[str, str] = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
 # Environment variable -> (section, field). The one table of every PEERNET_* variable.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_KAFKA_BOOTSTRAP": ("services", "kafka_bootstrap"),

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import hash_runtime_conf, prepare_config, validate_config
 
-from peernet.config import ENV_VARS, PROJECT_ROOT, load_config
+from peernet.config import ENV_VARS, PROJECT_ROOT, RAY_HEALTH_CHECKS, load_config
 
 CLUSTER_YAML = PROJECT_ROOT / "cluster.yaml"
 ENV_FILE = PROJECT_ROOT / "deploy" / "peernet.env"
@@ -73,6 +73,9 @@ def test_ray_is_started_with_the_settings_peernet_needs() -> None:
         assert "export RAY_AUTH_MODE=disabled RAY_TMPDIR=/tmp/peernet;" in commands
         assert "~/peernet-venv/bin/ray start" in commands
     assert "--include-dashboard=false" in head
+    # Node failure noticed in seconds, as tests/e2e/test_multinode.py runs it.
+    for name, value in RAY_HEALTH_CHECKS.items():
+        assert f"{name}={value}" in head, name
     # `peernet serve` joins with address "auto", which Ray resolves from $RAY_TMPDIR/ray: the
     # script that runs it must use the same RAY_TMPDIR as `ray start`.
     assert 'RAY_TMPDIR="${RAY_TMPDIR:-/tmp/peernet}"' in SERVE_SCRIPT.read_text()
