@@ -22,7 +22,7 @@ from peernet.config import PROJECT_ROOT, PeerNetConfig, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wsclient import Server
+from wsclient import SERVER_TOPICS, Server
 
 SERVER_START_TIMEOUT_S = 420.0  # a busy machine may need Ray started more than once
 SERVICE_RESTART_TIMEOUT_S = 90.0  # a service restarted by a fault test, on a busy machine
@@ -34,16 +34,32 @@ def cfg() -> PeerNetConfig:
 
 
 @pytest.fixture(scope="session")
-def local_stack(cfg: PeerNetConfig) -> PeerNetConfig:
+def local_stack(cfg: PeerNetConfig) -> Iterator[PeerNetConfig]:
     """The real local services, started by the project's own code if they are not running."""
+    import asyncio
+
     from stack import manager
 
     manager.up(cfg)
-    return cfg
+    bootstrap = cfg.services.kafka_bootstrap
+    before = asyncio.run(_topics(bootstrap))
+    yield cfg
+    # Delete the test topics this session created: a broker that keeps every run's topics loads
+    # them all at each start (a SIGKILLed one took 56 s to answer again with ~1,000 partitions
+    # of earlier runs), which the fault tests then wait for.
+    try:
+        ours = sorted(t for t in asyncio.run(_topics(bootstrap)) - before
+                      if t in SERVER_TOPICS or t.startswith(BUS_TEST_TOPIC_PREFIX))
+        if ours:
+            asyncio.run(_delete_topics(bootstrap, ours))
+    except Exception as exc:  # cleanup only: never fail the run for it
+        print(f"conftest: test topics not deleted: {exc!r}")
 
 
-# Topics the tests create (the test server's, the bus tests'), deleted when the session ends.
-TEST_TOPIC_PREFIXES = ("peernet.test-", "test.")
+# Topics the tests create, deleted when the session ends: the test servers' own (registered by
+# name, so that another test session's server running meanwhile keeps its topics) and the bus
+# tests' (each used only inside its own test).
+BUS_TEST_TOPIC_PREFIX = "test."
 
 
 async def _topics(bootstrap: str) -> set[str]:
@@ -69,28 +85,6 @@ async def _delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def delete_test_topics(cfg: PeerNetConfig) -> Iterator[None]:
-    """Delete the test topics this session created: a broker that keeps every run's topics
-    loads them all at each start (a SIGKILLed one took 56 s to answer again with ~1,000
-    partitions of earlier runs), which the fault tests then wait for."""
-    import asyncio
-
-    bootstrap = cfg.services.kafka_bootstrap
-    try:
-        before = asyncio.run(_topics(bootstrap))
-    except Exception:
-        before = None  # no broker yet: the stack fixture starts it; nothing of ours exists
-    yield
-    try:
-        after = asyncio.run(_topics(bootstrap))
-        ours = sorted(t for t in after - (before or set()) if t.startswith(TEST_TOPIC_PREFIXES))
-        if ours:
-            asyncio.run(_delete_topics(bootstrap, ours))
-    except Exception as exc:  # cleanup only: never fail the run for it
-        print(f"conftest: test topics not deleted: {exc!r}")
-
-
 @pytest.fixture
 def stack_control(cfg: PeerNetConfig) -> Iterator[Any]:
     """stack.manager, for tests that kill and restart a service. Leaves every service it found
@@ -108,6 +102,7 @@ def stack_control(cfg: PeerNetConfig) -> Iterator[Any]:
 def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
     run = uuid.uuid4().hex[:8]
     port = os.environ.get("PEERNET_TEST_PORT", "18080")
+    SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.inbox"])
     return {
         **os.environ,
         "PEERNET_PORT": port,

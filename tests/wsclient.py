@@ -42,6 +42,10 @@ class Server:
             return ""
 
 
+# Kafka topics of the test servers this session started (tests/conftest.py deletes them at the end).
+SERVER_TOPICS: list[str] = []
+
+
 def unique_user(prefix: str = "u") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from wsclient import Server
+from wsclient import SERVER_TOPICS, Server
 
 from bench.chaos import ACTOR_TITLES, _scan, pick_processes, worker_raylets
 from bench.params import BenchParams
@@ -103,6 +103,7 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
             "PEERNET_FEED_KEYSPACE": f"social-test-mn{run}",
             "PEERNET_PRESENCE_KEYSPACE": f"presence-test-mn{run}",
         }
+        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
         cfg = load_config(env)
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"
         with open(log_path, "wb") as log_file:
