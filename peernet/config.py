@@ -131,6 +131,14 @@ class FeedsConfig:
 
 
 @dataclass(frozen=True)
+class LogsConfig:
+    """How every PeerNet process logs (peernet/logs.py)."""
+
+    format: str = "text"  # "text", or "json": one object per line for a log pipeline
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # empty: `peernet serve` starts a local Ray head
     tmpdir: str = ""  # empty: .peernet/ray, or /tmp/peernet-ray when that path is too long
@@ -149,6 +157,7 @@ class PeerNetConfig:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     feeds: FeedsConfig = field(default_factory=FeedsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
 
 
 # Ray's node health checks on a PeerNet cluster's head (cluster.yaml sets them before `ray start
@@ -185,6 +194,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_PORT": ("gateway", "port"),
     "PEERNET_REPLICAS": ("gateway", "replicas"),
     "PEERNET_INGRESS": ("gateway", "ingress"),
+    "PEERNET_LOG_FORMAT": ("logs", "format"),
+    "PEERNET_LOG_LEVEL": ("logs", "level"),
     "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),

@@ -9,9 +9,16 @@ reads as a few lines that still say when it began and how long it lasted.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peernet.config import LogsConfig
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries known to repeat themselves while a service is away.
@@ -55,10 +62,45 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """The root logger's format and level (once per process), and repeats collapsed on the
-    noisy libraries' loggers."""
-    logging.basicConfig(level=level, format=FORMAT)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (PEERNET_LOG_FORMAT=json): `ts` (UTC, ISO 8601), `level`,
+    `logger`, `msg`, `pid`, and `exc` with the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process or os.getpid(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(cfg: LogsConfig | None = None) -> None:
+    """The root logger's format and level (once per process: PEERNET_LOG_FORMAT, _LEVEL), and
+    repeats collapsed on the noisy libraries' loggers."""
+    if cfg is None:
+        from peernet.config import load_config
+
+        cfg = load_config().logs
+    level = logging.getLevelName(cfg.level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"PEERNET_LOG_LEVEL={cfg.level!r} is not a logging level")
+    if cfg.format not in ("text", "json"):
+        raise ValueError(f"PEERNET_LOG_FORMAT={cfg.format!r} is not one of text, json")
+    formatter = JsonFormatter() if cfg.format == "json" else logging.Formatter(FORMAT)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    elif cfg.format == "json":  # a host (Ray, uvicorn) set up its own: they speak JSON too
+        for h in root.handlers:
+            h.setFormatter(formatter)
+    root.setLevel(level)
     for name in NOISY:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RepeatFilter) for f in logger.filters):

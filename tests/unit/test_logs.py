@@ -4,9 +4,13 @@ through, and different messages, levels or loggers never hold each other back.""
 
 from __future__ import annotations
 
+import json
 import logging
 
-from peernet.logs import NOISY, RepeatFilter, setup_logging
+import pytest
+
+from peernet.config import LogsConfig, load_config
+from peernet.logs import NOISY, JsonFormatter, RepeatFilter, setup_logging
 
 
 class Clock:
@@ -58,3 +62,36 @@ def test_setup_logging_filters_the_noisy_loggers_once() -> None:
     setup_logging()
     for name in NOISY:
         assert sum(isinstance(x, RepeatFilter) for x in logging.getLogger(name).filters) == 1
+
+
+def test_json_lines_carry_time_level_logger_message_and_traceback() -> None:
+    rec = record()
+    line = json.loads(JsonFormatter().format(rec))
+    assert line["level"] == "ERROR" and line["logger"] == "aiokafka"
+    assert line["msg"] == "Unable connect to node with id 1: refused"
+    assert line["ts"].endswith("+00:00") and isinstance(line["pid"], int)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exc"]
+
+
+def test_the_format_and_level_come_from_peernet_variables() -> None:
+    cfg = load_config({"PEERNET_LOG_FORMAT": "json", "PEERNET_LOG_LEVEL": "warning"}).logs
+    assert cfg == LogsConfig(format="json", level="warning")
+    root = logging.getLogger()
+    saved = [(h, h.formatter) for h in root.handlers], root.level
+    try:
+        setup_logging(cfg)
+        assert root.level == logging.WARNING
+        assert all(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    finally:
+        for h, f in saved[0]:
+            h.setFormatter(f)
+        root.setLevel(saved[1])
+    for bad in (LogsConfig(format="xml"), LogsConfig(level="LOUD")):
+        with pytest.raises(ValueError):
+            setup_logging(bad)
