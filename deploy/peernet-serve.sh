@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `peernet serve` as a background service on a Ray head (cluster.yaml runs it):
 #   peernet-serve.sh start|stop|restart|status
+#   peernet-serve.sh report [--json]   (`peernet status` with the deployed settings)
 # It reads deploy/peernet.env (or $PEERNET_ENV_FILE), runs ~/peernet-venv's `peernet serve`
 # (or $PEERNET_VENV's), logs to ~/peernet-serve.log and keeps its pid in ~/peernet-serve.pid.
 set -euo pipefail
@@ -23,12 +24,16 @@ stop() {
   rm -f "$pid_file"
 }
 
-start() {
-  if running; then echo "peernet serve is running (pid $(cat "$pid_file"))"; return 0; fi
+load_env() {
   set -a
   # shellcheck disable=SC1090
   . "$env_file"
   set +a
+}
+
+start() {
+  if running; then echo "peernet serve is running (pid $(cat "$pid_file"))"; return 0; fi
+  load_env
   export PEERNET_RAY_ADDRESS="${PEERNET_RAY_ADDRESS:-auto}"
   # Where cluster.yaml's `ray start` keeps its files: "auto" reads the head's address there.
   export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/peernet}" RAY_AUTH_MODE="${PEERNET_RAY_AUTH_MODE:-disabled}"
@@ -42,5 +47,6 @@ case "${1:-}" in
   stop) stop ;;
   restart) stop; start ;;
   status) if running; then echo "running (pid $(cat "$pid_file"))"; else echo "stopped"; exit 1; fi ;;
-  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+  report) shift; load_env; exec "$venv/bin/peernet" status "$@" ;;
+  *) echo "usage: $0 start|stop|restart|status|report [--json]" >&2; exit 2 ;;
 esac

@@ -40,6 +40,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_forever(load_config(), dev_tokens=args.dev_tokens)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from peernet.status_report import Service, render_text
+    from serve import status
+    from stack import manager
+
+    cfg = load_config()
+
+    def services() -> list[Service]:
+        return [Service(s.name, s.state, s.address, s.external, s.pid, s.detail)
+                for s in manager.status(cfg)]
+
+    report = status.collect(cfg, address=args.address or "", url=(args.url or "").rstrip("/"),
+                            services=services, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        if not report.healthy:
+            print(f"peernet status: {report.reason()}", file=sys.stderr)
+    else:
+        print(render_text(report))
+    code = 0 if report.healthy else 1
+    if status.stuck():
+        # A read past its deadline (no timeout of its own) must not hold the answer back.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -75,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-tokens", action="store_true",
                    help="enable POST /v1/dev/token (same as PEERNET_DEV_TOKENS=1)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("status", help="the running PeerNet: serve process, Ray nodes, shard actors, "
+                       "gateway replicas, consumer lag, health; exit 1 unless all is healthy")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--address", help="the Ray cluster (GCS address, or auto) to look at instead "
+                   "of the one in .peernet/run/serve.json (default: PEERNET_RAY_ADDRESS when "
+                   "there is no state file)")
+    p.add_argument("--url", help="the gateway's base URL for /healthz and /metrics "
+                   "(default: the state file's, else http://PEERNET_HOST:PEERNET_PORT)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds each part of the report may take (default 10)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("token", help="print a signed development token for USER")
     p.add_argument("user")

@@ -253,7 +253,9 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     state: dict[str, Any] = {"pid": os.getpid(), "url": url, "gcs_address": gcs,
              "namespace": NAMESPACE, "ingress": cfg.gateway.ingress, "started_at": time.time(),
-             "startup_s": round(time.monotonic() - t0, 1)}
+             "startup_s": round(time.monotonic() - t0, 1),
+             # What `peernet status` expects to find, whatever the environment it runs in.
+             "actors": list(handles), "replicas": cfg.gateway.replicas}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
