@@ -28,8 +28,8 @@ NOISY = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.admin.client
          "aiokafka.consumer.group_coordinator", "aiokafka.producer.producer",
          "aiokafka.producer.sender",
          # PeerNet's own retry loops: one warning per failed attempt while a service is away.
-         "actors.session", "actors.feed", "actors.presence", "actors.projector", "actors.replay",
-         "serve.connection", "serve.presence", "serve.hub", "bus.kafka", "bus.redis")
+         "peernet.session", "peernet.feed", "peernet.presence", "peernet.projector",
+         "peernet.connection", "peernet.hub", "bus.kafka", "bus.redis")
 REPEAT_WINDOW_S = 10.0
 
 
