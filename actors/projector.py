@@ -84,6 +84,7 @@ def project(event: Event, offset: int, writes: dict[str, dict[str, Document | No
 class ProjectorStats:
     records: int = 0
     written: int = 0
+    batches: int = 0
     errors: int = 0
     last_error: str = ""
     started: bool = False
@@ -143,13 +144,35 @@ class Projector:
                 continue
             if not records:
                 continue
+            records = await self._gather(records)
             await self._until_ok("write", functools.partial(self.apply, records))
             await self._until_ok("commit", self._consumer.commit)
+
+    async def _gather(self, records: list[Record]) -> list[Record]:
+        """More records, for up to the linger after the first: MongoDB is written behind
+        delivery, and a write per batch instead of per event costs it (and the commits) far
+        less at low rates (docs/benchmarks.md, "Where the CPU goes per DM")."""
+        assert self._consumer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._cfg.shards.projector_linger_ms / 1000
+        limit = self._cfg.shards.max_batch
+        while len(records) < limit:
+            left_ms = int((deadline - loop.time()) * 1000)
+            if left_ms <= 0:
+                break
+            try:
+                records.extend(await self._consumer.poll(max_records=limit - len(records),
+                                                         timeout_ms=left_ms))
+            except Exception as exc:  # write what we have; the loop's next poll retries
+                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
+                break
+        return records
 
     async def apply(self, records: Sequence[Record]) -> None:
         # _id -> document, or None for a deletion, per collection: within a batch the last
         # event for an _id wins, which is the log's order (a pair's events share a partition).
         writes: dict[str, dict[str, Document | None]] = {c: {} for c in PROJECTIONS}
+        self.stats.batches += 1
         for record in records:
             self.stats.records += 1
             try:

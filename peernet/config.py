@@ -104,6 +104,9 @@ class ShardsConfig:
     inbox_retention_ms: int = 7 * 24 * 3600 * 1000
     # Deliveries batched into one shard call and one Kafka produce.
     max_batch: int = 500
+    # The projector waits this long after the first record of a batch for more, so that one
+    # MongoDB write carries many events (the store of record trails delivery by this much).
+    projector_linger_ms: int = 250
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_INBOX_RETENTION_ITEMS": ("shards", "inbox_retention_items"),
     "PEERNET_INBOX_RETENTION_MS": ("shards", "inbox_retention_ms"),
     "PEERNET_MAX_BATCH": ("shards", "max_batch"),
+    "PEERNET_PROJECTOR_LINGER_MS": ("shards", "projector_linger_ms"),
     "PEERNET_PRESENCE_LEASE_MS": ("presence", "lease_ms"),
     "PEERNET_PRESENCE_LAST_SEEN_TTL_S": ("presence", "last_seen_ttl_s"),
     "PEERNET_PRESENCE_KEYSPACE": ("presence", "keyspace"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from unit_helpers import eventually
 
 from actors.feed import Batch, FeedShard, feeds_group, parse, plan
 from actors.projector import Projector
@@ -372,3 +374,28 @@ def test_the_group_is_one_per_events_topic(cfg: PeerNetConfig) -> None:
     assert feeds_group(cfg) != feeds_group(other)
     assert feeds_group(cfg).startswith("peernet.feeds")
 
+
+
+@pytest.mark.parametrize("linger_ms", [400, 0])
+async def test_the_projector_writes_events_that_arrive_within_its_linger_as_one_batch(
+        cfg: PeerNetConfig, log: MemoryEventLog, linger_ms: int) -> None:
+    """Events appended one by one within the linger reach MongoDB in one or two writes; with no
+    linger each poll is written at once."""
+    docs = MemoryDocumentStore()
+    c = replace(cfg, shards=replace(cfg.shards, projector_linger_ms=linger_ms))
+    projector = Projector(c, log, docs)
+    await projector.start()
+    try:
+        w = World(c, log)
+        for i in range(6):
+            await w.post("a", f"p{i}")
+            await asyncio.sleep(0.03)
+        await eventually(lambda: projector.stats.records == 6)
+        await eventually(lambda: projector.stats.written >= 6)
+        assert len(await docs.find("posts", {})) == 6
+        if linger_ms:
+            assert projector.stats.batches <= 2, projector.stats
+        else:
+            assert projector.stats.batches >= 3, projector.stats
+    finally:
+        await projector.stop()
