@@ -99,6 +99,10 @@ class Service:
     detail: str
 
 
+_SECTION_ORDER = {name: i for i, name in enumerate(
+    ("serve", "nodes", "shards", "gateway", "health", "services", "lag"))}
+
+
 @dataclass
 class StatusReport:
     """Everything `peernet status` read. A section that could not be read is None and its
@@ -120,7 +124,10 @@ class StatusReport:
         out: list[str] = []
         if self.serve.running is False:
             out.append(f"peernet serve is not running: {self.serve.detail}".rstrip(": "))
-        out += [f"{section}: {why}" for section, why in self.errors.items()]
+        # Unread sections in a fixed order, most telling first (they are read in parallel, so
+        # the order they failed in is chance): the one-line reason is always the same.
+        out += [f"{section}: {why}" for section, why in
+                sorted(self.errors.items(), key=lambda kv: _SECTION_ORDER.get(kv[0], 99))]
         if self.nodes is not None and not any(n.alive for n in self.nodes):
             out.append("no Ray node is alive")
         for shard in self.shards or []:

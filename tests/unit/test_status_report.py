@@ -359,3 +359,13 @@ def test_the_gateway_from_serves_own_status_objects() -> None:
     assert problems == ["1 of 2 gateway replicas running", "1 Serve proxy(ies) UNHEALTHY"]
     missing = status_module._gateway(ServeStatus(), 2, [])
     assert (missing.app_status, missing.running_replicas) == ("NOT_FOUND", 0)
+
+
+def test_unread_sections_are_reported_in_a_fixed_order_whatever_failed_first() -> None:
+    from peernet.status_report import ServeProcess, StatusReport
+
+    proc = ServeProcess(running=True, source="s", url="u", gcs_address="g", namespace="n")
+    a = StatusReport(serve=proc, errors={"lag": "x", "health": "y"})
+    b = StatusReport(serve=proc, errors={"health": "y", "lag": "x"})
+    assert a.problems() == b.problems() == ["health: y", "lag: x"]
+    assert a.reason().startswith("NOT HEALTHY: health: y")
