@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import resource
 import signal
 import socket
@@ -108,7 +109,22 @@ def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+# Ports for HAProxy's side listeners come from below the kernel's ephemeral range (32768 and
+# up on Linux) and above Ray's worker ports (10002-19999): a port the kernel hands out as free
+# is also one it may give an outgoing connection before HAProxy binds it, which made HAProxy
+# fail to start in CI ("cannot bind socket (Address already in use)").
+_SIDE_PORTS = (23000, 32000)
+
+
+def _free_port(tries: int = 50) -> int:
+    for _ in range(tries):
+        port = random.randrange(*_SIDE_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,9 +39,17 @@ START_TIMEOUT_S = 420.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (which an outgoing connection may take
+    between this check and Ray's bind) and apart from the worker ports used here."""
+    for _ in range(50):
+        port = random.randrange(22000, 23000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 22000-22999")
 
 
 def ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -127,7 +136,8 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
             yield Server(url=url, ws_url=server.ws_url, env=env, cfg=cfg, gcs_address=gcs,
                          log_path=log_path)
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                os.killpg(proc.pid, signal.SIGINT)
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
