@@ -116,9 +116,14 @@ def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:
 _SIDE_PORTS = (23000, 32000)
 
 
-def _free_port(tries: int = 50) -> int:
+def _free_port() -> int:
+    return free_port_in(*_SIDE_PORTS)
+
+
+def free_port_in(low: int, high: int, tries: int = 50) -> int:
+    """A port in [low, high) that is free now (any free port when none of `tries` draws is)."""
     for _ in range(tries):
-        port = random.randrange(*_SIDE_PORTS)
+        port = random.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("", port))

@@ -6,23 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from peernet.config import PROJECT_ROOT, PeerNetConfig, load_config
+from peernet.config import PeerNetConfig, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wsclient import SERVER_TOPICS, Server
+from wsclient import SERVER_TOPICS, Server, running_server
 
 SERVER_START_TIMEOUT_S = 420.0  # a busy machine may need Ray started more than once
 SERVICE_RESTART_TIMEOUT_S = 90.0  # a service restarted by a fault test, on a busy machine
@@ -141,41 +137,9 @@ def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPath
                      log_path=Path("/dev/null"))
         return
     env = _server_env(local_stack)
-    cfg = load_config(env)
     log_path = tmp_path_factory.mktemp("server") / "peernet-serve.log"
-    home_state = cfg.stack.home / "run" / "serve.json"
-    home_state.unlink(missing_ok=True)
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "peernet.cli", "serve"], env=env,
-                                cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{cfg.gateway.port}"
-    server = Server(url=url, ws_url=f"ws://127.0.0.1:{cfg.gateway.port}/v1/ws", env=env, cfg=cfg,
-                    gcs_address="", log_path=log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"peernet serve exited with {proc.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"peernet serve not healthy in {SERVER_START_TIMEOUT_S:.0f}s:\n"
-                            f"{server.log_tail()}")
-            try:
-                if home_state.exists() and httpx.get(url + "/healthz", timeout=3).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        state = json.loads(home_state.read_text())
-        yield Server(url=url, ws_url=server.ws_url, env=env, cfg=cfg,
-                     gcs_address=state["gcs_address"], log_path=log_path)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    with running_server(env, log_path, SERVER_START_TIMEOUT_S) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgpack
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from peernet.config import PeerNetConfig
+from peernet.config import PROJECT_ROOT, PeerNetConfig, load_config
 
 Frame = dict[str, Any]
 
@@ -40,6 +47,45 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log_path: Path, timeout_s: float) -> Iterator[Server]:
+    """`peernet serve` started with `env` as its own process group, yielded once its state file
+    exists and /healthz answers 200; stopped (SIGINT, then SIGKILL) on exit."""
+    cfg = load_config(env)
+    state_path = cfg.stack.home / "run" / "serve.json"
+    state_path.unlink(missing_ok=True)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "peernet.cli", "serve"], env=env,
+                                cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    port = cfg.gateway.port
+    url = f"http://127.0.0.1:{port}"
+    server = Server(url=url, ws_url=f"ws://127.0.0.1:{port}/v1/ws", env=env, cfg=cfg,
+                    gcs_address="", log_path=log_path)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"peernet serve exited with {proc.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"peernet serve not healthy in {timeout_s:.0f}s:\n{server.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if state_path.exists() and httpx.get(url + "/healthz", timeout=3).status_code == 200:
+                    break
+            time.sleep(1)
+        state = json.loads(state_path.read_text())
+        yield Server(url=url, ws_url=server.ws_url, env=env, cfg=cfg,
+                     gcs_address=state["gcs_address"], log_path=log_path)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 # Kafka topics of the test servers this session started (tests/conftest.py deletes them at the end).

@@ -9,20 +9,18 @@ reported in test-artifacts/bench-chaos/, never asserted.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_checks import run_fault
 from replicas import until_two_replicas
 from wsclient import Server
 
 from bench.chaos import SERVICE_FAULTS
 from bench.params import BenchParams
-from bench.report import build_report, write_results
-from bench.runner import run_bench
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "bench-chaos"
 
@@ -106,25 +104,11 @@ async def test_fault_loses_nothing_acknowledged(fault: str, peernet_server: Serv
     params = SHORT[fault].with_(urls=(peernet_server.url,), chaos=(fault,),
                                 ray_address=peernet_server.gcs_address).validate()
     logs = LogWatch(peernet_server)
-    run = await run_bench(params)
-    report = build_report(run, ["pytest", "test_chaos", fault])
-    await asyncio.to_thread(write_results, report, ARTIFACTS / fault, plots=False)
-    if fault == "replica":
-        await until_two_replicas(peernet_server)
-
-    (result,) = run.targets
-    assert not result.error, result.error
-    (phase,) = result.phases
-    assert phase.fault is not None
-    f = phase.fault
-    assert not f.event.error, f.event.error
-    assert f.acknowledged > 0, "nothing was acknowledged"
-    assert f.lost == 0, f"{f.lost} of {f.expected} deliveries lost, e.g. {phase.accounting.lost_sample}"
-    assert f.delivered == f.expected
-    assert f.failed.get("timeout", 0) == 0, f"requests never answered: {f.failed}"
-    assert f.recovery_s is not None, "delivery was still disturbed when the phase ended"
-    assert f.ok, f.verdict
-    assert phase.inbox_gaps == 0
+    try:
+        await run_fault(params, ARTIFACTS / fault, f"test_chaos {fault}")
+    finally:
+        if fault == "replica":
+            await until_two_replicas(peernet_server)
     # Every failure on the way was handled: no exception escaped into any log.
     unhandled = logs.new_lines(UNHANDLED)
     assert not unhandled, "\n\n".join(unhandled[:5])

@@ -8,28 +8,22 @@ come back on the head, clients resume, and nothing acknowledged is lost.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-from wsclient import SERVER_TOPICS, Server
+from fault_checks import run_fault
+from wsclient import SERVER_TOPICS, Server, running_server
 
 from bench.chaos import ACTOR_TITLES, _scan, pick_processes, worker_raylets
 from bench.params import BenchParams
-from bench.report import build_report, write_results
-from bench.runner import run_bench
-from peernet.config import PROJECT_ROOT, RAY_HEALTH_CHECKS, PeerNetConfig, load_config
+from peernet.config import RAY_HEALTH_CHECKS, PeerNetConfig
+from serve.deployment import free_port_in
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "multinode"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -41,15 +35,7 @@ START_TIMEOUT_S = 420.0
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (which an outgoing connection may take
     between this check and Ray's bind) and apart from the worker ports used here."""
-    for _ in range(50):
-        port = random.randrange(22000, 23000)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 22000-22999")
+    return free_port_in(22000, 23000)
 
 
 def ray_start(args: list[str], env: dict[str, str]) -> None:
@@ -113,35 +99,9 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
             "PEERNET_PRESENCE_KEYSPACE": f"presence-test-mn{run}",
         }
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
-        cfg = load_config(env)
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "peernet.cli", "serve"], env=env,
-                                    cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        server = Server(url=url, ws_url=f"ws://127.0.0.1:{port}/v1/ws", env=env, cfg=cfg,
-                        gcs_address="", log_path=log_path)
-        state_path = cfg.stack.home / "run" / "serve.json"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while True:
-                assert proc.poll() is None, f"peernet serve exited:\n{server.log_tail()}"
-                assert time.monotonic() < deadline, f"not healthy in time:\n{server.log_tail()}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if state_path.exists() and httpx.get(url + "/healthz", timeout=3).status_code == 200:
-                        break
-                time.sleep(1)
-            gcs = json.loads(state_path.read_text())["gcs_address"]
-            yield Server(url=url, ws_url=server.ws_url, env=env, cfg=cfg, gcs_address=gcs,
-                         log_path=log_path)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # it may have exited already
-                os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        with running_server(env, log_path, START_TIMEOUT_S) as server:
+            yield server
     finally:
         kill_cluster(temp_dir, gcs_port)
 
@@ -165,21 +125,5 @@ async def test_a_killed_worker_node_loses_nothing_acknowledged(two_node_server: 
     params = BenchParams(scenario="dm", clients=30, rate=10, warmup=1, duration=30, drain=40,
                          fault_at=4, urls=(server.url,), chaos=("node",),
                          ray_address=server.gcs_address).validate()
-    run = await run_bench(params)
-    report = build_report(run, ["pytest", "test_multinode"])
-    write_results(report, ARTIFACTS, plots=False)
-
-    (result,) = run.targets
-    assert not result.error, result.error
-    (phase,) = result.phases
-    assert phase.fault is not None
-    f = phase.fault
-    assert not f.event.error, f"{f.event.error}\n{server.log_tail()}"
-    assert f.acknowledged > 0
-    assert f.lost == 0, f"{f.lost} of {f.expected} lost, e.g. {phase.accounting.lost_sample}"
-    assert f.delivered == f.expected
-    assert f.failed.get("timeout", 0) == 0, f"requests never answered: {f.failed}"
-    assert f.recovery_s is not None, "delivery was still disturbed when the phase ended"
-    assert f.ok, f.verdict
-    assert phase.inbox_gaps == 0
+    await run_fault(params, ARTIFACTS, "test_multinode", server.log_tail())
     assert not worker_raylets(server.gcs_address), "the killed node is back?"
