@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import httpx
 import psutil
 
-from bench.client import SetupError, now_us
+from bench.client import DISCONNECTED, SetupError, now_us
 from bench.ledger import Acked, Failed, Receipt
 
 # name -> what it does; the order of `--chaos all`.
@@ -188,6 +188,9 @@ def judge(event: FaultEvent, acked: Sequence[Acked], failed: Sequence[Failed],
         problems.append(f"{lost} lost")
     if silent:
         problems.append(f"{silent} requests never answered")
+    unreachable = reasons.get(DISCONNECTED, 0)
+    if unreachable:
+        problems.append(f"{unreachable} requests found no server to take them until timeout")
     if recovery is None and not event.error:
         problems.append("not recovered by the end of the phase")
     if event.catch_up_note:
@@ -414,7 +417,9 @@ class Injector:
 
     async def _node(self, event: FaultEvent) -> None:
         """Kill a worker node as a crashed host would go: its raylet and every process under
-        it at once. Repaired once the cluster runs as many of each actor as before, none on it."""
+        it at once. Repaired once the cluster runs as many of each shard actor as before, none
+        on it, and a gateway replica; the gateway's lost replicas come back only where Serve's
+        `max_replicas_per_node` leaves room (the count after is in the detail)."""
         raylets = await asyncio.to_thread(worker_raylets, self.gcs_address)
         if not raylets:
             raise SetupError("no worker node to kill")
@@ -435,8 +440,9 @@ class Injector:
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while time.monotonic() < deadline:
             now = await asyncio.to_thread(actor_counts, self.gcs_address)
-            if all(now[k] >= before[k] for k in before):
+            if now["replica"] >= 1 and all(now[k] >= before[k] for k in before if k != "replica"):
                 event.repaired_us = now_us()
+                event.detail += f"; gateway replicas after: {now['replica']} of {before['replica']}"
                 return
             await asyncio.sleep(0.25)
         raise SetupError(f"the killed node's actors were not all back within "

@@ -25,6 +25,9 @@ FrameHandler = Callable[[int, Frame, int], None]
 
 # Retries of a request the server refused without processing (`rate_limited`, `unavailable`).
 MAX_RETRIES = 8
+# A request that timed out while its connection was down and every reconnect failed: the
+# server was unreachable, which is not the same as silence on an open connection (`timeout`).
+DISCONNECTED = "disconnected_until_timeout"
 
 
 def now_us() -> int:
@@ -33,7 +36,7 @@ def now_us() -> int:
 
 class RequestFailed(Exception):
     """A request that will not be acknowledged; `reason` is a protocol error code or one of
-    `timeout`, `connection_lost`, `closed`, `unsupported`."""
+    `timeout`, `disconnected_until_timeout`, `connection_lost`, `closed`, `unsupported`."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -269,8 +272,14 @@ class ReconnectingConnection:
         try:
             return await asyncio.wait_for(fut, self.request_timeout)
         except TimeoutError:
-            # Silence, or refusals (retried) until the time ran out: not the same thing.
-            reason = f"{p.last_code}_until_timeout" if p.attempts else "timeout"
+            # Silence, refusals (retried) until the time ran out, or no connection to send it
+            # on (every reconnect refused or unanswered): not the same thing.
+            if p.attempts:
+                reason = f"{p.last_code}_until_timeout"
+            elif self._ws is None:
+                reason = DISCONNECTED
+            else:
+                reason = "timeout"
             raise RequestFailed(reason) from None
         finally:
             self._pending.pop(rid, None)

@@ -296,7 +296,8 @@ def _fault_table(faults: list[dict[str, Any]]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Lost: acknowledged (`ok`) but never delivered to a recipient. Failed: never "
               "acknowledged; `unavailable` and `rate_limited` are answers (the client may retry), "
-              "`timeout` is silence. Back after: the injection until the service or actor ran "
+              "`timeout` is silence, `disconnected_until_timeout` no server to take the request "
+              "(every reconnect failed). Back after: the injection until the service or actor ran "
               "again. Recovered in: the injection until the first delivery after the last "
               "disturbed message (failed, lost, or later than 1 s). MongoDB caught up: the "
               "injection until the projector's consumer lag was back to its level before the "

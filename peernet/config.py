@@ -69,6 +69,11 @@ class GatewayConfig:
     # Where Serve runs its ingress (HAProxy or its proxy): "EveryNode" that has a replica, or
     # "HeadOnly" (several Ray nodes on one host, which would all bind `port`).
     proxy_location: str = "EveryNode"
+    # At most this many gateway replicas on one Ray node, so that a node's death never takes
+    # every replica (Ray's SPREAD placement is a preference only). 0: `replicas - 1` when the
+    # cluster has two or more nodes at deploy time, no limit on one node. A replica lost with its
+    # node comes back only on a node with room (docs/deploy.md, "Failover").
+    max_replicas_per_node: int = 0
     max_connections_per_replica: int = 10_000
     # Connections one client address may hold open on one replica; over it a new one is closed
     # with 4429 (0: no limit). IPv6 addresses count by /64. See serve/limits.py, client_address.
@@ -200,6 +205,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_LOG_FORMAT": ("logs", "format"),
     "PEERNET_LOG_LEVEL": ("logs", "level"),
     "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
+    "PEERNET_MAX_REPLICAS_PER_NODE": ("gateway", "max_replicas_per_node"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),

@@ -228,6 +228,18 @@ def _stop_ray_processes(temp_dir: str) -> None:
                 proc.kill()
 
 
+def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int) -> int | None:
+    """Serve's `max_replicas_per_node` for the gateway on a cluster of `nodes` live nodes: the
+    configured limit, else `replicas - 1` when there are two nodes or more (one node's death
+    then leaves a replica serving; Ray's SPREAD placement alone once put both on one node),
+    else none."""
+    if cfg.gateway.max_replicas_per_node > 0:
+        return cfg.gateway.max_replicas_per_node
+    if nodes >= 2 and cfg.gateway.replicas >= 2:
+        return cfg.gateway.replicas - 1
+    return None
+
+
 def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start (or join) Ray, create the topics and actors, and deploy the gateway.
 
@@ -265,10 +277,14 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port,
                               "location": cfg.gateway.proxy_location},
                 detached=False)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    per_node = replicas_per_node_limit(cfg, nodes)
+    placement: dict[str, Any] = {"max_replicas_per_node": per_node} if per_node else {}
     gateway = Gateway.options(  # type: ignore[attr-defined]
         num_replicas=cfg.gateway.replicas,
         max_ongoing_requests=cfg.gateway.max_connections_per_replica,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
+        **placement,
     )
     serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
@@ -276,10 +292,13 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
              "namespace": NAMESPACE, "ingress": cfg.gateway.ingress, "started_at": time.time(),
              "startup_s": round(time.monotonic() - t0, 1),
              # What `peernet status` expects to find, whatever the environment it runs in.
-             "actors": list(handles), "replicas": cfg.gateway.replicas}
+             "actors": list(handles), "replicas": cfg.gateway.replicas,
+             "replicas_per_node": per_node}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
+    print(f"peernet: {nodes} Ray node(s); gateway replicas per node: "
+          f"{per_node or 'no limit'}", flush=True)
     print(f"peernet: serving on {url} with {cfg.gateway.replicas} gateway replicas "
           f"behind {cfg.gateway.ingress} "
           f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)

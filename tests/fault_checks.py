@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from bench.client import DISCONNECTED
 from bench.params import BenchParams
 from bench.report import build_report, write_results
 from bench.runner import BenchRun, PhaseOutcome, run_bench
@@ -28,8 +29,11 @@ async def run_fault(params: BenchParams, artifacts: Path, name: str,
     assert f.acknowledged > 0, "nothing was acknowledged"
     assert f.lost == 0, f"{f.lost} of {f.expected} deliveries lost, e.g. {phase.accounting.lost_sample}"
     assert f.delivered == f.expected
-    assert f.failed.get("timeout", 0) == 0, f"requests never answered: {f.failed}"
-    assert f.recovery_s is not None, "delivery was still disturbed when the phase ended"
+    seen = (f"fault: {f.event.detail}; clients: reconnects {phase.conn_stats.get('reconnects')}, "
+            f"errors {phase.conn_stats.get('errors')}, close codes {phase.conn_stats.get('close_codes')}")
+    assert f.failed.get("timeout", 0) == 0, f"requests never answered: {f.failed}; {seen}"
+    assert f.failed.get(DISCONNECTED, 0) == 0, f"server unreachable until timeout: {f.failed}; {seen}"
+    assert f.recovery_s is not None, f"delivery was still disturbed when the phase ended; {seen}"
     assert f.ok, f.verdict
     assert phase.inbox_gaps == 0
     return run, phase

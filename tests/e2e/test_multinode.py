@@ -56,8 +56,9 @@ def kill_cluster(temp_dir: str, gcs_port: int) -> None:
     doomed: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         words = proc.info.get("cmdline") or []
-        ours = any(temp_dir in w or (w.startswith("--gcs-address=") and w.endswith(f":{gcs_port}"))
-                   for w in words)
+        # Ray's client server names the GCS with --address=, its other processes --gcs-address=.
+        ours = any(temp_dir in w or (w.startswith(("--gcs-address=", "--address="))
+                                     and w.endswith(f":{gcs_port}")) for w in words)
         if ours:
             with contextlib.suppress(psutil.Error):
                 for p in [proc, *proc.children(recursive=True)]:
@@ -121,6 +122,8 @@ async def test_a_killed_worker_node_loses_nothing_acknowledged(two_node_server: 
     placed = on_worker_node(server.gcs_address)
     # SPREAD placement: the node about to die holds shards (else the test would prove little).
     assert sum(n for k, n in placed.items() if k != "replica") >= 2, placed
+    # max_replicas_per_node (replicas - 1 on two nodes): the node never holds every replica.
+    assert placed["replica"] == 1, placed
 
     params = BenchParams(scenario="dm", clients=30, rate=10, warmup=1, duration=30, drain=40,
                          fault_at=4, urls=(server.url,), chaos=("node",),
