@@ -16,6 +16,7 @@ from bench.chaos import (
     projections_lag,
     recovery_time,
 )
+from bench.client import DISCONNECTED, ConnStats, ReconnectingConnection, RequestFailed
 from bench.ledger import Acked, Failed, Receipt
 from bench.params import BenchParams, ParamError
 from bench.plan import DM, build_plan, schedule
@@ -121,6 +122,10 @@ def test_judge_passes_only_with_no_loss_no_silence_and_recovery() -> None:
     quiet = judge(ev, a, silent, r, expected=4, delivered=4, lost=0, duplicated=0)
     assert not quiet.ok and "never answered" in quiet.verdict
 
+    cut_off = [Failed(2, DM, DISCONNECTED, int(12 * S))]
+    alone = judge(ev, a, cut_off, r, expected=4, delivered=4, lost=0, duplicated=0)
+    assert not alone.ok and "found no server" in alone.verdict
+
     lossy = judge(ev, a, [], r, expected=4, delivered=3, lost=1, duplicated=0)
     assert not lossy.ok and "1 lost" in lossy.verdict
 
@@ -176,3 +181,11 @@ def test_worker_raylets_are_the_clusters_non_head_raylets() -> None:
     assert not is_worker_raylet(worker, "10.0.0.1:639")
     assert not is_worker_raylet(["/x/gcs_server", "--gcs-address=10.0.0.1:6390"], gcs)
     assert not is_worker_raylet([], gcs)
+
+
+async def test_a_request_with_no_connection_to_send_it_on_fails_as_disconnected() -> None:
+    """Apart from silence on an open connection: the client never had a server to ask."""
+    conn = ReconnectingConnection(0, "u0", lambda index, frame, at_us: None, ConnStats(), 0.05)
+    with pytest.raises(RequestFailed) as failed:
+        await conn.request({"t": "dm", "to": "u1", "body": "x"}, idempotent=True)
+    assert failed.value.reason == DISCONNECTED
