@@ -43,6 +43,8 @@ FAULTS: dict[str, str] = {
     "burst": "--burst-factor times the rate for --burst-s seconds",
     "node": "a worker node of the cluster on this machine killed: its raylet and every process "
             "of it SIGKILLed; Ray restarts its actors on the nodes left",
+    "upgrade": "`peernet upgrade`: every shard actor restarted in turn, then the gateway's "
+               "replicas rolled one at a time",
 }
 # What `--chaos all` runs: every fault a one-node deployment can take (`node` needs two).
 ALL_FAULTS = tuple(f for f in FAULTS if f != "node")
@@ -261,6 +263,25 @@ def worker_raylets(gcs_address: str) -> list[int]:
     return sorted(out)
 
 
+def serve_driver(gcs_address: str) -> tuple[int, Path]:
+    """The `peernet serve` process on this machine connected to the cluster's GCS, and its
+    state file (from that process's own environment)."""
+    from peernet.config import load_config
+    from serve.deployment import is_serve_command, state_file
+
+    gcs_port = int(gcs_address.rsplit(":", 1)[1])
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if not is_serve_command(proc.info.get("cmdline") or []):
+                continue
+            if any(c.raddr and c.raddr.port == gcs_port for c in proc.net_connections("tcp")):
+                return proc.pid, state_file(load_config(proc.environ()))
+        except psutil.Error:
+            continue
+    raise SetupError(f"--chaos upgrade: no `peernet serve` of the cluster at {gcs_address} runs "
+                     "on this machine")
+
+
 def actor_counts(gcs_address: str) -> dict[str, int]:
     """How many processes of each PeerNet actor kind the cluster runs on this machine."""
     procs = _scan()
@@ -353,6 +374,8 @@ class Injector:
             if name in ACTOR_TITLES and not actor_pids(name, self.gcs_address):
                 raise SetupError(f"--chaos {name}: no {ACTOR_TITLES[name]} process of the Ray "
                                  f"cluster at {self.gcs_address} on this machine")
+            if name == "upgrade":
+                serve_driver(self.gcs_address)  # raises when there is none here
             if name == "node" and not worker_raylets(self.gcs_address):
                 raise SetupError(f"--chaos node: the Ray cluster at {self.gcs_address} has no "
                                  "worker node on this machine to kill")
@@ -368,6 +391,8 @@ class Injector:
                 await self._actor(name, event)
             elif name == "node":
                 await self._node(event)
+            elif name == "upgrade":
+                await self._upgrade(event)
             else:  # burst: the schedule carries it
                 event.injected_us = now_us()
                 event.repaired_us = event.injected_us
@@ -414,6 +439,20 @@ class Injector:
                 return
             await asyncio.sleep(0.2)
         raise SetupError(f"no new {ACTOR_TITLES[name]} process within {RESTART_TIMEOUT_S:.0f} s")
+
+    async def _upgrade(self, event: FaultEvent) -> None:
+        """What `peernet upgrade` does, to the serve process of this cluster; repaired once it
+        reports the upgrade done."""
+        from serve.upgrade import request_upgrade
+
+        pid, path = await asyncio.to_thread(serve_driver, self.gcs_address)
+        event.injected_us = now_us()
+        record = await asyncio.to_thread(request_upgrade, path, pid, say=lambda line: None)
+        if not record.get("ok"):
+            raise SetupError(f"the upgrade failed: {record.get('error')}")
+        event.repaired_us = now_us()
+        event.detail = (f"serve pid {pid}: {len(record['actors_restarted'])} actors restarted, "
+                        f"gateway rolled to {record['gateway_version']} in {record['took_s']} s")
 
     async def _node(self, event: FaultEvent) -> None:
         """Kill a worker node as a crashed host would go: its raylet and every process under

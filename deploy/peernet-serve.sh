@@ -2,6 +2,7 @@
 # `peernet serve` as a background service on a Ray head (cluster.yaml runs it):
 #   peernet-serve.sh start|stop|restart|status
 #   peernet-serve.sh report [--json]   (`peernet status` with the deployed settings)
+#   peernet-serve.sh upgrade            (`peernet upgrade`: rolling restart onto the code now installed)
 # It reads deploy/peernet.env (or $PEERNET_ENV_FILE), runs ~/peernet-venv's `peernet serve`
 # (or $PEERNET_VENV's), logs to ~/peernet-serve.log and keeps its pid in ~/peernet-serve.pid.
 set -euo pipefail
@@ -48,5 +49,6 @@ case "${1:-}" in
   restart) stop; start ;;
   status) if running; then echo "running (pid $(cat "$pid_file"))"; else echo "stopped"; exit 1; fi ;;
   report) shift; load_env; exec "$venv/bin/peernet" status "$@" ;;
-  *) echo "usage: $0 start|stop|restart|status|report [--json]" >&2; exit 2 ;;
+  upgrade) shift; load_env; exec "$venv/bin/peernet" upgrade "$@" ;;
+  *) echo "usage: $0 start|stop|restart|status|report [--json]|upgrade" >&2; exit 2 ;;
 esac

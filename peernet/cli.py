@@ -40,6 +40,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_forever(load_config(), dev_tokens=args.dev_tokens)
 
 
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    from serve.deployment import already_serving, state_file
+    from serve.upgrade import request_upgrade
+
+    cfg = load_config()
+    running = already_serving(cfg)
+    if running is None:
+        print(f"peernet upgrade: no `peernet serve` running for {state_file(cfg)}", file=sys.stderr)
+        return 1
+    try:
+        record = request_upgrade(state_file(cfg), int(running["pid"]), timeout_s=args.timeout)
+    except TimeoutError as exc:
+        print(f"peernet upgrade: {exc}", file=sys.stderr)
+        return 1
+    if not record.get("ok"):
+        print(f"peernet upgrade: failed: {record.get('error')}", file=sys.stderr)
+        return 1
+    print(f"peernet upgrade: {len(record.get('actors_restarted', []))} actors restarted and the "
+          f"gateway rolled to {record.get('gateway_version')} in {record.get('took_s')} s")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
     import os
@@ -118,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds each part of the report may take (default 10)")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("upgrade", help="rolling restart of the running `peernet serve` onto the "
+                       "code installed now: each shard actor in turn, then the gateway replicas "
+                       "one at a time; clients resume and nothing acknowledged is lost")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds to wait for the upgrade to finish (default 900)")
+    p.set_defaults(func=_cmd_upgrade)
 
     p = sub.add_parser("token", help="print a signed development token for USER")
     p.add_argument("user")

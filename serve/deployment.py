@@ -13,6 +13,7 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
+from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
 
 log = logging.getLogger("peernet.serve")
 
@@ -240,11 +242,12 @@ def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int) -> int | None:
     return None
 
 
-def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], None]]:
     """Start (or join) Ray, create the topics and actors, and deploy the gateway.
 
-    Returns the state written to `state_file` and the actor handles: the actors live as long as
-    the caller keeps the handles (they are owned by this driver and die with it).
+    Returns the state written to `state_file`, the actor handles (the actors live as long as
+    the caller keeps them: they are owned by this driver and die with it), and the function that
+    deploys the gateway again with a new version (a rolling restart of its replicas).
     """
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
     TrustedProxies(cfg.gateway.trusted_proxies)  # a bad setting stops here, not in each replica
@@ -280,13 +283,20 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     per_node = replicas_per_node_limit(cfg, nodes)
     placement: dict[str, Any] = {"max_replicas_per_node": per_node} if per_node else {}
-    gateway = Gateway.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.gateway.replicas,
-        max_ongoing_requests=cfg.gateway.max_connections_per_replica,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
-        **placement,
-    )
-    serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
+
+    def deploy_gateway(version: str) -> None:
+        """Deploy the gateway; a new `version` makes Serve roll the replicas one at a time (Serve
+        keeps versions to itself: a changed actor environment is what makes it restart them)."""
+        gateway = Gateway.options(  # type: ignore[attr-defined]
+            num_replicas=cfg.gateway.replicas,
+            max_ongoing_requests=cfg.gateway.max_connections_per_replica,
+            ray_actor_options={"num_cpus": 0, "runtime_env": {
+                "env_vars": {**env, "PEERNET_GATEWAY_VERSION": version}}},
+            **placement,
+        )
+        serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
+
+    deploy_gateway("v0")
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     state: dict[str, Any] = {"pid": os.getpid(), "url": url, "gcs_address": gcs,
              "namespace": NAMESPACE, "ingress": cfg.gateway.ingress, "started_at": time.time(),
@@ -302,14 +312,16 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     print(f"peernet: serving on {url} with {cfg.gateway.replicas} gateway replicas "
           f"behind {cfg.gateway.ingress} "
           f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)
-    return state, handles
+    return state, handles, deploy_gateway
 
 
-def supervise(handles: dict[str, Any], stop: list[bool]) -> None:
-    """Keep every actor's logic running: a restarted actor is started again within a second."""
+def supervise(handles: dict[str, Any], stop: list[bool], wake: list[Any] | None = None) -> None:
+    """Keep every actor's logic running: a restarted actor is started again within a second.
+    Returns once `stop` or `wake` is not empty."""
+    wake = [] if wake is None else wake
 
     async def loop() -> None:
-        while not stop:
+        while not stop and not wake:
             results = await ensure_started(handles, timeout_s=60)
             for name, result in results.items():
                 if not isinstance(result, dict):
@@ -328,12 +340,16 @@ def already_serving(cfg: PeerNetConfig) -> dict[str, Any] | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    # `peernet serve` (the console script) or `python -m peernet.cli serve`.
-    ours = any(part.endswith(b"/peernet") or part in (b"peernet", b"peernet.cli")
-               for part in cmdline) and b"serve" in cmdline
-    if pid == os.getpid() or not ours:
+    if pid == os.getpid() or not is_serve_command([p.decode(errors="replace") for p in cmdline]):
         return None
     return state
+
+
+def is_serve_command(cmdline: list[str]) -> bool:
+    """Whether a process's command line is `peernet serve` (the console script) or
+    `python -m peernet.cli serve`."""
+    return any(part.endswith("/peernet") or part in ("peernet", "peernet.cli")
+               for part in cmdline) and "serve" in cmdline
 
 
 def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
@@ -348,15 +364,32 @@ def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
         os.environ["PEERNET_DEV_TOKENS"] = "1"
         cfg = load_config()
     stop: list[bool] = []
+    upgrades: list[float] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.append(True)
 
-    _, handles = start(cfg)
+    def on_upgrade(signum: int, frame: Any) -> None:
+        upgrades.append(time.time())
+
+    _, handles, deploy_gateway = start(cfg)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_upgrade)
+    number = 0
     try:
-        supervise(handles, stop)
+        while not stop:
+            supervise(handles, stop, upgrades)
+            if upgrades and not stop:
+                number += 1
+                record = UpgradeRecord(number, upgrades[0])
+                upgrades.clear()
+                print(f"peernet: rolling upgrade {number} requested", flush=True)
+                rolling_upgrade(handles, deploy_gateway, record,
+                                lambda r: save_record(state_file(cfg), r))
+                outcome = "done" if record.ok else f"FAILED: {record.error}"
+                print(f"peernet: rolling upgrade {number} {outcome} in {record.took_s} s",
+                      flush=True)
     finally:
         print("peernet: shutting down", flush=True)
         try:
