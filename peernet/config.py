@@ -74,6 +74,9 @@ class GatewayConfig:
     # cluster has two or more nodes at deploy time, no limit on one node. A replica lost with its
     # node comes back only on a node with room (docs/deploy.md, "Failover").
     max_replicas_per_node: int = 0
+    # A Serve config file for the gateway (replicas or autoscaling, environment): see
+    # serve/serve_config.py and deploy/serve-config.yaml. Empty: none.
+    serve_config: str = ""
     max_connections_per_replica: int = 10_000
     # Connections one client address may hold open on one replica; over it a new one is closed
     # with 4429 (0: no limit). IPv6 addresses count by /64. See serve/limits.py, client_address.
@@ -206,6 +209,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_LOG_LEVEL": ("logs", "level"),
     "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
     "PEERNET_MAX_REPLICAS_PER_NODE": ("gateway", "max_replicas_per_node"),
+    "PEERNET_SERVE_CONFIG": ("gateway", "serve_config"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),

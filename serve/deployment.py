@@ -38,6 +38,7 @@ from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
+from serve.serve_config import GatewayServeConfig, apply_env, load_serve_config
 from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
 
 log = logging.getLogger("peernet.serve")
@@ -230,19 +231,22 @@ def _stop_ray_processes(temp_dir: str) -> None:
                 proc.kill()
 
 
-def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int) -> int | None:
-    """Serve's `max_replicas_per_node` for the gateway on a cluster of `nodes` live nodes: the
-    configured limit, else `replicas - 1` when there are two nodes or more (one node's death
-    then leaves a replica serving; Ray's SPREAD placement alone once put both on one node),
-    else none."""
+def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int, replicas: int | None = None
+                            ) -> int | None:
+    """Serve's `max_replicas_per_node` for the gateway on a cluster of `nodes` live nodes, with
+    at most `replicas` of them (default PEERNET_REPLICAS): the configured limit, else
+    `replicas - 1` when there are two nodes or more (one node's death then leaves a replica
+    serving; Ray's SPREAD placement alone once put both on one node), else none."""
+    replicas = cfg.gateway.replicas if replicas is None else replicas
     if cfg.gateway.max_replicas_per_node > 0:
         return cfg.gateway.max_replicas_per_node
-    if nodes >= 2 and cfg.gateway.replicas >= 2:
-        return cfg.gateway.replicas - 1
+    if nodes >= 2 and replicas >= 2:
+        return replicas - 1
     return None
 
 
-def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], None]]:
+def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
+          ) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], None]]:
     """Start (or join) Ray, create the topics and actors, and deploy the gateway.
 
     Returns the state written to `state_file`, the actor handles (the actors live as long as
@@ -281,18 +285,25 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any], Callable[
                               "location": cfg.gateway.proxy_location},
                 detached=False)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    per_node = replicas_per_node_limit(cfg, nodes)
-    placement: dict[str, Any] = {"max_replicas_per_node": per_node} if per_node else {}
+    from_file = serve_config.options if serve_config else {}
+    replicas = serve_config.replicas(cfg.gateway.replicas) if serve_config else cfg.gateway.replicas
+    most = serve_config.max_replicas(replicas) if serve_config else replicas
+    per_node = replicas_per_node_limit(cfg, nodes, most)
+    options: dict[str, Any] = {"max_ongoing_requests": cfg.gateway.max_connections_per_replica}
+    if "autoscaling_config" not in from_file:
+        options["num_replicas"] = cfg.gateway.replicas
+    if per_node:
+        options["max_replicas_per_node"] = per_node
+    options.update(from_file)  # the Serve config file's settings win
+    per_node = options.get("max_replicas_per_node")
 
     def deploy_gateway(version: str) -> None:
         """Deploy the gateway; a new `version` makes Serve roll the replicas one at a time (Serve
         keeps versions to itself: a changed actor environment is what makes it restart them)."""
         gateway = Gateway.options(  # type: ignore[attr-defined]
-            num_replicas=cfg.gateway.replicas,
-            max_ongoing_requests=cfg.gateway.max_connections_per_replica,
             ray_actor_options={"num_cpus": 0, "runtime_env": {
                 "env_vars": {**env, "PEERNET_GATEWAY_VERSION": version}}},
-            **placement,
+            **options,
         )
         serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
 
@@ -302,14 +313,19 @@ def start(cfg: PeerNetConfig) -> tuple[dict[str, Any], dict[str, Any], Callable[
              "namespace": NAMESPACE, "ingress": cfg.gateway.ingress, "started_at": time.time(),
              "startup_s": round(time.monotonic() - t0, 1),
              # What `peernet status` expects to find, whatever the environment it runs in.
-             "actors": list(handles), "replicas": cfg.gateway.replicas,
-             "replicas_per_node": per_node}
+             "actors": list(handles), "replicas": replicas,
+             "replicas_per_node": per_node,
+             "autoscaling": from_file.get("autoscaling_config"),
+             "serve_config": str(serve_config.path) if serve_config else None}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
     print(f"peernet: {nodes} Ray node(s); gateway replicas per node: "
           f"{per_node or 'no limit'}", flush=True)
-    print(f"peernet: serving on {url} with {cfg.gateway.replicas} gateway replicas "
+    scaling = from_file.get("autoscaling_config")
+    shown = (f"{scaling.get('min_replicas', 1)} to {scaling.get('max_replicas', 1)} (autoscaled)"
+             if scaling else str(replicas))
+    print(f"peernet: serving on {url} with {shown} gateway replicas "
           f"behind {cfg.gateway.ingress} "
           f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)
     return state, handles, deploy_gateway
@@ -363,6 +379,14 @@ def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
     if dev_tokens:
         os.environ["PEERNET_DEV_TOKENS"] = "1"
         cfg = load_config()
+    serve_config = None
+    if cfg.gateway.serve_config:
+        serve_config = load_serve_config(Path(cfg.gateway.serve_config).expanduser())
+        applied = apply_env(serve_config, os.environ)
+        cfg = load_config()
+        print(f"peernet: Serve config {serve_config.path}: deployment settings "
+              f"{sorted(serve_config.options) or 'none'}; variables set from it: "
+              f"{', '.join(applied) or 'none'}", flush=True)
     stop: list[bool] = []
     upgrades: list[float] = []
 
@@ -372,7 +396,7 @@ def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
     def on_upgrade(signum: int, frame: Any) -> None:
         upgrades.append(time.time())
 
-    _, handles, deploy_gateway = start(cfg)
+    _, handles, deploy_gateway = start(cfg, serve_config)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_upgrade)

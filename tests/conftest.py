@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from peernet.config import PeerNetConfig, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wsclient import SERVER_TOPICS, Server, running_server
+from wsclient import SERVER_TOPICS, Server, running_server, server_env
 
 SERVER_START_TIMEOUT_S = 420.0  # a busy machine may need Ray started more than once
 SERVICE_RESTART_TIMEOUT_S = 90.0  # a service restarted by a fault test, on a busy machine
@@ -95,36 +94,6 @@ def stack_control(cfg: PeerNetConfig) -> Iterator[Any]:
             manager.start_service(cfg, name, wait=True, timeout=SERVICE_RESTART_TIMEOUT_S)
 
 
-def _server_env(cfg: PeerNetConfig) -> dict[str, str]:
-    run = uuid.uuid4().hex[:8]
-    port = os.environ.get("PEERNET_TEST_PORT", "18080")
-    SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.inbox"])
-    return {
-        **os.environ,
-        "PEERNET_PORT": port,
-        "PEERNET_DEV_TOKENS": "1",
-        "PEERNET_EVENTS_TOPIC": f"peernet.test-{run}.events",
-        "PEERNET_INBOX_TOPIC": f"peernet.test-{run}.inbox",
-        "PEERNET_MONGO_DB": f"peernet_test_{run}",
-        "PEERNET_RAY_TMPDIR": f"/tmp/peernet-test-ray-{run}",
-        "PEERNET_HELLO_TIMEOUT_S": "2",
-        "PEERNET_HEARTBEAT_MS": "15000",
-        # A flood is recognised sooner than the default so the test stays short.
-        "PEERNET_FLOOD_CLOSE_AFTER": "300",
-        # Low, so that the connection flood test opens few sockets; the other tests send no
-        # X-Forwarded-For, so HAProxy's connections are not limited (serve/limits.py).
-        "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": "20",
-        "PEERNET_RAY_NUM_CPUS": "2",
-        # Low, so that the celebrity test needs only a few followers; feeds in their own keys.
-        "PEERNET_CELEBRITY_THRESHOLD": "5",
-        "PEERNET_FEED_KEYSPACE": f"social-test-{run}",
-        # A replica's users go offline within this bound when it dies (default 3 x heartbeat,
-        # 45 s here): short, so that the replica-kill test takes seconds.
-        "PEERNET_PRESENCE_LEASE_MS": "6000",
-        "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{run}",
-    }
-
-
 @pytest.fixture(scope="session")
 def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[Server]:
@@ -136,7 +105,7 @@ def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPath
                      env=dict(os.environ), cfg=cfg, gcs_address=state["gcs_address"],
                      log_path=Path("/dev/null"))
         return
-    env = _server_env(local_stack)
+    env = server_env(local_stack)
     log_path = tmp_path_factory.mktemp("server") / "peernet-serve.log"
     with running_server(env, log_path, SERVER_START_TIMEOUT_S) as server:
         yield server

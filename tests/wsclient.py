@@ -198,3 +198,35 @@ async def keep_alive(clients: list[Client], every_s: float = 5) -> None:
         for client in list(clients):
             with contextlib.suppress(websockets.ConnectionClosed):
                 await client.send({"t": "ping"})
+
+
+def server_env(cfg: PeerNetConfig) -> dict[str, str]:
+    """The environment of a test server: its own topics, database, keyspaces and Ray; limits
+    made small so the tests that reach them stay short."""
+    run = uuid.uuid4().hex[:8]
+    port = os.environ.get("PEERNET_TEST_PORT", "18080")
+    SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.inbox"])
+    return {
+        **os.environ,
+        "PEERNET_PORT": port,
+        "PEERNET_DEV_TOKENS": "1",
+        "PEERNET_EVENTS_TOPIC": f"peernet.test-{run}.events",
+        "PEERNET_INBOX_TOPIC": f"peernet.test-{run}.inbox",
+        "PEERNET_MONGO_DB": f"peernet_test_{run}",
+        "PEERNET_RAY_TMPDIR": f"/tmp/peernet-test-ray-{run}",
+        "PEERNET_HELLO_TIMEOUT_S": "2",
+        "PEERNET_HEARTBEAT_MS": "15000",
+        # A flood is recognised sooner than the default so the test stays short.
+        "PEERNET_FLOOD_CLOSE_AFTER": "300",
+        # Low, so that the connection flood test opens few sockets; the other tests send no
+        # X-Forwarded-For, so HAProxy's connections are not limited (serve/limits.py).
+        "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": "20",
+        "PEERNET_RAY_NUM_CPUS": "2",
+        # Low, so that the celebrity test needs only a few followers; feeds in their own keys.
+        "PEERNET_CELEBRITY_THRESHOLD": "5",
+        "PEERNET_FEED_KEYSPACE": f"social-test-{run}",
+        # A replica's users go offline within this bound when it dies (default 3 x heartbeat,
+        # 45 s here): short, so that the replica-kill test takes seconds.
+        "PEERNET_PRESENCE_LEASE_MS": "6000",
+        "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{run}",
+    }

@@ -129,3 +129,13 @@ def test_the_deployed_settings_parse_and_name_external_services() -> None:
     # Placeholders, not defaults, for what must be the operator's own.
     for value in (s.kafka_bootstrap, s.redis_url, s.mongo_url, cfg.gateway.token_secret):
         assert "REPLACE-WITH-" in value
+
+
+def test_the_deployed_settings_name_the_serve_config_file_kept_here() -> None:
+    """cluster.yaml's file_mounts put the repository at ~/peernet; the file must be in it and
+    load (Serve's schema, and what `peernet serve` applies)."""
+    from serve.serve_config import load_serve_config
+
+    named = load_config(_env_file()).gateway.serve_config
+    assert named == "~/peernet/deploy/serve-config.yaml"
+    load_serve_config(PROJECT_ROOT / "deploy" / "serve-config.yaml")
