@@ -146,6 +146,7 @@ class FeedShard:
         self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._queued = 0  # records of the batch the loop holds (queue_depth)
         self.stats = FeedStats()
 
     async def start(self) -> None:
@@ -161,6 +162,13 @@ class FeedShard:
         if self._consumer is None or self._group is None:
             return None
         return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+
+    def queue_depth(self) -> int:
+        """Records fetched from the events topic and not yet handled: the batch the consumer
+        loop holds, from its poll until the batch's feed writes are done. A batch is handled as
+        one (one pipeline, retried whole while the feed store is away), so every record of it
+        counts until then, social or not."""
+        return self._queued
 
     async def stop(self) -> None:
         self._stopping = True
@@ -186,7 +194,11 @@ class FeedShard:
                 continue
             if not records:
                 continue
-            await self._retry("process", functools.partial(self.process, records))
+            self._queued = len(records)
+            try:
+                await self._retry("process", functools.partial(self.process, records))
+            finally:
+                self._queued = 0
             await self._retry("commit", consumer.commit)
 
     async def process(self, records: Sequence[Record]) -> int:

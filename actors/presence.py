@@ -102,6 +102,7 @@ class PresenceShard:
         self._report_seq: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._calls = 0  # reports received and not yet finished (queue_depth)
         self.stats = PresenceStats()
 
     @property
@@ -138,26 +139,40 @@ class PresenceShard:
 
     # -- reports from gateway replicas ---------------------------------------------------------
 
+    def queue_depth(self) -> int:
+        """Reports (`update`, `sync`) received and not yet finished: waiting for the shard's
+        lock (one report at a time) or being published and recorded. A report that failed
+        counts no more; the replica retries it as a new call."""
+        return self._calls
+
     async def update(self, replica: str, seq: int, online: Sequence[str],
                      offline: Sequence[str]) -> None:
         """`replica` now holds `online` and not `offline` (its report number `seq`)."""
-        async with self._lock:
-            if self._stale(replica, seq):
-                return
-            on = set(online)
-            await self._apply(replica, on, set(offline) - on)
-            self._report_seq[replica] = seq
+        self._calls += 1
+        try:
+            async with self._lock:
+                if self._stale(replica, seq):
+                    return
+                on = set(online)
+                await self._apply(replica, on, set(offline) - on)
+                self._report_seq[replica] = seq
+        finally:
+            self._calls -= 1
 
     async def sync(self, replica: str, seq: int, users: Sequence[str]) -> None:
         """`replica` holds exactly `users` of this shard (after its lease lapsed). Everything
         about them is written again, which repairs a store that lost its data meanwhile."""
-        async with self._lock:
-            if self._stale(replica, seq):
-                return
-            on = set(users)
-            await self._apply(replica, on, self._by_replica.get(replica, set()) - on,
-                              reassert=True)
-            self._report_seq[replica] = seq
+        self._calls += 1
+        try:
+            async with self._lock:
+                if self._stale(replica, seq):
+                    return
+                on = set(users)
+                await self._apply(replica, on, self._by_replica.get(replica, set()) - on,
+                                  reassert=True)
+                self._report_seq[replica] = seq
+        finally:
+            self._calls -= 1
 
     async def check_leases(self) -> None:
         """Count out every replica whose lease has lapsed."""

@@ -101,6 +101,7 @@ class Projector:
         self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._queued = 0  # records the loop holds, gathered or being written (queue_depth)
         self.stats = ProjectorStats()
 
     async def start(self) -> None:
@@ -117,6 +118,13 @@ class Projector:
         if self._consumer is None or self._group is None:
             return None
         return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+
+    def queue_depth(self) -> int:
+        """Records fetched from the events topic and not yet handled: those the loop holds,
+        from their poll (the linger gathers more) until the batch's writes to the store are
+        done. A batch is written as one and retried whole while the store is away, so every
+        record of it counts until then."""
+        return self._queued
 
     async def stop(self) -> None:
         self._stopping = True
@@ -144,8 +152,12 @@ class Projector:
                 continue
             if not records:
                 continue
-            records = await self._gather(records)
-            await self._until_ok("write", functools.partial(self.apply, records))
+            self._queued = len(records)
+            try:
+                records = await self._gather(records)
+                await self._until_ok("write", functools.partial(self.apply, records))
+            finally:
+                self._queued = 0
             await self._until_ok("commit", self._consumer.commit)
 
     async def _gather(self, records: list[Record]) -> list[Record]:
@@ -163,6 +175,7 @@ class Projector:
             try:
                 records.extend(await self._consumer.poll(max_records=limit - len(records),
                                                          timeout_ms=left_ms))
+                self._queued = len(records)
             except Exception as exc:  # write what we have; the loop's next poll retries
                 self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
                 break

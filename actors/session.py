@@ -113,6 +113,7 @@ class SessionShard:
         self._group: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._queued = 0  # records of the batch in `process` not yet handled (queue_depth)
         self.stats = ShardStats()
 
     @property
@@ -149,6 +150,14 @@ class SessionShard:
         if self._consumer is None or self._group is None:
             return None
         return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+
+    def queue_depth(self) -> int:
+        """Records fetched from the events topic (the batch `process` holds) and not yet
+        handled. A record for none of this shard's users, or one delivered already, is handled
+        once examined; one with items for its users is handled once the batch's items are in the
+        inbox log, the cache and published (they go in one append), so a shard stuck retrying
+        that append reports them all. The catch-up on start is not counted."""
+        return self._queued
 
     async def stop(self) -> None:
         self._stopping = True
@@ -193,23 +202,33 @@ class SessionShard:
     async def process(self, records: Sequence[Record]) -> None:
         """Deliver the events of `records` to the inboxes of the users this shard owns."""
         pending: list[tuple[str, Item, tuple[int, int]]] = []
-        for record in records:
-            self.stats.events_seen += 1
-            try:
-                if record.offset < self._events_pos.get(record.partition, 0):
-                    # Delivered already (a redelivery after a crash before the commit).
-                    self.stats.duplicates_dropped += sum(
-                        1 for u in parse_recipients(record.headers) if self.owns(u))
-                    continue
-                await self._collect(record, pending)
-            except Exception as exc:  # one bad record must not stop every user's delivery
-                self.stats.records_skipped += 1
-                self._count_error(f"event at {record.partition}/{record.offset}", exc)
-        for record in records:
-            self._events_pos[record.partition] = max(self._events_pos.get(record.partition, 0),
-                                                     record.offset + 1)
-        if pending:
-            await self._persist(pending)
+        self._queued += len(records)
+        handled = 0  # of `records`, counted off `_queued` already
+        try:
+            for record in records:
+                self.stats.events_seen += 1
+                held = len(pending)
+                try:
+                    if record.offset < self._events_pos.get(record.partition, 0):
+                        # Delivered already (a redelivery after a crash before the commit).
+                        self.stats.duplicates_dropped += sum(
+                            1 for u in parse_recipients(record.headers) if self.owns(u))
+                        continue
+                    await self._collect(record, pending)
+                except Exception as exc:  # one bad record must not stop every user's delivery
+                    self.stats.records_skipped += 1
+                    self._count_error(f"event at {record.partition}/{record.offset}", exc)
+                finally:
+                    if len(pending) == held:  # nothing of it waits for the append
+                        self._queued -= 1
+                        handled += 1
+            for record in records:
+                self._events_pos[record.partition] = max(self._events_pos.get(record.partition, 0),
+                                                         record.offset + 1)
+            if pending:
+                await self._persist(pending)
+        finally:
+            self._queued -= len(records) - handled
 
     async def _collect(self, record: Record,
                        pending: list[tuple[str, Item, tuple[int, int]]]) -> None:

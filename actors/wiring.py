@@ -89,6 +89,10 @@ class SessionShardActor:
         lag = await self._shard.lag() if self._shard else None
         return asdict(lag) if lag else None
 
+    async def queue_depth(self) -> int:
+        """Records fetched and not yet handled (SessionShard.queue_depth), for /metrics."""
+        return self._shard.queue_depth() if self._shard else 0
+
     async def ping(self) -> str:
         return "pong"
 
@@ -118,6 +122,10 @@ class ProjectorActor:
         """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
         lag = await self._projector.lag() if self._projector else None
         return asdict(lag) if lag else None
+
+    async def queue_depth(self) -> int:
+        """Records fetched and not yet handled (Projector.queue_depth), for /metrics."""
+        return self._projector.queue_depth() if self._projector else 0
 
     async def ping(self) -> str:
         return "pong"
@@ -158,6 +166,10 @@ class PresenceShardActor:
 
     async def stats(self) -> dict[str, Any]:
         return asdict(self._shard.stats) if self._shard else {"started": False}
+
+    async def queue_depth(self) -> int:
+        """Reports received and not yet finished (PresenceShard.queue_depth), for /metrics."""
+        return self._shard.queue_depth() if self._shard else 0
 
     async def ping(self) -> str:
         return "pong"
@@ -225,11 +237,17 @@ class FeedShardActor:
         lag = await self._shard.lag() if self._shard else None
         return asdict(lag) if lag else None
 
+    async def queue_depth(self) -> int:
+        """Records fetched and not yet handled (FeedShard.queue_depth), for /metrics."""
+        return self._shard.queue_depth() if self._shard else 0
+
     async def ping(self) -> str:
         return "pong"
 
 
 def actor_names(cfg: PeerNetConfig) -> list[str]:
+    """Every named actor of PeerNet: the shards of each kind and the projector (each answers
+    `queue_depth`)."""
     n = cfg.shards.session_shards
     p = cfg.shards.presence_shards
     return ([session_shard_name(i, n) for i in range(n)]

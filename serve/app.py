@@ -36,7 +36,8 @@ log = logging.getLogger("peernet.app")
 HEALTH_TIMEOUT_S = 2.0
 # The close reason of a connection over PEERNET_MAX_CONNECTIONS_PER_ADDRESS (with 4429).
 ADDRESS_FULL = "too many connections from this address"
-# A scrape waits at most this long for the consumers' lag; without it, the lag series are dropped.
+# A scrape waits at most this long for the consumers' lag, and as long for the shards' queue
+# depths (read at once); what is not read in time has no series in that scrape.
 METRICS_LAG_TIMEOUT_S = 1.5
 # The web client's bundle, built by ./dev (not committed; README, "Web client"); served at / when present.
 WEB_DIST = PROJECT_ROOT / "web" / "dist"
@@ -96,16 +97,31 @@ def build_app(deps: GatewayDeps) -> Starlette:
             body["failing"] = [k for k, v in results.items() if v != "ok"]
         return JSONResponse(body, status_code=200 if healthy else 503)
 
+    async def read_lag() -> None:
+        if deps.consumer_lag is None:
+            return
+        try:
+            metrics.set_consumer_lag(await asyncio.wait_for(deps.consumer_lag(),
+                                                            METRICS_LAG_TIMEOUT_S))
+        except Exception as exc:
+            # A stale lag would read as a healthy one: no series rather than old ones.
+            log.warning("consumer lag not read for /metrics: %s: %s", type(exc).__name__, exc)
+            metrics.set_consumer_lag([])
+            metrics.CONSUMER_LAG_ERRORS.inc()
+
+    async def read_queue_depths() -> None:
+        if deps.shard_queue_depth is None:
+            return
+        try:
+            metrics.set_shard_queue_depth(await asyncio.wait_for(deps.shard_queue_depth(),
+                                                                 METRICS_LAG_TIMEOUT_S))
+        except Exception as exc:
+            log.warning("shard queue depths not read for /metrics: %s: %s",
+                        type(exc).__name__, exc)
+            metrics.set_shard_queue_depth({})
+
     async def metrics_endpoint(request: Request) -> Response:
-        if deps.consumer_lag is not None:
-            try:
-                metrics.set_consumer_lag(await asyncio.wait_for(deps.consumer_lag(),
-                                                                METRICS_LAG_TIMEOUT_S))
-            except Exception as exc:
-                # A stale lag would read as a healthy one: no series rather than old ones.
-                log.warning("consumer lag not read for /metrics: %s: %s", type(exc).__name__, exc)
-                metrics.set_consumer_lag([])
-                metrics.CONSUMER_LAG_ERRORS.inc()
+        await asyncio.gather(read_lag(), read_queue_depths())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def dev_token(request: Request) -> Response:

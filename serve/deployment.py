@@ -45,7 +45,8 @@ log = logging.getLogger("peernet.serve")
 
 APP_NAME = "peernet"
 SUPERVISE_EVERY_S = 1.0
-# One consumer actor's answer to `lag` for /metrics; a slower one is left out of that scrape.
+# One actor's answer to `lag` or `queue_depth` for /metrics; a slower one is left out of that
+# scrape.
 LAG_CALL_TIMEOUT_S = 1.0
 
 
@@ -59,7 +60,7 @@ class Gateway:
         setup_logging()
         self._cfg = load_config()
         self._handles: dict[str, Any] = {}
-        self._lag_handles: dict[str, Any] = {}
+        self._metric_handles: dict[str, Any] = {}  # the actors /metrics asks, by name
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         cfg = self._cfg
@@ -73,6 +74,7 @@ class Gateway:
                            presence_shards=PresenceShardClient(cfg),
                            checks={"ray": self._ray_check}, replica=replica,
                            consumer_lag=self._consumer_lag,
+                           shard_queue_depth=self._shard_queue_depth,
                            on_startup=[b.start], on_shutdown=[b.stop])
         return build_app(deps)
 
@@ -84,26 +86,37 @@ class Gateway:
         if down:
             raise RuntimeError(f"actors not started: {', '.join(down)}")
 
-    async def _consumer_lag(self) -> list[ConsumerLag]:
-        """Each consumer actor's own report (its consumer lives there, not in this replica).
-        Actors that do not answer within LAG_CALL_TIMEOUT_S are left out of this scrape."""
+    async def _ask_each(self, names: list[str], method: str) -> dict[str, Any]:
+        """Each named actor's answer to `method` (no arguments), concurrently. An actor that
+        does not answer within LAG_CALL_TIMEOUT_S is left out (and logged)."""
 
-        async def one(name: str) -> dict[str, Any] | None:
+        async def one(name: str) -> tuple[str, Any] | None:
             try:
-                handle = self._lag_handles.get(name)
+                handle = self._metric_handles.get(name)
                 if handle is None:
-                    handle = self._lag_handles[name] = ray.get_actor(name, namespace=NAMESPACE)
-                result: dict[str, Any] | None = await asyncio.wait_for(handle.lag.remote(),
-                                                                       LAG_CALL_TIMEOUT_S)
-                return result
+                    handle = self._metric_handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+                return name, await asyncio.wait_for(getattr(handle, method).remote(),
+                                                    LAG_CALL_TIMEOUT_S)
             except Exception as exc:
-                self._lag_handles.pop(name, None)
-                log.warning("lag of %s not read: %s: %s", name, type(exc).__name__, exc)
+                self._metric_handles.pop(name, None)  # looked up again: it may have been recreated
+                log.warning("%s of %s not read: %s: %s", method, name, type(exc).__name__, exc)
                 return None
 
-        reports = await asyncio.gather(*(one(n) for n in consumer_actor_names(self._cfg)))
+        answers = await asyncio.gather(*(one(n) for n in names))
+        return dict(a for a in answers if a is not None)
+
+    async def _consumer_lag(self) -> list[ConsumerLag]:
+        """Each consumer actor's own report (its consumer lives there, not in this replica);
+        actors that do not answer in time are left out of this scrape."""
+        reports = await self._ask_each(consumer_actor_names(self._cfg), "lag")
         return [ConsumerLag(r["group"], r["topic"], {int(p): int(n) for p, n in r["partitions"].items()})
-                for r in reports if r]
+                for r in reports.values() if r]
+
+    async def _shard_queue_depth(self) -> dict[str, int]:
+        """Each shard actor's queue depth, by actor name; actors that do not answer in time are
+        left out of this scrape."""
+        depths = await self._ask_each(actor_names(self._cfg), "queue_depth")
+        return {name: int(depth) for name, depth in depths.items()}
 
 
 def _peernet_env(cfg: PeerNetConfig) -> dict[str, str]:

@@ -18,6 +18,8 @@ from serve.presence import PresenceShards
 HealthCheck = Callable[[], Awaitable[None]]
 # The lag of every consumer PeerNet runs, read when /metrics is scraped.
 LagSource = Callable[[], Awaitable[list[ConsumerLag]]]
+# Each shard actor's queue depth (actor name -> depth), read when /metrics is scraped.
+QueueDepthSource = Callable[[], Awaitable[dict[str, int]]]
 
 
 @dataclass
@@ -40,3 +42,5 @@ class GatewayDeps:
     feeds: FeedStore | None = None
     # The consumers' lag for /metrics (bounded by METRICS_LAG_TIMEOUT_S); None: not exported.
     consumer_lag: LagSource | None = None
+    # The shard actors' queue depths for /metrics (bounded likewise); None: not exported.
+    shard_queue_depth: QueueDepthSource | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -53,6 +53,14 @@ CONSUMER_LAG_ERRORS = Counter("peernet_kafka_consumer_scrape_errors_total",
                               "Scrapes whose consumer lag could not be read in time",
                               registry=REGISTRY)
 
+# Set at scrape time from each shard actor's own count (`queue_depth`): the work it has taken
+# and not finished. Session and feed shards and the projector: records fetched from the events
+# topic (the batch in hand) and not yet handled; presence shards: reports (`update`, `sync`)
+# received and not yet finished. Per kind, exactly: each class's `queue_depth` docstring.
+SHARD_QUEUE_DEPTH = Gauge("peernet_shard_queue_depth",
+                          "Work a shard actor has taken and not finished, by actor (read at "
+                          "scrape time)", ["shard"], registry=REGISTRY)
+
 
 def set_consumer_lag(reports: Iterable[ConsumerLag]) -> None:
     """Replace the lag gauge's series with `reports` (a partition two members report during a
@@ -65,6 +73,14 @@ def set_consumer_lag(reports: Iterable[ConsumerLag]) -> None:
     CONSUMER_LAG.clear()
     for labels, lag in values.items():
         CONSUMER_LAG.labels(*labels).set(lag)
+
+
+def set_shard_queue_depth(depths: Mapping[str, int]) -> None:
+    """Replace the queue depth gauge's series with `depths` (actor name -> depth); series of
+    actors that no longer answer go away."""
+    SHARD_QUEUE_DEPTH.clear()
+    for shard, depth in depths.items():
+        SHARD_QUEUE_DEPTH.labels(shard).set(depth)
 
 
 def render() -> bytes:

@@ -245,7 +245,10 @@ async def test_healthz_names_all_four_checks(peernet_server: Server) -> None:
 
 async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Server) -> None:
     """/metrics (Prometheus text) carries the consumer lag of the session shards' groups and the
-    projector's, read from the running actors, and the gateway's own counters."""
+    projector's, and the queue depth of every shard actor, read from the running actors, and
+    the gateway's own counters."""
+    from actors.wiring import actor_names
+
     a = await connect(peernet_server, unique_user("m"))
     ok = await a.request({"t": "dm", "to": unique_user("n"), "body": "counted"})
     assert ok["t"] == "ok"
@@ -254,18 +257,27 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
     shards = peernet_server.cfg.shards.session_shards
     wanted = {f'group="peernet.sessions.{i}-of-{shards}@{events}"' for i in range(shards)}
     wanted.add(f'group="peernet.projections@{events}"')
+    wanted_depths = {f'shard="{name}"' for name in actor_names(peernet_server.cfg)}
     seen: set[str] = set()
+    seen_depths: set[str] = set()
     async with httpx.AsyncClient() as http:
         for _ in range(30):  # a scrape leaves out an actor that is slow to answer
             reply = await http.get(peernet_server.url + "/metrics")
             assert reply.status_code == 200
             lines = [ln for ln in reply.text.splitlines()
                      if ln.startswith("peernet_kafka_consumer_lag{")]
+            depths = [ln for ln in reply.text.splitlines()
+                      if ln.startswith("peernet_shard_queue_depth{")]
+            for ln in depths:  # a count of records or calls: a non-negative integer
+                value = float(ln.rsplit(" ", 1)[1])
+                assert value >= 0 and value == int(value), ln
             seen |= {w for w in wanted if any(w in ln for ln in lines)}
-            if seen == wanted:
+            seen_depths |= {w for w in wanted_depths if any(w in ln for ln in depths)}
+            if seen == wanted and seen_depths == wanted_depths:
                 break
             await asyncio.sleep(1)
         assert seen == wanted, reply.text[-2000:]
+        assert seen_depths == wanted_depths, reply.text[-2000:]
         assert all(float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
         assert "peernet_connections" in reply.text
 

@@ -509,3 +509,57 @@ async def test_a_second_copy_of_an_event_in_the_log_is_one_inbox_item(rig: Rig) 
         assert [i["body"] for i in items] == ["first", "between"], user
         assert seqs(items) == [1, 2]
     assert again.stats.duplicates_dropped >= 2
+
+
+class GatedInbox(CrashingInbox):
+    """An inbox cache whose appends wait until `gate` is set (a slow Redis)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
+                     checkpoint: Mapping[int, int], **kw: Any) -> int:
+        if items:
+            self.waiting += 1
+            await self.gate.wait()
+        return await super().append(items, checkpoint_name=checkpoint_name, checkpoint=checkpoint,
+                                    **kw)
+
+
+async def test_the_queue_depth_counts_the_records_held_until_their_items_are_delivered(
+        rig: Rig) -> None:
+    mine = users_of_shard(0, 2, 2, "own")
+    theirs = users_of_shard(1, 2, 2, "other")
+    await rig.dm(mine[0], mine[1], "held")
+    await rig.dm(theirs[0], theirs[1], "not for shard 0")
+    await rig.dm(theirs[0], mine[0], "held too")
+    await rig.dm(theirs[1], theirs[0], "not for shard 0 either")
+    inbox = GatedInbox(retention_items=100, retention_ms=10**9)
+    shard = await rig.shard(0, 2, inbox=inbox)
+    assert shard.queue_depth() == 0
+    processing = asyncio.create_task(shard.process(rig.events()))
+    await eventually(lambda: inbox.waiting)
+    # The records for nobody here were handled once examined; the two with items wait for the
+    # batch's cache append.
+    assert shard.queue_depth() == 2
+    inbox.gate.set()
+    await processing
+    assert shard.queue_depth() == 0
+    assert [i["body"] for i in await inbox.read(mine[0], 0, 10)] == ["held", "held too"]
+    # A redelivered batch is handled record by record, without holding anything.
+    await shard.process(rig.events())
+    assert shard.queue_depth() == 0
+
+
+async def test_the_queue_depth_of_a_running_shard_goes_back_to_zero(rig: Rig) -> None:
+    inbox = GatedInbox(retention_items=100, retention_ms=10**9)
+    shard = await rig.shard(inbox=inbox, start=True)
+    for i in range(3):
+        await rig.dm("alice", "bob", f"m{i}")
+    await eventually(lambda: inbox.waiting)
+    assert 1 <= shard.queue_depth() <= 3  # the poll may have taken the first DM alone
+    inbox.gate.set()
+    await eventually(lambda: shard.stats.items_delivered == 6)
+    await eventually(lambda: shard.queue_depth() == 0)

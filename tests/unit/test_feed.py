@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from bus.eventlog import Record
 from bus.feeds import Cursor, GraphChange, Lookup, Post
 from bus.feeds_memory import MemoryFeedStore
 from bus.memory import MemoryDocumentStore, MemoryEventLog
+from bus.store import Document
 from bus.topics import peernet_topics
 from peernet.codec import unpack
 from peernet.config import PeerNetConfig, load_config
@@ -397,5 +399,65 @@ async def test_the_projector_writes_events_that_arrive_within_its_linger_as_one_
             assert projector.stats.batches <= 2, projector.stats
         else:
             assert projector.stats.batches >= 3, projector.stats
+    finally:
+        await projector.stop()
+
+
+async def test_a_feed_shards_queue_depth_is_the_batch_it_holds_until_written(
+        cfg: PeerNetConfig, log: MemoryEventLog) -> None:
+    """The batch counts whole from its poll until its feed writes succeed, through the retries
+    of a feed store outage; then the depth is 0."""
+    store = MemoryFeedStore(cap=CAP)
+    shard = FeedShard(0, 1, cfg, log, store, push=False)
+    assert shard.queue_depth() == 0
+    w = World(cfg, log)
+    await w.follow("reader", "author")
+    await w.post("author", "held")
+    await w.dm("reader", "author", "not social, but in the batch")
+    store.set_down(True)
+    await shard.start()
+    try:
+        await eventually(lambda: shard.stats.errors >= 2)  # retried at least once
+        assert shard.queue_depth() == 3
+        store.set_down(False)
+        await eventually(lambda: store.feed_ids("reader"))
+        await eventually(lambda: shard.queue_depth() == 0)
+    finally:
+        await shard.stop()
+
+
+class GatedDocumentStore(MemoryDocumentStore):
+    """A document store whose writes wait until `gate` is set (a slow MongoDB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def upsert_many(self, collection: str, docs: Sequence[Document]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await super().upsert_many(collection, docs)
+
+
+async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
+        cfg: PeerNetConfig, log: MemoryEventLog) -> None:
+    docs = GatedDocumentStore()
+    c = replace(cfg, shards=replace(cfg.shards, projector_linger_ms=1_500))
+    projector = Projector(c, log, docs)
+    assert projector.queue_depth() == 0
+    w = World(c, log)
+    await w.post("a", "first")
+    await projector.start()
+    try:
+        await eventually(lambda: projector.queue_depth() == 1)
+        await w.post("a", "gathered")  # within the linger: the same batch
+        await w.post("a", "gathered too")
+        await eventually(lambda: projector.queue_depth() == 3)
+        await eventually(lambda: docs.waiting)
+        assert projector.queue_depth() == 3
+        docs.gate.set()
+        await eventually(lambda: projector.queue_depth() == 0)
+        assert len(await docs.find("posts", {})) == 3
     finally:
         await projector.stop()

@@ -466,3 +466,48 @@ async def test_watchers_catch_up_after_a_pubsub_reconnect(world: World) -> None:
     await eventually(lambda: conn.frames)
     assert conn.frames == [{"t": "presence", "user": a, "status": ONLINE,
                             "ts": (await world.store.read([a]))[a].since}]
+
+
+class GatedStore:
+    """A store client whose `record` waits until `gate` is set (a slow Redis)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def record(self, *args: Any, **kwargs: Any) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await self._store.record(*args, **kwargs)
+
+
+async def test_the_queue_depth_counts_the_reports_received_and_not_finished(world: World) -> None:
+    a, b = users_of(0, 2, 2)
+    ps = world.pubsub.client()
+    await ps.start()
+    store = GatedStore(world.store.client())
+    shard = PresenceShard(0, 2, store, ps, TIMING, clock=world.clock.ms)
+    await shard.start()
+    try:
+        assert shard.queue_depth() == 0
+        first = asyncio.create_task(shard.update("r1", 1, [a], []))
+        await eventually(lambda: store.waiting)
+        # The second waits for the shard's lock while the first is being recorded.
+        second = asyncio.create_task(shard.sync("r2", 1, [b]))
+        await eventually(lambda: shard.queue_depth() == 2)
+        store.gate.set()
+        await asyncio.gather(first, second)
+        assert shard.queue_depth() == 0
+        assert shard.is_online(a) and shard.is_online(b)
+        # A report that fails is finished too.
+        world.store.set_down(True)
+        with pytest.raises(PeerNetError):
+            await shard.update("r1", 2, [], [a])
+        assert shard.queue_depth() == 0
+    finally:
+        world.store.set_down(False)
+        await shard.stop()
