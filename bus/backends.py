@@ -40,7 +40,8 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
     s = cfg.services
     return Backends(
         log=KafkaEventLog(s.kafka_bootstrap, client_id=client_id,
-                          fail_fast_ms=s.kafka_fail_fast_ms),
+                          fail_fast_ms=s.kafka_fail_fast_ms,
+                          commit_interval_ms=s.kafka_commit_interval_ms),
         cache=RedisCache(s.redis_url),
         pubsub=RedisPubSub(s.redis_url),
         inbox=RedisInboxCache(redis_client(s.redis_url),

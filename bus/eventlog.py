@@ -100,7 +100,11 @@ class LogConsumer(Protocol):
         """The next records (possibly none after `timeout_ms`)."""
 
     async def commit(self) -> None:
-        """Commit the offsets of every record `poll` has returned so far."""
+        """Commit the offsets of every record `poll` has returned so far. A log may hold commits
+        back to at most one per interval (KafkaEventLog's `commit_interval_ms`): the offsets
+        are then committed by a later `commit`, by `stop`, or when the group takes partitions
+        away, and a crash in between redelivers up to an interval's records, which at-least-once
+        allows (every PeerNet consumer is idempotent)."""
 
     async def seek(self, partition: int, offset: int) -> None: ...
 

@@ -4,6 +4,7 @@ group (manual commits) or on assigned partitions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,7 +99,8 @@ class KafkaEventLog:
     def __init__(self, bootstrap: str, *, request_timeout_ms: int = 5000,
                  delivery_timeout_ms: int = 10_000, linger_ms: int = 0,
                  client_id: str = "peernet", ping_timeout_ms: int = 2000,
-                 fail_fast_ms: int = 1000) -> None:
+                 fail_fast_ms: int = 1000, commit_interval_ms: int = 0) -> None:
+        self._commit_interval_ms = commit_interval_ms
         self._breaker = FailFast(fail_fast_ms / 1000)
         self._bootstrap = bootstrap
         self._request_timeout_ms = request_timeout_ms
@@ -278,7 +280,8 @@ class KafkaEventLog:
                                 from_beginning=from_beginning,
                                 request_timeout_ms=self._request_timeout_ms,
                                 timeout_s=self._delivery_timeout_s,
-                                client_id=self._client_id)
+                                client_id=self._client_id,
+                                commit_interval_ms=self._commit_interval_ms)
 
     async def ping(self) -> None:
         producer = self._producer
@@ -303,10 +306,15 @@ class _TrackAssignment(ConsumerRebalanceListener):
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Offsets of revoked partitions may not be committed by us any more: another member
-        # now owns them and re-reads from the last commit.
-        for tp in revoked:
-            self._owner._uncommitted.pop(tp.partition, None)
+        # Offsets held back by the commit interval go now, while the partitions are still ours
+        # (best effort: another member re-reads from the last commit, and processing is
+        # idempotent). After this they may not be committed by us any more.
+        gone = {tp.partition for tp in revoked}
+        with contextlib.suppress(Exception):
+            await self._owner._commit_held(gone)
+        for p in gone:
+            self._owner._uncommitted.pop(p, None)
+            self._owner._held.pop(p, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
@@ -317,7 +325,8 @@ class KafkaLogConsumer:
 
     def __init__(self, bootstrap: str, topic: str, *, group: str | None,
                  partitions: Sequence[int] | None, from_beginning: bool,
-                 request_timeout_ms: int, timeout_s: float, client_id: str) -> None:
+                 request_timeout_ms: int, timeout_s: float, client_id: str,
+                 commit_interval_ms: int = 0) -> None:
         if group is None and partitions is None:
             raise ValueError("a consumer needs a group or explicit partitions")
         if group is not None and partitions is not None:
@@ -342,6 +351,10 @@ class KafkaLogConsumer:
         # partition -> offset after the last record poll returned, not yet committed
         self._uncommitted: dict[int, int] = {}
         self._started = False
+        # partition -> offset a `commit` asked for and the commit interval held back
+        self._held: dict[int, int] = {}
+        self._commit_interval_s = commit_interval_ms / 1000
+        self._last_commit = -float("inf")
 
     async def __aenter__(self) -> KafkaLogConsumer:
         await self.start()
@@ -369,7 +382,11 @@ class KafkaLogConsumer:
         self._started = True
 
     async def stop(self) -> None:
-        """Leave the group (if the broker answers) and close, in bounded time."""
+        """Commit what the commit interval held back and leave the group (if the broker
+        answers), and close, in bounded time."""
+        if self._started and self._group is not None and self._held:
+            with contextlib.suppress(Exception):
+                await self._commit_held()
         self._started = False
         await _stop_consumer(self._consumer)
 
@@ -400,18 +417,34 @@ class KafkaLogConsumer:
             raise RuntimeError("commit needs a consumer group")
         if not self._uncommitted:
             return
+        if time.monotonic() - self._last_commit < self._commit_interval_s:
+            # Held back: a later commit, `stop` or a revocation commits these offsets (and only
+            # these: what `poll` returns after this call is not the caller's to commit yet).
+            self._held.update(self._uncommitted)
+            return
+        await self._commit(dict(self._uncommitted))
+
+    async def _commit_held(self, only: set[int] | None = None) -> None:
+        held = {p: o for p, o in self._held.items() if only is None or p in only}
+        if held:
+            await self._commit(held)
+
+    async def _commit(self, wanted: dict[int, int]) -> None:
         assigned = {tp.partition for tp in self._consumer.assignment()}
-        offsets = {TopicPartition(self._topic, p): o
-                   for p, o in self._uncommitted.items() if p in assigned}
+        offsets = {TopicPartition(self._topic, p): o for p, o in wanted.items() if p in assigned}
         if offsets:
             await _bounded(self._consumer.commit(offsets), self._timeout_s, "commit")
+            self._last_commit = time.monotonic()
         for tp, o in offsets.items():
             if self._uncommitted.get(tp.partition) == o:
                 del self._uncommitted[tp.partition]
+            if self._held.get(tp.partition, o + 1) <= o:
+                del self._held[tp.partition]
 
     async def seek(self, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(self._topic, partition), offset)
         self._uncommitted.pop(partition, None)
+        self._held.pop(partition, None)
 
     async def end_offsets(self) -> dict[int, int]:
         tps = list(self._consumer.assignment())

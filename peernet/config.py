@@ -23,6 +23,9 @@ class ServicesConfig:
     mongo_db: str = "peernet"
     # After an `unavailable` append, appends are refused at once for this long (bus.kafka.FailFast).
     kafka_fail_fast_ms: int = 1000
+    # Log consumers commit their offsets at most this often (0: after every batch); a crash
+    # redelivers up to this much, which every consumer absorbs (docs/architecture.md).
+    kafka_commit_interval_ms: int = 1000
     kafka_external: bool = False
     redis_external: bool = False
     mongo_external: bool = False
@@ -189,6 +192,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_MONGO_URL": ("services", "mongo_url"),
     "PEERNET_MONGO_DB": ("services", "mongo_db"),
     "PEERNET_KAFKA_FAIL_FAST_MS": ("services", "kafka_fail_fast_ms"),
+    "PEERNET_KAFKA_COMMIT_INTERVAL_MS": ("services", "kafka_commit_interval_ms"),
     "PEERNET_EVENTS_TOPIC": ("topics", "events"),
     "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
     "PEERNET_INBOX_TOPIC": ("topics", "inbox"),

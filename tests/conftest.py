@@ -32,21 +32,28 @@ def cfg() -> PeerNetConfig:
 def local_stack(cfg: PeerNetConfig) -> Iterator[PeerNetConfig]:
     """The real local services, started by the project's own code if they are not running."""
     import asyncio
+    import concurrent.futures
 
     from stack import manager
 
+    def run(coro: Any) -> Any:
+        # In a thread of its own: an async test may be the first to ask for this fixture, and
+        # its event loop is running then.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
     manager.up(cfg)
     bootstrap = cfg.services.kafka_bootstrap
-    before = asyncio.run(_topics(bootstrap))
+    before = run(_topics(bootstrap))
     yield cfg
     # Delete the test topics this session created: a broker that keeps every run's topics loads
     # them all at each start (a SIGKILLed one took 56 s to answer again with ~1,000 partitions
     # of earlier runs), which the fault tests then wait for.
     try:
-        ours = sorted(t for t in asyncio.run(_topics(bootstrap)) - before
+        ours = sorted(t for t in run(_topics(bootstrap)) - before
                       if t in SERVER_TOPICS or t.startswith(BUS_TEST_TOPIC_PREFIX))
         if ours:
-            asyncio.run(_delete_topics(bootstrap, ours))
+            run(_delete_topics(bootstrap, ours))
     except Exception as exc:  # cleanup only: never fail the run for it
         print(f"conftest: test topics not deleted: {exc!r}")
 
