@@ -24,13 +24,7 @@ async def _poll(consumer: LogConsumer, count: int, within_s: float = 20) -> list
 
 
 async def _committed(bootstrap: str, topic: str, group: str) -> int | None:
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await probe.start()
-    try:
-        offset: int | None = await probe.committed(TopicPartition(topic, 0))
-        return offset
-    finally:
-        await probe.stop()
+    return await _committed_at(bootstrap, topic, group, 0)
 
 
 async def test_held_back_commits_go_on_the_next_commit_after_the_interval_and_on_stop(
@@ -71,3 +65,51 @@ async def test_held_back_commits_go_on_the_next_commit_after_the_interval_and_on
             await again.stop()
     finally:
         await log.stop()
+
+
+async def test_held_back_commits_go_when_the_group_takes_the_partitions_away(
+        services: Services) -> None:
+    """A second member joins: the first's partitions are revoked in the rebalance, and what
+    its last `commit` asked for is committed then, so the new owner does not read it again."""
+    log = KafkaEventLog(services.kafka_bootstrap, commit_interval_ms=60_000)
+    await log.start()
+    topic, group = unique("test.bus.interval"), unique("g")
+    first = log.consumer(topic, group=group)
+    second = log.consumer(topic, group=group)
+    try:
+        await log.ensure_topics([TopicSpec(topic, 2)])
+        await first.start()
+        await log.append_many(topic, [(f"k{i}".encode(), b"a", ()) for i in range(4)])
+        await _poll(first, 4)
+        await first.commit()  # at once
+        await log.append_many(topic, [(f"k{i}".encode(), b"b", ()) for i in range(4)])
+        await _poll(first, 4)
+        await first.commit()  # held back for a minute
+        ends = {p: o for p, o in (await first.end_offsets()).items()}
+
+        await second.start()  # the rebalance: the first member's partitions are revoked
+        deadline = time.monotonic() + 30
+        committed: dict[int, int | None] = {}
+        while time.monotonic() < deadline:
+            await first.poll(timeout_ms=300)  # a member takes part in the rebalance by polling
+            committed = {p: await _committed_at(services.kafka_bootstrap, topic, group, p)
+                         for p in ends}
+            if committed == ends:
+                break
+        assert committed == ends, f"committed {committed}, wanted {ends}"
+        # Nothing the first member processed comes to either member again.
+        assert await second.poll(timeout_ms=500) == [] and await first.poll(timeout_ms=300) == []
+    finally:
+        await second.stop()
+        await first.stop()
+        await log.stop()
+
+
+async def _committed_at(bootstrap: str, topic: str, group: str, partition: int) -> int | None:
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await probe.start()
+    try:
+        offset: int | None = await probe.committed(TopicPartition(topic, partition))
+        return offset
+    finally:
+        await probe.stop()
