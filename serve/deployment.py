@@ -298,17 +298,18 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
                               "location": cfg.gateway.proxy_location},
                 detached=False)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    from_file = serve_config.options if serve_config else {}
-    replicas = serve_config.replicas(cfg.gateway.replicas) if serve_config else cfg.gateway.replicas
-    most = serve_config.max_replicas(replicas) if serve_config else replicas
-    per_node = replicas_per_node_limit(cfg, nodes, most)
-    options: dict[str, Any] = {"max_ongoing_requests": cfg.gateway.max_connections_per_replica}
-    if "autoscaling_config" not in from_file:
-        options["num_replicas"] = cfg.gateway.replicas
-    if per_node:
-        options["max_replicas_per_node"] = per_node
-    options.update(from_file)  # the Serve config file's settings win
-    per_node = options.get("max_replicas_per_node")
+    sc = serve_config or GatewayServeConfig(Path())  # no file: nothing from it
+    replicas = sc.replicas(cfg.gateway.replicas)
+    scaling = sc.autoscaling
+    per_node = (sc.options.get("max_replicas_per_node")
+                or replicas_per_node_limit(cfg, nodes, sc.max_replicas(replicas)))
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.gateway.max_connections_per_replica,
+        # Serve takes a fixed count or an autoscaling config, not both.
+        **({} if scaling else {"num_replicas": replicas}),
+        **({"max_replicas_per_node": per_node} if per_node else {}),
+        **sc.options,  # the Serve config file's settings win
+    }
 
     def deploy_gateway(version: str) -> None:
         """Deploy the gateway; a new `version` makes Serve roll the replicas one at a time (Serve
@@ -328,14 +329,13 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
              # What `peernet status` expects to find, whatever the environment it runs in.
              "actors": list(handles), "replicas": replicas,
              "replicas_per_node": per_node,
-             "autoscaling": from_file.get("autoscaling_config"),
+             "autoscaling": scaling,
              "serve_config": str(serve_config.path) if serve_config else None}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
     print(f"peernet: {nodes} Ray node(s); gateway replicas per node: "
           f"{per_node or 'no limit'}", flush=True)
-    scaling = from_file.get("autoscaling_config")
     shown = (f"{scaling.get('min_replicas', 1)} to {scaling.get('max_replicas', 1)} (autoscaled)"
              if scaling else str(replicas))
     print(f"peernet: serving on {url} with {shown} gateway replicas "
