@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peernet.connection")
 
+# What uvicorn's RuntimeError says when the app sends on a socket the server already closed.
+SERVER_CLOSED = "after sending 'websocket.close'"
+
 REPLAY_PAGE = 500
 # How long the writer keeps trying to read the inbox (Redis restarting, loading its data) before
 # it gives up and closes with 1001, leaving the client to reconnect with `resume`.
@@ -137,9 +140,14 @@ class Connection:
 
     def _socket_closed(self, exc: Exception) -> bool:
         # Starlette raises WebSocketDisconnect when the client is gone, and RuntimeError
-        # (WebSocketDisconnected in 1.x) on a send after the close frame went out.
-        return (isinstance(exc, (WebSocketDisconnect, RuntimeError))
-                and self.ws.application_state == WebSocketState.DISCONNECTED)
+        # (WebSocketDisconnected in 1.x) on a send after the close frame went out. The server
+        # (uvicorn) refuses a send with RuntimeError once it has closed the socket itself: a
+        # replica that stops closes its sockets with 1012 before the app hears of it.
+        if isinstance(exc, WebSocketDisconnect):
+            return True
+        return isinstance(exc, RuntimeError) and (
+            self.ws.application_state == WebSocketState.DISCONNECTED
+            or SERVER_CLOSED in str(exc))
 
     async def _write_forever(self) -> None:
         while True:

@@ -201,6 +201,22 @@ def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
 # the peer as it is, and the app reads the header itself, trusting PEERNET_TRUSTED_PROXIES only.
 ASGI_SERVER_ENV = {"FORWARDED_ALLOW_IPS": ""}
 
+# Defaults for the replicas (a variable already set is left as it is).
+# RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 runs the app on the replica's own event loop, so
+# a send to a socket the server has already closed fails in the app's own `send`, where the
+# connection handles it. In a thread of its own (Serve's default) the app's frames are forwarded
+# later by Serve, which logs a traceback for each one the server refuses: every socket with
+# frames in flight did so when a rolling upgrade stopped its replica (the server closes its
+# sockets with 1012 first).
+REPLICA_ENV_DEFAULTS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def replica_env(cfg: PeerNetConfig) -> dict[str, str]:
+    """The variables Serve's processes need for `cfg`: the ingress mode's, the ASGI server's, and
+    REPLICA_ENV_DEFAULTS unless set already."""
+    defaults = {k: os.environ.get(k) or v for k, v in REPLICA_ENV_DEFAULTS.items()}
+    return {**defaults, **ingress_env(cfg), **ASGI_SERVER_ENV}
+
 
 def state_file(cfg: PeerNetConfig) -> Path:
     return cfg.stack.home / "run" / "serve.json"
@@ -268,7 +284,7 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
     """
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
     TrustedProxies(cfg.gateway.trusted_proxies)  # a bad setting stops here, not in each replica
-    serve_env = {**ingress_env(cfg), **ASGI_SERVER_ENV}
+    serve_env = replica_env(cfg)
     os.environ.update(serve_env)
     env = {**_peernet_env(cfg), **serve_env}
     t0 = time.monotonic()

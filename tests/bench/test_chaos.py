@@ -92,8 +92,17 @@ class LogWatch:
             lines = text.splitlines()
             for i, line in enumerate(lines):
                 if pattern.search(line):
-                    found.append(f"{p.name}: " + " | ".join(lines[i:i + 12]))
+                    found.append(f"{p.name}: " + " | ".join(_whole_traceback(lines, i)))
         return found
+
+
+def _whole_traceback(lines: list[str], start: int) -> list[str]:
+    """The lines of the report that begins at `start`, down to the exception's own line (the
+    first unindented line after the frames), so a failure names the exception, not only where."""
+    end = start + 1
+    while end < len(lines) and end - start < 200 and lines[end][:1] in (" ", "\t", ""):
+        end += 1
+    return lines[start:end + 1]
 
 
 @pytest.mark.ray

@@ -361,6 +361,24 @@ async def test_a_writer_whose_socket_closed_ends_quietly(
     assert conn._closer is None  # nothing to close: the socket is closed already
 
 
+async def test_a_writer_whose_socket_the_server_closed_ends_quietly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A stopping replica's uvicorn closes its sockets with 1012 and refuses the app's next send;
+    # the app's side of the socket still says CONNECTED.
+    error = RuntimeError("Unexpected ASGI message 'websocket.send', after sending "
+                         "'websocket.close' or response already completed.")
+    ws = FakeSocket(error)
+    conn = connection(ws)
+    before = background_errors("writer")
+    conn.send({"t": "pong"})
+    with caplog.at_level(logging.WARNING, logger="peernet.connection"):
+        await asyncio.wait_for(conn._write_loop(), 5)
+    assert ws.application_state == WebSocketState.CONNECTED
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert background_errors("writer") == before
+    assert conn._closer is None
+
+
 async def test_a_writer_send_that_fails_on_an_open_socket_is_counted() -> None:
     ws = FakeSocket(RuntimeError("a bug"))
     conn = connection(ws)
