@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from bus.eventlog import TopicSpec
 from peernet.config import PeerNetConfig
-from stack.process import Identity, Launch, StackError, log_file, logs_dir, run_step, say
+from stack.process import Identity, Launch, StackError, log_file, run_step, say
 
 log = logging.getLogger("peernet.stack")
 
@@ -55,24 +55,40 @@ def libs_stamp(cfg: PeerNetConfig) -> str:
 
 def server_properties(cfg: PeerNetConfig) -> str:
     s = cfg.stack
-    lines = [
+    return "\n".join([
         "# Written by `peernet stack up` on every start: edit stack/kafka.py, not this file.",
+        *kraft_node_properties(
+            node_id=1, port=s.kafka_port, controller_port=s.kafka_controller_port,
+            quorum=f"controller.quorum.bootstrap.servers=127.0.0.1:{s.kafka_controller_port}",
+            log_dir=data_dir(cfg), replicas=1),
+    ]) + "\n"
+
+
+def kraft_node_properties(*, node_id: int, port: int, controller_port: int, quorum: str,
+                          log_dir: Path, replicas: int) -> list[str]:
+    """The settings of one KRaft node in combined mode (broker and controller) on 127.0.0.1.
+    `quorum` is its controller quorum line: `controller.quorum.bootstrap.servers=...` for a node
+    formatted `--standalone` (the local stack), `controller.quorum.voters=...` for a fixed set of
+    voters (a cluster of several nodes, tests/bus/test_bus_kafka_replicated.py). `replicas`: the
+    replication factor of Kafka's internal topics, at most the number of brokers."""
+    # Same rule as PeerNet's own topics (bus/topics.py): 2 of 3 replicas, 1 of fewer.
+    min_isr = max(1, min(2, replicas - 1))
+    return [
         "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.bootstrap.servers=127.0.0.1:{s.kafka_controller_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{s.kafka_port},CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{s.kafka_port}",
+        f"node.id={node_id}",
+        quorum,
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
         "controller.listener.names=CONTROLLER",
         "inter.broker.listener.name=PLAINTEXT",
         "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        f"log.dirs={data_dir(cfg)}",
+        f"log.dirs={log_dir}",
         "num.partitions=1",
-        # One node: every internal topic has one replica.
-        "offsets.topic.replication.factor=1",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
+        f"offsets.topic.replication.factor={replicas}",
+        f"transaction.state.log.replication.factor={replicas}",
+        f"transaction.state.log.min.isr={min_isr}",
+        f"share.coordinator.state.topic.replication.factor={replicas}",
+        f"share.coordinator.state.topic.min.isr={min_isr}",
         # A lone consumer gets its partitions at once rather than after 3 s.
         "group.initial.rebalance.delay.ms=0",
         # The log cleaner (compacted topics: the inbox, consumer offsets) allocates its dedupe
@@ -83,10 +99,53 @@ def server_properties(cfg: PeerNetConfig) -> str:
         # a topic name must fail rather than create a one-partition topic.
         "auto.create.topics.enable=false",
     ]
-    return "\n".join(lines) + "\n"
 
 
-def _cluster_id() -> str:
+def libs_installed(cfg: PeerNetConfig) -> bool:
+    """True when `install` has put every jar of the configured Kafka version in `libs_dir`."""
+    try:
+        return (libs_dir(cfg) / LIBS_STAMP).read_text() == libs_stamp(cfg)
+    except FileNotFoundError:
+        return False
+
+
+def java_argv(cfg: PeerNetConfig, log_path: Path) -> list[str]:
+    """The JVM with Kafka's jars on its classpath, logging to `log_path` (log4j2.xml)."""
+    return [
+        "java",
+        "-Djava.awt.headless=true",
+        "-Djava.net.preferIPv4Stack=true",
+        f"-Dlog4j2.configurationFile={LOG4J2}",
+        f"-Dpeernet.kafka.log={log_path}",
+        f"-Dkafka.logs.dir={log_path.parent}",
+        "-cp", f"{libs_dir(cfg)}/*",
+    ]
+
+
+def format_argv(cfg: PeerNetConfig, props: Path, cluster_id: str, log_path: Path, *,
+                standalone: bool) -> list[str]:
+    """Format the log dir of `props` for `cluster_id` (once per node, before its first start).
+    `standalone`: the node is the one voter of a dynamic quorum; else `props` names the voters."""
+    return [*java_argv(cfg, log_path), "-Xmx256m", "kafka.tools.StorageTool", "format",
+            *(["--standalone"] if standalone else []), "-t", cluster_id, "-c", str(props)]
+
+
+def broker_argv(cfg: PeerNetConfig, props: Path, log_path: Path, heap_mb: int) -> list[str]:
+    """Run the Kafka node of `props` with a heap of at most `heap_mb`."""
+    return [
+        *java_argv(cfg, log_path),
+        "-Xms128m", f"-Xmx{heap_mb}m",
+        # Kafka's own GC settings (kafka-run-class.sh): short pauses keep produce latency flat.
+        "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
+        "-XX:+ExplicitGCInvokesConcurrent",
+        "-XX:MaxMetaspaceSize=256m",
+        "-XX:ReservedCodeCacheSize=96m",
+        "-XX:+ExitOnOutOfMemoryError",
+        "kafka.Kafka", str(props),
+    ]
+
+
+def new_cluster_id() -> str:
     # Kafka's Uuid.randomUuid(): url-safe base64 of 16 random bytes, never starting with "-".
     while True:
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -119,9 +178,8 @@ class KafkaBroker:
     def install(self, cfg: PeerNetConfig) -> None:
         libs = libs_dir(cfg)
         stamp = libs_stamp(cfg)
-        with contextlib.suppress(FileNotFoundError):
-            if (libs / LIBS_STAMP).read_text() == stamp:
-                return
+        if libs_installed(cfg):
+            return
         for tool in ("java", "mvn"):
             if shutil.which(tool) is None:
                 raise StackError(f"kafka needs `{tool}` on PATH (a JDK 17+ and Maven): "
@@ -148,17 +206,6 @@ class KafkaBroker:
     def identity(self, cfg: PeerNetConfig) -> Identity:
         return Identity("java", ("kafka.Kafka", str(properties_file(cfg))))
 
-    def _java(self, cfg: PeerNetConfig, log_path: Path) -> list[str]:
-        return [
-            "java",
-            "-Djava.awt.headless=true",
-            "-Djava.net.preferIPv4Stack=true",
-            f"-Dlog4j2.configurationFile={LOG4J2}",
-            f"-Dpeernet.kafka.log={log_path}",
-            f"-Dkafka.logs.dir={logs_dir(cfg.stack.home)}",
-            "-cp", f"{libs_dir(cfg)}/*",
-        ]
-
     def launch(self, cfg: PeerNetConfig) -> Launch:
         home = cfg.stack.home
         props = properties_file(cfg)
@@ -166,25 +213,14 @@ class KafkaBroker:
         props.write_text(server_properties(cfg))
         data = data_dir(cfg)
         if not (data / "meta.properties").exists():
-            cluster_id = _cluster_id()
+            cluster_id = new_cluster_id()
             say(f"kafka: formatting {data} (cluster id {cluster_id})")
             data.mkdir(parents=True, exist_ok=True)
-            run_step([*self._java(cfg, log_file(home, "kafka.format")), "-Xmx256m",
-                      "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
-                      "-c", str(props)],
+            run_step(format_argv(cfg, props, cluster_id, log_file(home, "kafka.format"),
+                                 standalone=True),
                      log_path=log_file(home, "kafka.format"), what="formatting Kafka's storage",
                      timeout=120)
-        argv = [
-            *self._java(cfg, log_file(home, "kafka")),
-            "-Xms128m", f"-Xmx{cfg.stack.kafka_heap_mb}m",
-            # Kafka's own GC settings (kafka-run-class.sh): short pauses keep produce latency flat.
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-            "-XX:+ExplicitGCInvokesConcurrent",
-            "-XX:MaxMetaspaceSize=256m",
-            "-XX:ReservedCodeCacheSize=96m",
-            "-XX:+ExitOnOutOfMemoryError",
-            "kafka.Kafka", str(props),
-        ]
+        argv = broker_argv(cfg, props, log_file(home, "kafka"), cfg.stack.kafka_heap_mb)
         return Launch(argv=argv, identity=self.identity(cfg), cwd=kafka_dir(cfg),
                       console=log_file(home, "kafka.console"))
 
