@@ -88,6 +88,10 @@ class GatewayConfig:
     # loopback and private networks, where a proxy in front of the replicas connects from.
     trusted_proxies: str = "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
     max_frame_bytes: int = 64 * 1024
+    # Whether the replicas' WebSocket server (uvicorn; see serve/ws_server.py) agrees to
+    # permessage-deflate when a client offers it, as browsers do. Off: PeerNet's frames are
+    # small msgpack, and compression state costs memory on every connection.
+    ws_compression: bool = False
     max_body_chars: int = 4_000
     rate_per_s: float = 200.0
     rate_burst: int = 400
@@ -218,6 +222,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),
     "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),
+    "PEERNET_WS_COMPRESSION": ("gateway", "ws_compression"),
     "PEERNET_MAX_BODY_CHARS": ("gateway", "max_body_chars"),
     "PEERNET_RATE_PER_S": ("gateway", "rate_per_s"),
     "PEERNET_RATE_BURST": ("gateway", "rate_burst"),

@@ -40,6 +40,7 @@ from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
 from serve.serve_config import GatewayServeConfig, apply_env, load_serve_config
 from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
+from serve.ws_server import use_server_settings
 
 log = logging.getLogger("peernet.serve")
 
@@ -59,6 +60,7 @@ class Gateway:
     def __init__(self) -> None:
         setup_logging()
         self._cfg = load_config()
+        use_server_settings(self._cfg.gateway)  # before Serve starts this replica's server
         self._handles: dict[str, Any] = {}
         self._metric_handles: dict[str, Any] = {}  # the actors /metrics asks, by name
 

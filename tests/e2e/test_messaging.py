@@ -322,3 +322,20 @@ async def test_a_killed_gateway_replicas_clients_resume_elsewhere_and_lose_nothi
     await rcpt.close()
     await sender.close()
     await until_two_replicas(peernet_server)
+
+
+async def test_a_compression_offer_is_declined_and_the_connection_serves(
+        peernet_server: Server) -> None:
+    # Browsers offer permessage-deflate on every socket; the replicas decline it by default
+    # (PEERNET_WS_COMPRESSION, serve/ws_server.py), so no connection carries compression state.
+    import msgpack
+    import websockets
+
+    token = await dev_token(peernet_server.url, unique_user("deflate"))
+    async with websockets.connect(peernet_server.ws_url, compression="deflate") as ws:
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers, ws.response.headers
+        await ws.send(msgpack.packb({"t": "hello", "token": token}))
+        assert msgpack.unpackb(await ws.recv())["t"] == "welcome"
+        await ws.send(msgpack.packb({"t": "ping", "rid": 1}))
+        assert msgpack.unpackb(await ws.recv())["t"] == "pong"
