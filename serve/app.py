@@ -196,6 +196,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics.watch_gc()
         for start in deps.on_startup:
             await start()
         await presence.start()

@@ -280,6 +280,11 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
         assert seen_depths == wanted_depths, reply.text[-2000:]
         assert all(float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
         assert "peernet_connections" in reply.text
+        # The replica's garbage collections are timed (a replica that served a connection has
+        # collected its youngest generation by now).
+        gen0 = [ln for ln in reply.text.splitlines()
+                if ln.startswith('peernet_gc_pause_seconds_count{generation="0"}')]
+        assert gen0 and float(gen0[0].rsplit(" ", 1)[1]) > 0, reply.text[-2000:]
 
 
 async def test_a_killed_gateway_replicas_clients_resume_elsewhere_and_lose_nothing(
