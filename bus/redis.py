@@ -10,6 +10,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, parse_url
@@ -43,10 +44,17 @@ REDIS_POOL_SIZE = 32
 _RECONNECT_RETRY = (ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
+# Options of a Redis URL's query that configure redis-py's connection pool, not a connection.
+_POOL_OPTIONS = ("max_connections", "timeout")
+
+
 def redis_client(url: str, *, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float = 2.0, pool_size: int = REDIS_POOL_SIZE) -> aioredis.Redis:
     """A redis.asyncio client for `url` (bytes replies, bounded timeouts, a bounded blocking pool):
-    the one factory that every Redis-backed module of `bus/` uses."""
+    the one factory that every Redis-backed module of `bus/` uses. TLS comes from the URL, as
+    redis-py reads it: `rediss://host:port/db?ssl_ca_certs=/path/ca.pem` (the CA to trust; the
+    system's CAs without it), `ssl_certfile` and `ssl_keyfile` for a client certificate;
+    certificate and host name are checked unless the URL says `ssl_cert_reqs=none`."""
     pool = aioredis.BlockingConnectionPool.from_url(
         # A burst queues for a connection; each command is still bounded by the socket timeout.
         url, max_connections=pool_size, timeout=3 * socket_timeout_s, decode_responses=False,
@@ -54,6 +62,14 @@ def redis_client(url: str, *, socket_timeout_s: float = 5.0,
         health_check_interval=30,
         retry=Retry(*_RECONNECT_RETRY, supported_errors=(RedisConnectionError,)))
     return aioredis.Redis(connection_pool=pool)
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def _unavailable(what: str, exc: BaseException) -> PeerNetError:
@@ -174,6 +190,8 @@ class RedisPubSub:
         self._ping_outstanding = False
         self.reconnects = 0
         self.connection_errors = 0
+        # Why the last connection attempt failed (a refused certificate, say): start's error says.
+        self._last_error: BaseException | None = None
         self.handler_errors = 0
 
     async def __aenter__(self) -> RedisPubSub:
@@ -193,7 +211,8 @@ class RedisPubSub:
             await asyncio.wait_for(self._connected.wait(), self._subscribe_timeout_s)
         except TimeoutError:
             await self.stop()
-            raise unavailable(f"redis: pub/sub cannot connect to {self._url}") from None
+            why = f": {type(self._last_error).__name__}: {self._last_error}" if self._last_error else ""
+            raise unavailable(f"redis: pub/sub cannot connect to {_redacted(self._url)}{why}") from None
 
     async def stop(self) -> None:
         reader, self._reader = self._reader, None
@@ -293,11 +312,16 @@ class RedisPubSub:
             log.warning("redis pub/sub: %s failed: %r", args[0], exc)
 
     def _new_connection(self) -> Connection:
+        # The URL's own options too (`rediss://` and its `ssl_*` query parameters: TLS, as for
+        # redis_client), except the pool's, which a single connection does not take.
         kwargs: dict[str, Any] = dict(parse_url(self._url))
         cls = kwargs.pop("connection_class", Connection)
+        for pool_only in _POOL_OPTIONS:
+            kwargs.pop(pool_only, None)
         # RESP2: pub/sub messages arrive as plain arrays, read by this module's reader only.
-        return cls(**kwargs, protocol=2, client_name=self.connection_name,
-                   socket_connect_timeout=2.0, socket_timeout=self._ping_interval_s * 2)
+        kwargs.update(protocol=2, client_name=self.connection_name, socket_connect_timeout=2.0,
+                      socket_timeout=self._ping_interval_s * 2)
+        return cls(**kwargs)
 
     async def _read_forever(self) -> None:
         attempt = 0
@@ -329,6 +353,7 @@ class RedisPubSub:
                 # RedisError/OSError are the expected ones; anything else is a bug, but the
                 # reader must outlive it: it is counted and logged with its traceback.
                 self.connection_errors += 1
+                self._last_error = exc
                 expected = isinstance(exc, (RedisError, OSError))
                 log.log(logging.WARNING if expected else logging.ERROR,
                         "redis pub/sub connection lost (%d errors so far): %r",
