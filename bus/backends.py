@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bus.feeds_redis import RedisFeedStore, feed_store
 from bus.inbox_redis import RedisInboxCache
-from bus.kafka import KafkaEventLog
+from bus.kafka import KafkaEventLog, KafkaSecurity
 from bus.mongo import MongoDocumentStore
 from bus.presence_redis import RedisPresenceStore
 from bus.redis import RedisCache, RedisPubSub, redis_client
@@ -39,9 +39,7 @@ class Backends:
 def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
     s = cfg.services
     return Backends(
-        log=KafkaEventLog(s.kafka_bootstrap, client_id=client_id,
-                          fail_fast_ms=s.kafka_fail_fast_ms,
-                          commit_interval_ms=s.kafka_commit_interval_ms),
+        log=event_log(cfg, client_id=client_id),
         cache=RedisCache(s.redis_url),
         pubsub=RedisPubSub(s.redis_url),
         inbox=RedisInboxCache(redis_client(s.redis_url),
@@ -51,6 +49,15 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
         feeds=feed_store(cfg),
         presence=presence_store(cfg),
     )
+
+
+def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet") -> KafkaEventLog:
+    """The event log on the configured Kafka, with its settings (TLS included)."""
+    s = cfg.services
+    return KafkaEventLog(s.kafka_bootstrap, client_id=client_id,
+                         fail_fast_ms=s.kafka_fail_fast_ms,
+                         commit_interval_ms=s.kafka_commit_interval_ms,
+                         security=KafkaSecurity.of(s))
 
 
 def presence_store(cfg: PeerNetConfig) -> RedisPresenceStore:

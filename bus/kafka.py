@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -18,8 +20,10 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     for_code,
 )
+from aiokafka.helpers import create_ssl_context
 
 from bus.eventlog import Appended, Headers, Record, TopicSpec
+from peernet.config import KAFKA_SECURITY_PROTOCOLS, ServicesConfig
 from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,50 @@ async def _bounded(aw: Awaitable[_T], timeout_s: float, what: str) -> _T:
             return await aw
     except _WIRE_ERRORS as exc:
         raise _unavailable(what, exc) from exc
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How PeerNet's Kafka clients reach the brokers (PEERNET_KAFKA_SECURITY_PROTOCOL and
+    PEERNET_KAFKA_SSL_*): PLAINTEXT, or SSL: TLS, the broker's certificate and host name checked
+    against `cafile` (the system's CAs when empty), and a client certificate (`certfile`, with
+    its key in `keyfile` or in the same file) for a broker that requires one."""
+
+    protocol: str = "PLAINTEXT"
+    cafile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(f"kafka security protocol {self.protocol!r} is not one of "
+                             f"{', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+        if self.keyfile and not self.certfile:
+            raise ValueError("a Kafka client key (PEERNET_KAFKA_SSL_KEYFILE) needs its "
+                             "certificate (PEERNET_KAFKA_SSL_CERTFILE)")
+
+    @classmethod
+    def of(cls, services: ServicesConfig) -> KafkaSecurity:
+        return cls(services.kafka_security_protocol, services.kafka_ssl_cafile,
+                   services.kafka_ssl_certfile, services.kafka_ssl_keyfile)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of SSL (None for PLAINTEXT); reads the files now, so that a missing
+        or unreadable one fails where the client is built, not on its first connection."""
+        if self.protocol != "SSL":
+            return None
+        return create_ssl_context(cafile=self.cafile or None, certfile=self.certfile or None,
+                                  keyfile=self.keyfile or None)
+
+    def client_options(self) -> dict[str, Any]:
+        """The keyword arguments that every aiokafka client (producer, consumer, admin) takes."""
+        context = self.ssl_context()
+        if context is None:
+            return {"security_protocol": "PLAINTEXT"}
+        return {"security_protocol": "SSL", "ssl_context": context}
+
+
+PLAINTEXT = KafkaSecurity()
 
 
 class FailFast:
@@ -99,8 +147,11 @@ class KafkaEventLog:
     def __init__(self, bootstrap: str, *, request_timeout_ms: int = 5000,
                  delivery_timeout_ms: int = 10_000, linger_ms: int = 0,
                  client_id: str = "peernet", ping_timeout_ms: int = 2000,
-                 fail_fast_ms: int = 1000, commit_interval_ms: int = 0) -> None:
+                 fail_fast_ms: int = 1000, commit_interval_ms: int = 0,
+                 security: KafkaSecurity = PLAINTEXT) -> None:
         self._commit_interval_ms = commit_interval_ms
+        # One TLS context for all of this log's clients (producer, consumers, admin).
+        self._client_options = security.client_options()
         self._breaker = FailFast(fail_fast_ms / 1000)
         self._bootstrap = bootstrap
         self._request_timeout_ms = request_timeout_ms
@@ -142,6 +193,7 @@ class KafkaEventLog:
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
+            **self._client_options,
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
@@ -176,7 +228,7 @@ class KafkaEventLog:
             return self._producer
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._client_options,
                                     client_id=f"{self._client_id}-admin",
                                     request_timeout_ms=self._request_timeout_ms)
         try:
@@ -281,14 +333,15 @@ class KafkaEventLog:
                                 request_timeout_ms=self._request_timeout_ms,
                                 timeout_s=self._delivery_timeout_s,
                                 client_id=self._client_id,
-                                commit_interval_ms=self._commit_interval_ms)
+                                commit_interval_ms=self._commit_interval_ms,
+                                client_options=self._client_options)
 
     async def ping(self) -> None:
         producer = self._producer
         if producer is not None and not _sender_dead(producer):
             await _bounded(producer.client.fetch_all_metadata(), self._ping_timeout_s, "ping")
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap,
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._client_options,
                                     client_id=f"{self._client_id}-ping",
                                     request_timeout_ms=int(self._ping_timeout_s * 1000))
         try:
@@ -326,7 +379,9 @@ class KafkaLogConsumer:
     def __init__(self, bootstrap: str, topic: str, *, group: str | None,
                  partitions: Sequence[int] | None, from_beginning: bool,
                  request_timeout_ms: int, timeout_s: float, client_id: str,
-                 commit_interval_ms: int = 0) -> None:
+                 commit_interval_ms: int = 0,
+                 client_options: dict[str, Any] | None = None) -> None:
+        """`client_options`: KafkaSecurity.client_options(), as the event log's own clients."""
         if group is None and partitions is None:
             raise ValueError("a consumer needs a group or explicit partitions")
         if group is not None and partitions is not None:
@@ -337,6 +392,7 @@ class KafkaLogConsumer:
         self._timeout_s = timeout_s
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **(client_options or PLAINTEXT.client_options()),
             client_id=f"{client_id}-consumer",
             group_id=group,
             enable_auto_commit=False,

@@ -26,6 +26,14 @@ class ServicesConfig:
     # Log consumers commit their offsets at most this often (0: after every batch); a crash
     # redelivers up to this much, which every consumer absorbs (docs/architecture.md).
     kafka_commit_interval_ms: int = 1000
+    # How every Kafka client of PeerNet reaches the brokers: "PLAINTEXT" or "SSL" (TLS, the
+    # broker's certificate checked against `kafka_ssl_cafile`, or the system's CAs when empty).
+    # A client certificate (mutual TLS): `kafka_ssl_certfile` and `kafka_ssl_keyfile`. For a
+    # Kafka of your own only: the local stack's broker speaks PLAINTEXT (see load_config).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
     kafka_external: bool = False
     redis_external: bool = False
     mongo_external: bool = False
@@ -197,6 +205,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_MONGO_DB": ("services", "mongo_db"),
     "PEERNET_KAFKA_FAIL_FAST_MS": ("services", "kafka_fail_fast_ms"),
     "PEERNET_KAFKA_COMMIT_INTERVAL_MS": ("services", "kafka_commit_interval_ms"),
+    "PEERNET_KAFKA_SECURITY_PROTOCOL": ("services", "kafka_security_protocol"),
+    "PEERNET_KAFKA_SSL_CAFILE": ("services", "kafka_ssl_cafile"),
+    "PEERNET_KAFKA_SSL_CERTFILE": ("services", "kafka_ssl_certfile"),
+    "PEERNET_KAFKA_SSL_KEYFILE": ("services", "kafka_ssl_keyfile"),
     "PEERNET_EVENTS_TOPIC": ("topics", "events"),
     "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
     "PEERNET_INBOX_TOPIC": ("topics", "inbox"),
@@ -255,6 +267,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_RAY_OBJECT_STORE_MB": ("ray", "object_store_mb"),
 }
 
+# What PEERNET_KAFKA_SECURITY_PROTOCOL may say (SASL is not supported).
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL")
+
 _EXTERNAL_FLAGS = {
     "PEERNET_KAFKA_BOOTSTRAP": "kafka_external",
     "PEERNET_REDIS_URL": "redis_external",
@@ -299,10 +314,15 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
         name: type(getattr(base, name))(**{**_asdict(getattr(base, name)), **values})
         for name, values in sections.items()
     })
-    # A service the local stack runs is reached on the stack's own port.
+    # A service the local stack runs is reached on the stack's own port (and in plaintext).
     s, st = cfg.services, cfg.stack
+    protocol = s.kafka_security_protocol.strip().upper()
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise ConfigError(f"PEERNET_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not "
+                          f"one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
     services = replace(
         s,
+        kafka_security_protocol=protocol if s.kafka_external else "PLAINTEXT",
         kafka_bootstrap=s.kafka_bootstrap if s.kafka_external else f"127.0.0.1:{st.kafka_port}",
         redis_url=s.redis_url if s.redis_external else f"redis://127.0.0.1:{st.redis_port}/0",
         mongo_url=s.mongo_url if s.mongo_external

@@ -29,9 +29,8 @@ from actors.wiring import (
     create_actors,
     ensure_started,
 )
-from bus.backends import backends
+from bus.backends import backends, event_log
 from bus.eventlog import ConsumerLag
-from bus.kafka import KafkaEventLog
 from bus.topics import peernet_topics
 from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
 from peernet.logs import setup_logging
@@ -225,7 +224,7 @@ def state_file(cfg: PeerNetConfig) -> Path:
 
 
 async def _ensure_topics(cfg: PeerNetConfig) -> None:
-    log_ = KafkaEventLog(cfg.services.kafka_bootstrap, client_id="peernet-admin")
+    log_ = event_log(cfg, client_id="peernet-admin")
     await log_.ensure_topics(peernet_topics(cfg))
 
 

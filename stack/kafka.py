@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bus.eventlog import TopicSpec
 from peernet.config import PeerNetConfig
@@ -28,6 +28,9 @@ LOG4J2 = DATA_FILES / "log4j2.xml"
 LIBS_STAMP = ".peernet-libs"
 # Kafka's error codes that ensure_topics meets (see the Kafka protocol guide).
 TOPIC_ALREADY_EXISTS = 36
+
+if TYPE_CHECKING:  # aiokafka is imported where a client is made, not with this module
+    from bus.kafka import KafkaSecurity
 
 T = TypeVar("T")
 
@@ -225,14 +228,28 @@ class KafkaBroker:
                       console=log_file(home, "kafka.console"))
 
     def probe(self, cfg: PeerNetConfig, timeout: float) -> str:
-        return run_sync(describe(self.address(cfg), timeout))
+        return run_sync(describe(self.address(cfg), timeout, security=security(cfg)))
 
 
-async def describe(bootstrap: str, request_timeout_s: float) -> str:
+def security(cfg: PeerNetConfig) -> KafkaSecurity:
+    """How to reach the configured Kafka: TLS settings apply to an external one only."""
+    from bus.kafka import KafkaSecurity
+
+    return KafkaSecurity.of(cfg.services)
+
+
+def _client_options(security: KafkaSecurity | None) -> dict[str, Any]:
+    from bus.kafka import PLAINTEXT
+
+    return (security or PLAINTEXT).client_options()
+
+
+async def describe(bootstrap: str, request_timeout_s: float, *,
+                   security: KafkaSecurity | None = None) -> str:
     """One metadata request: raises unless a broker answers and the cluster has a controller."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **_client_options(security),
                                 request_timeout_ms=max(1000, int(request_timeout_s * 1000)))
     with _quiet_aiokafka():
         try:
@@ -248,7 +265,8 @@ async def describe(bootstrap: str, request_timeout_s: float) -> str:
 
 
 async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *,
-                        retry_for_s: float = 60.0) -> list[str]:
+                        retry_for_s: float = 60.0,
+                        security: KafkaSecurity | None = None) -> list[str]:
     """Create the topics of `specs` that do not exist yet; existing ones are left as they are
     (a partition count that differs from the spec is logged). Returns the names created.
 
@@ -258,8 +276,10 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *,
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_for_s
+    options = _client_options(security)
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **options,
+                                    request_timeout_ms=15_000)
         try:
             with _quiet_aiokafka():
                 await admin.start()

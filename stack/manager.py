@@ -17,6 +17,7 @@ from typing import TypeVar
 from bus.topics import peernet_topics
 from peernet.config import PeerNetConfig
 from stack.kafka import KAFKA, ensure_topics, run_sync
+from stack.kafka import security as kafka_security
 from stack.mongo import MONGO
 from stack.process import (
     StackError,
@@ -233,7 +234,8 @@ def up(cfg: PeerNetConfig) -> list[ServiceStatus]:
             say(f"{svc.name:<6} {state:<8} pid {pid:<7} {where}  log {svc.logs(cfg)[0]}  ({detail})")
     if errors:
         raise StackError("stack up failed:\n" + "\n\n".join(errors))
-    created = run_sync(ensure_topics(KAFKA.address(cfg), peernet_topics(cfg)))
+    created = run_sync(ensure_topics(KAFKA.address(cfg), peernet_topics(cfg),
+                                     security=kafka_security(cfg)))
     names = ", ".join(s.name for s in peernet_topics(cfg))
     say(f"topics {names}: " + (f"created {', '.join(created)}" if created else "present"))
     say(f"up in {time.monotonic() - t0:.1f} s (home {home})")

@@ -107,3 +107,17 @@ def test_the_config_is_frozen() -> None:
     cfg = load_config({})
     with pytest.raises(AttributeError):
         cfg.gateway.port = 1
+
+
+def test_kafka_tls_settings_apply_to_an_external_kafka() -> None:
+    tls = {"PEERNET_KAFKA_SECURITY_PROTOCOL": "ssl", "PEERNET_KAFKA_SSL_CAFILE": "/etc/ca.pem"}
+    s = load_config({"PEERNET_KAFKA_BOOTSTRAP": "kafka.example:9093", **tls}).services
+    assert (s.kafka_security_protocol, s.kafka_ssl_cafile) == ("SSL", "/etc/ca.pem")
+    # The local stack's broker is plaintext, whatever the variable says.
+    assert load_config(tls).services.kafka_security_protocol == "PLAINTEXT"
+
+
+def test_an_unknown_kafka_security_protocol_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="PEERNET_KAFKA_SECURITY_PROTOCOL"):
+        load_config({"PEERNET_KAFKA_BOOTSTRAP": "k:9092",
+                     "PEERNET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
