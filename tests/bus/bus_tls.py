@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-# Ports the local stack and the server use: never a test's own.
-RESERVED_PORTS = {8000, 18080, 9092, 9093, 6379, 27017}
 
 
 @dataclass(frozen=True)
@@ -29,20 +25,6 @@ class TlsFiles:
     client_cert: Path  # a client certificate signed by `ca` (mutual TLS)
     client_key: Path
     other_ca: Path  # a CA that signed none of these
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports of 127.0.0.1 (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-    assert not RESERVED_PORTS & set(ports)
-    return ports
 
 
 def _name(common_name: str) -> x509.Name:

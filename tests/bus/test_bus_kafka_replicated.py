@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +24,8 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from bus_helpers import unique
+from bus_helpers import free_ports, unique
+from kafka_nodes import require_kafka, start_node
 
 from bus.eventlog import Appended, TopicSpec
 from bus.kafka import KafkaEventLog
@@ -40,12 +38,8 @@ from stack.process import tail
 pytestmark = pytest.mark.stack
 
 BROKERS = 3
-# Each node's heap: the machine has 2 cores and other services run beside this cluster.
-HEAP_MB = 256
 # A JVM on a busy 2-core machine: three of them starting at once may take this long.
 START_TIMEOUT_S = 150.0
-# Ports the local stack and the server use: never ours.
-RESERVED_PORTS = {8000, 18080, 9092, 9093, 6379, 27017}
 PARTITIONS = 3
 KEYS = [f"user-{i}".encode() for i in range(4)]
 
@@ -100,30 +94,8 @@ class Cluster:
                          for i, n in self.nodes.items())
 
 
-def _free_ports(count: int) -> list[int]:
-    # All bound at once, so that no two are the same; the kernel's ephemeral range never
-    # holds the reserved ports, the check only says so.
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = [int(s.getsockname()[1]) for s in socks]
-    assert not RESERVED_PORTS & set(ports)
-    return ports
-
-
-def _die_with_parent() -> None:
-    # If pytest itself is killed (a timeout that ends the process), its brokers go with it.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _start(cfg: PeerNetConfig, node: Node) -> None:
-    with open(node.console, "ab") as console:
-        node.proc = subprocess.Popen(
-            stack_kafka.broker_argv(cfg, node.props, node.log, HEAP_MB),
-            cwd=node.home, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+    node.proc = start_node(cfg, node.props, node.home, node.log, node.console)
 
 
 def _format_all(cfg: PeerNetConfig, cluster: Cluster, cluster_id: str) -> None:
@@ -183,13 +155,9 @@ async def _wait_for_brokers(cluster: Cluster, count: int) -> None:
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     """Three KRaft nodes from the jars `peernet stack up` installed; all SIGKILLed at the end."""
     cfg = load_config()
-    if not stack_kafka.libs_installed(cfg):
-        pytest.fail(f"the Kafka jars are not in {stack_kafka.libs_dir(cfg)}: run `./dev test` or "
-                    "`peernet stack up`, which install them")
-    if shutil.which("java") is None:
-        pytest.fail("`java` is not on PATH (a JDK 17+; `./dev test` installs it)")
+    require_kafka(cfg)
     root = tmp_path_factory.mktemp("kafka-cluster")
-    ports = _free_ports(2 * BROKERS)
+    ports = free_ports(2 * BROKERS)
     cluster = Cluster()
     for i in range(1, BROKERS + 1):
         home = root / f"node-{i}"
@@ -229,12 +197,15 @@ class Topics:
         return self.cfg.topics.events
 
 
-def _event_log(cfg: PeerNetConfig, **timeouts: int) -> KafkaEventLog:
+def _event_log(cfg: PeerNetConfig, *, request_timeout_ms: int = 5000,
+               delivery_timeout_ms: int = 10_000) -> KafkaEventLog:
     # As bus/backends.py opens it from the configuration (timeouts: the code's defaults).
     s = cfg.services
     return KafkaEventLog(s.kafka_bootstrap, client_id=unique("test-replicated"),
                          fail_fast_ms=s.kafka_fail_fast_ms,
-                         commit_interval_ms=s.kafka_commit_interval_ms, **timeouts)
+                         commit_interval_ms=s.kafka_commit_interval_ms,
+                         request_timeout_ms=request_timeout_ms,
+                         delivery_timeout_ms=delivery_timeout_ms)
 
 
 @pytest.fixture(scope="module")

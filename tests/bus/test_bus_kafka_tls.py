@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -27,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bus_helpers import unique
-from bus_tls import TlsFiles, free_ports, make_tls_files
+from bus_helpers import free_ports, unique
+from bus_tls import TlsFiles, make_tls_files
+from kafka_nodes import require_kafka, start_node
 
 from bus.backends import event_log
 from bus.eventlog import Record, TopicSpec
@@ -40,7 +39,6 @@ from stack.process import tail
 
 pytestmark = pytest.mark.stack
 
-HEAP_MB = 256
 START_TIMEOUT_S = 120.0
 # Short client timeouts: a refused client must fail the test in seconds, not hang.
 REQUEST_TIMEOUT_MS = 2000
@@ -94,12 +92,6 @@ def _properties(broker: TlsBroker, controller_port: int) -> str:
     ]) + "\n"
 
 
-def _die_with_parent() -> None:
-    # If pytest itself is killed, its broker goes with it.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _run(argv: list[str], home: Path, timeout: float) -> int:
     with open(home / "console.log", "ab") as console:
         proc = subprocess.Popen(argv, cwd=home, stdin=subprocess.DEVNULL, stdout=console,
@@ -112,23 +104,11 @@ def _run(argv: list[str], home: Path, timeout: float) -> int:
         return -1
 
 
-def _start(cfg: PeerNetConfig, props: Path, home: Path) -> subprocess.Popen[bytes]:
-    with open(home / "console.log", "ab") as console:
-        return subprocess.Popen(
-            stack_kafka.broker_argv(cfg, props, home / "kafka.log", HEAP_MB),
-            cwd=home, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-
-
 @pytest.fixture(scope="module")
 async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TlsBroker]:
     """One KRaft node from the jars `peernet stack up` installed; SIGKILLed at the end."""
     cfg = load_config()
-    if not stack_kafka.libs_installed(cfg):
-        pytest.fail(f"the Kafka jars are not in {stack_kafka.libs_dir(cfg)}: run `./dev test` or "
-                    "`peernet stack up`, which install them")
-    if shutil.which("java") is None:
-        pytest.fail("`java` is not on PATH (a JDK 17+; `./dev test` installs it)")
+    require_kafka(cfg)
     home = tmp_path_factory.mktemp("kafka-tls")
     plaintext, tls_port, mtls_port, controller = free_ports(4)
     broker = TlsBroker(plaintext, tls_port, mtls_port, make_tls_files(home / "certs"), home)
@@ -139,7 +119,7 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TlsB
                                       home / "format.log", standalone=True), home, 120)
     if code != 0:
         pytest.fail(f"formatting the broker's storage failed ({code}):\n{broker.logs()}")
-    proc = _start(cfg, props, home)
+    proc = start_node(cfg, props, home, home / "kafka.log", home / "console.log")
     aiokafka_log = logging.getLogger("aiokafka")
     level = aiokafka_log.level
     # Refused connections (the tests' point) are logged by aiokafka at ERROR: noise here.

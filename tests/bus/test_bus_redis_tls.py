@@ -18,8 +18,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from bus_helpers import eventually, unique
-from bus_tls import TlsFiles, free_ports, make_tls_files
+from bus_helpers import eventually, free_ports, unique
+from bus_tls import TlsFiles, make_tls_files
 
 from bus.backends import presence_store
 from bus.redis import RedisCache, RedisPubSub, redis_client
