@@ -32,10 +32,21 @@ HEALTH_CHECKS = {**RAY_HEALTH_CHECKS, "RAY_health_check_initial_delay_ms": "1000
 START_TIMEOUT_S = 420.0
 
 
+# Every port this module has handed out: draws are random, and two equal draws for one `ray
+# start` made it refuse to start ("a port number that is used by other components", seen in CI).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range (which an outgoing connection may take
-    between this check and Ray's bind) and apart from the worker ports used here."""
-    return free_port_in(22000, 23000)
+    between this check and Ray's bind), apart from the worker ports used here, and from every
+    port this module chose before."""
+    for _ in range(100):
+        port = free_port_in(22000, 23000)
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise AssertionError("no free port in 22000-23000 that was not handed out already")
 
 
 def ray_start(args: list[str], env: dict[str, str]) -> None:
