@@ -230,13 +230,29 @@ async def topics(cluster: Cluster) -> Topics:
     return Topics(cfg, specs)
 
 
+# How long a broker may take to learn a topic's metadata from the controller.
+METADATA_WAIT_S = 30.0
+
+
 async def _describe(bootstrap: str, topic: str) -> dict[int, dict[str, Any]]:
-    """partition -> its metadata (leader, replicas, isr) as the cluster reports it now."""
-    admin = await _admin(bootstrap)
-    try:
-        (described,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
+    """partition -> its metadata (leader, replicas, isr) as the cluster reports it.
+
+    Brokers learn new topics from the controller asynchronously: PeerNet's `ensure_topics`
+    returns when the broker its admin client asked knows every leader, and a fresh admin client
+    may ask another broker that does not know the topic yet (UNKNOWN_TOPIC_OR_PARTITION, seen in
+    CI). So this asks again until the topic is known with all its partitions, within
+    METADATA_WAIT_S."""
+    deadline = time.monotonic() + METADATA_WAIT_S
+    while True:
+        admin = await _admin(bootstrap)
+        try:
+            (described,) = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        if (described["error_code"] == 0 and len(described["partitions"]) == PARTITIONS) or (
+                time.monotonic() > deadline):
+            break
+        await asyncio.sleep(0.2)
     assert described["error_code"] == 0, described
     return {p["partition"]: p for p in described["partitions"]}
 
