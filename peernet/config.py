@@ -85,6 +85,11 @@ class GatewayConfig:
     # cluster has two or more nodes at deploy time, no limit on one node. A replica lost with its
     # node comes back only on a node with room (docs/deploy.md, "Failover").
     max_replicas_per_node: int = 0
+    # Where the replicas go (GATEWAY_PLACEMENTS): "spread", `replicas` of them (or the Serve
+    # config file's count or autoscaling) held apart by `max_replicas_per_node`; "every_node",
+    # one on each live Ray node that carries GATEWAY_RESOURCE, and only there, the count kept
+    # equal to those nodes as they join and leave (docs/deploy.md, "Gateway on every node").
+    placement: str = "spread"
     # A Serve config file for the gateway (replicas or autoscaling, environment): see
     # serve/serve_config.py and deploy/serve-config.yaml. Empty: none.
     serve_config: str = ""
@@ -197,6 +202,14 @@ RAY_HEALTH_CHECKS: dict[str, str] = {
 }
 
 
+# The custom Ray resource of the nodes that take traffic, for `PEERNET_GATEWAY_PLACEMENT=every_node`:
+# each gateway replica needs one unit, so none goes to a node without it. Nodes get it from
+# `ray start --resources='{"peernet_gateway": 1}'` (cluster.yaml) or a node type's `resources`.
+GATEWAY_RESOURCE = "peernet_gateway"
+# What PEERNET_GATEWAY_PLACEMENT may say.
+GATEWAY_PLACEMENTS = ("spread", "every_node")
+
+
 # Environment variable -> (section, field). The one table of every PEERNET_* variable.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_KAFKA_BOOTSTRAP": ("services", "kafka_bootstrap"),
@@ -229,6 +242,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_LOG_LEVEL": ("logs", "level"),
     "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
     "PEERNET_MAX_REPLICAS_PER_NODE": ("gateway", "max_replicas_per_node"),
+    "PEERNET_GATEWAY_PLACEMENT": ("gateway", "placement"),
     "PEERNET_SERVE_CONFIG": ("gateway", "serve_config"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
@@ -320,6 +334,9 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
     if protocol not in KAFKA_SECURITY_PROTOCOLS:
         raise ConfigError(f"PEERNET_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not "
                           f"one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+    if cfg.gateway.placement not in GATEWAY_PLACEMENTS:
+        raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT={cfg.gateway.placement!r} is not one of "
+                          f"{', '.join(GATEWAY_PLACEMENTS)}")
     services = replace(
         s,
         kafka_security_protocol=protocol if s.kafka_external else "PLAINTEXT",

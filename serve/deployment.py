@@ -32,12 +32,13 @@ from actors.wiring import (
 from bus.backends import backends, event_log
 from bus.eventlog import ConsumerLag
 from bus.topics import peernet_topics
-from peernet.config import ConfigError, PeerNetConfig, load_config, ray_tmpdir
+from peernet.config import GATEWAY_RESOURCE, ConfigError, PeerNetConfig, load_config, ray_tmpdir
 from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
-from serve.serve_config import GatewayServeConfig, apply_env, load_serve_config
+from serve.placement import ReplicaTarget, count_conflicts, gateway_nodes, wanted_replicas
+from serve.serve_config import DEPLOYMENT_NAME, GatewayServeConfig, apply_env, load_serve_config
 from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
 from serve.ws_server import use_server_settings
 
@@ -48,6 +49,10 @@ SUPERVISE_EVERY_S = 1.0
 # One actor's answer to `lag` or `queue_depth` for /metrics; a slower one is left out of that
 # scrape.
 LAG_CALL_TIMEOUT_S = 1.0
+# In `every_node` placement: how often `peernet serve` reads Ray's node table, and how long one
+# reading and the change it leads to may take before that round counts as failed.
+NODE_WATCH_EVERY_S = 2.0
+NODE_WATCH_TIMEOUT_S = 30.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
@@ -154,10 +159,15 @@ def free_port_in(low: int, high: int, tries: int = 50) -> int:
 
 def _haproxy_maxconn(cfg: PeerNetConfig) -> int:
     """The replicas' connection budget, within the open-files limit: HAProxy refuses to start
-    unless it may open about 2.5 files per connection (client and replica sockets, splice pipes)."""
+    unless it may open about 2.5 files per connection (client and replica sockets, splice pipes).
+    In `every_node` placement the replica count follows the nodes, and each node's HAProxy
+    balances over every replica: the open-files limit alone bounds it."""
     budget = cfg.gateway.replicas * cfg.gateway.max_connections_per_replica
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return budget if files == resource.RLIM_INFINITY else min(budget, (files - 256) * 2 // 5)
+    if files == resource.RLIM_INFINITY:
+        return budget
+    bound = (files - 256) * 2 // 5
+    return bound if cfg.gateway.placement == "every_node" else min(budget, bound)
 
 
 def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
@@ -275,14 +285,97 @@ def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int, replicas: int | None
     return None
 
 
+async def _scale_gateway(replicas: int) -> None:
+    """Set the gateway's replica count in place: Serve starts or stops replicas and leaves the
+    others running. This is the controller call behind Serve's REST `scale` endpoint (its
+    "external scaler", enabled for the application by `serve.run(external_scaler_enabled=True)`),
+    which is served by the dashboard, and PeerNet runs without one. `serve.run` again would
+    restart every replica instead: Serve gives each deploy from Python a new code version."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    await controller.update_deployment_replicas.remote(
+        DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME), replicas)
+
+
+def _update_state(path: Path, **fields: Any) -> None:
+    """Rewrite some fields of the state file (written whole, then renamed)."""
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    state.update(fields)
+    tmp = path.with_suffix(".nodes.tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+class GatewayNodeWatch:
+    """`every_node` placement: keeps the gateway's replica count equal to the number of live Ray
+    nodes carrying GATEWAY_RESOURCE (serve/placement.py decides, from a reading of the node
+    table every NODE_WATCH_EVERY_S), changed in place without restarting a replica."""
+
+    def __init__(self, replicas: int, state_path: Path) -> None:
+        self.target = ReplicaTarget(replicas)
+        self.state_path = state_path
+        self.errors = 0  # failed rounds, each logged
+
+    @property
+    def replicas(self) -> int:
+        """The count in force (what a redeploy, such as a rolling upgrade, must ask for)."""
+        return self.target.current
+
+    async def check(self) -> None:
+        """Read the node table once and apply the count it calls for."""
+        nodes = await asyncio.to_thread(ray.nodes)
+        carrying = gateway_nodes(nodes)
+        before = self.target.current
+        new = self.target.observe(wanted_replicas(nodes))
+        if new is None:
+            return
+        await _scale_gateway(new)
+        self.target.applied(new)
+        _update_state(self.state_path, replicas=new)
+        print(f"peernet: gateway replicas {before} -> {new}: {len(carrying)} live Ray node(s) "
+              f"carry {GATEWAY_RESOURCE} ({', '.join(n[:8] for n in carrying) or 'none'})",
+              flush=True)
+        if not carrying:
+            log.warning("no live Ray node carries %s: the gateway's one replica waits for one "
+                        "(start a node with --resources='{\"%s\": 1}')",
+                        GATEWAY_RESOURCE, GATEWAY_RESOURCE)
+
+    async def run(self, every_s: float = NODE_WATCH_EVERY_S) -> None:
+        """Check for ever (until cancelled). A failed round is counted and logged, and the next
+        one tries again."""
+        while True:
+            try:
+                await asyncio.wait_for(self.check(), NODE_WATCH_TIMEOUT_S)
+            except Exception as exc:
+                self.errors += 1
+                log.warning("gateway node watch failed (%d so far): %s: %s",
+                            self.errors, type(exc).__name__, exc)
+            await asyncio.sleep(every_s)
+
+
 def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
-          ) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], None]]:
+          ) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], None],
+                     GatewayNodeWatch | None]:
     """Start (or join) Ray, create the topics and actors, and deploy the gateway.
 
     Returns the state written to `state_file`, the actor handles (the actors live as long as
-    the caller keeps them: they are owned by this driver and die with it), and the function that
-    deploys the gateway again with a new version (a rolling restart of its replicas).
+    the caller keeps them: they are owned by this driver and die with it), the function that
+    deploys the gateway again with a new version (a rolling restart of its replicas), and, in
+    `every_node` placement, the watch that keeps the replica count equal to the gateway nodes.
     """
+    every_node = cfg.gateway.placement == "every_node"
+    sc = serve_config or GatewayServeConfig(Path())  # no file: nothing from it
+    conflicts = count_conflicts(sc.options) if every_node else []
+    if conflicts:
+        raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT=every_node puts one gateway replica on "
+                          f"each node carrying {GATEWAY_RESOURCE}; the Serve config file "
+                          f"{sc.path} sets {', '.join(conflicts)}, which it does not take: remove "
+                          "them (docs/deploy.md, \"Gateway on every node\")")
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
     TrustedProxies(cfg.gateway.trusted_proxies)  # a bad setting stops here, not in each replica
     serve_env = replica_env(cfg)
@@ -302,10 +395,18 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
                          object_store_memory=cfg.ray.object_store_mb * 1024 * 1024)
         if cfg.ray.num_cpus:
             init_args["num_cpus"] = cfg.ray.num_cpus
+        if every_node:  # a head of our own takes traffic: it runs the one ingress
+            init_args["resources"] = {GATEWAY_RESOURCE: 1}
     info: Any = _init_ray(init_args)
     gcs = info.address_info.get("gcs_address")
     print(f"peernet: ray ready at {gcs} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
+    if every_node and not gateway_nodes(ray.nodes()):
+        # serve.run would wait for ever for a replica that no node can take.
+        raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT=every_node, and no live Ray node carries "
+                          f"the {GATEWAY_RESOURCE} resource: start the nodes that take traffic "
+                          f"with `ray start --resources='{{\"{GATEWAY_RESOURCE}\": 1}}'` "
+                          "(docs/deploy.md, \"Gateway on every node\")")
     handles = create_actors(cfg)
     results = asyncio.run(ensure_started(handles, timeout_s=120))
     for name, result in results.items():
@@ -314,12 +415,23 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
     serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port,
                               "location": cfg.gateway.proxy_location},
                 detached=False)
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    sc = serve_config or GatewayServeConfig(Path())  # no file: nothing from it
-    replicas = sc.replicas(cfg.gateway.replicas)
-    scaling = sc.autoscaling
-    per_node = (sc.options.get("max_replicas_per_node")
-                or replicas_per_node_limit(cfg, nodes, sc.max_replicas(replicas)))
+    ray_nodes = ray.nodes()
+    nodes = sum(1 for n in ray_nodes if n.get("Alive"))
+    watch: GatewayNodeWatch | None = None
+    actor_resources: dict[str, Any] = {}
+    if every_node:
+        # Each replica takes the node's unit of the resource (so only those nodes get one), and
+        # at most one per node even where a node has several units.
+        replicas = wanted_replicas(ray_nodes)
+        scaling = None
+        per_node: int | None = 1
+        actor_resources = {"resources": {GATEWAY_RESOURCE: 1}}
+        watch = GatewayNodeWatch(replicas, state_file(cfg))
+    else:
+        replicas = sc.replicas(cfg.gateway.replicas)
+        scaling = sc.autoscaling
+        per_node = (sc.options.get("max_replicas_per_node")
+                    or replicas_per_node_limit(cfg, nodes, sc.max_replicas(replicas)))
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.gateway.max_connections_per_replica,
         # Serve takes a fixed count or an autoscaling config, not both.
@@ -331,12 +443,14 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
     def deploy_gateway(version: str) -> None:
         """Deploy the gateway; a new `version` makes Serve roll the replicas one at a time (Serve
         keeps versions to itself: a changed actor environment is what makes it restart them)."""
+        count = {"num_replicas": watch.replicas} if watch else {}  # the nodes' count, now
         gateway = Gateway.options(  # type: ignore[attr-defined]
-            ray_actor_options={"num_cpus": 0, "runtime_env": {
+            ray_actor_options={"num_cpus": 0, **actor_resources, "runtime_env": {
                 "env_vars": {**env, "PEERNET_GATEWAY_VERSION": version}}},
-            **options,
+            **{**options, **count},
         )
-        serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False,
+                  external_scaler_enabled=every_node)
 
     deploy_gateway("v0")
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
@@ -346,33 +460,51 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
              # What `peernet status` expects to find, whatever the environment it runs in.
              "actors": list(handles), "replicas": replicas,
              "replicas_per_node": per_node,
+             "placement": cfg.gateway.placement,
              "autoscaling": scaling,
              "serve_config": str(serve_config.path) if serve_config else None}
     path = state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
-    print(f"peernet: {nodes} Ray node(s); gateway replicas per node: "
-          f"{per_node or 'no limit'}", flush=True)
+    if every_node:
+        print(f"peernet: {nodes} Ray node(s), {replicas} carrying {GATEWAY_RESOURCE}; one gateway "
+              f"replica on each (PEERNET_GATEWAY_PLACEMENT=every_node; the count follows those "
+              f"nodes, read every {NODE_WATCH_EVERY_S:g}s)", flush=True)
+        unused = [v for v in ("PEERNET_REPLICAS", "PEERNET_MAX_REPLICAS_PER_NODE") if v in os.environ]
+        if unused:
+            print(f"peernet: {' and '.join(unused)} not used with every_node placement", flush=True)
+    else:
+        print(f"peernet: {nodes} Ray node(s); gateway replicas per node: "
+              f"{per_node or 'no limit'}", flush=True)
     shown = (f"{scaling.get('min_replicas', 1)} to {scaling.get('max_replicas', 1)} (autoscaled)"
              if scaling else str(replicas))
     print(f"peernet: serving on {url} with {shown} gateway replicas "
           f"behind {cfg.gateway.ingress} "
           f"(ready in {state['startup_s']}s; Ctrl-C stops)", flush=True)
-    return state, handles, deploy_gateway
+    return state, handles, deploy_gateway, watch
 
 
-def supervise(handles: dict[str, Any], stop: list[bool], wake: list[Any] | None = None) -> None:
-    """Keep every actor's logic running: a restarted actor is started again within a second.
-    Returns once `stop` or `wake` is not empty."""
+def supervise(handles: dict[str, Any], stop: list[bool], wake: list[Any] | None = None,
+              watch: GatewayNodeWatch | None = None) -> None:
+    """Keep every actor's logic running: a restarted actor is started again within a second;
+    and with `watch`, the gateway's replica count equal to its nodes meanwhile. Returns once
+    `stop` or `wake` is not empty."""
     wake = [] if wake is None else wake
 
     async def loop() -> None:
-        while not stop and not wake:
-            results = await ensure_started(handles, timeout_s=60)
-            for name, result in results.items():
-                if not isinstance(result, dict):
-                    log.warning("actor %s: %s", name, result)
-            await asyncio.sleep(SUPERVISE_EVERY_S)
+        watching = asyncio.create_task(watch.run()) if watch else None
+        try:
+            while not stop and not wake:
+                results = await ensure_started(handles, timeout_s=60)
+                for name, result in results.items():
+                    if not isinstance(result, dict):
+                        log.warning("actor %s: %s", name, result)
+                await asyncio.sleep(SUPERVISE_EVERY_S)
+        finally:
+            if watching:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
 
     asyncio.run(loop())
 
@@ -426,14 +558,14 @@ def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
     def on_upgrade(signum: int, frame: Any) -> None:
         upgrades.append(time.time())
 
-    _, handles, deploy_gateway = start(cfg, serve_config)
+    _, handles, deploy_gateway, watch = start(cfg, serve_config)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_upgrade)
     number = 0
     try:
         while not stop:
-            supervise(handles, stop, upgrades)
+            supervise(handles, stop, upgrades, watch)
             if upgrades and not stop:
                 number += 1
                 record = UpgradeRecord(number, upgrades[0])
