@@ -1,29 +1,37 @@
-"""Failover on a multi-node Ray cluster (issue 8): two Ray nodes on this machine (`ray start
---head` and `ray start --address`, Ray's health checks tuned to seconds), `peernet serve` joined
-to them, the `dm` load running, and the worker node killed as a crashed host goes (its raylet and
-every process under it SIGKILLed) by `bench --chaos node`. Its shard actors and gateway replica
-come back on the head, clients resume, and nothing acknowledged is lost.
+"""PeerNet on a multi-node Ray cluster (issue 8), Ray nodes on this machine (`ray start --head`
+and `ray start --address`, Ray's health checks tuned to seconds) with `peernet serve` joined:
+
+- failover: two nodes, the `dm` load running, and the worker node killed as a crashed host goes
+  (its raylet and every process under it SIGKILLed) by `bench --chaos node`. Its shard actors and
+  gateway replica come back on the head, clients resume, and nothing acknowledged is lost.
+- `every_node` placement: one gateway replica on each node carrying the gateway resource, a
+  node that joins later gets one, and a node that dies takes only its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 from fault_checks import run_fault
-from wsclient import SERVER_TOPICS, Server, running_server
+from wsclient import SERVER_TOPICS, Client, Server, running_server, unique_user
 
 from bench.chaos import ACTOR_TITLES, _scan, pick_processes, worker_raylets
 from bench.params import BenchParams
-from peernet.config import RAY_HEALTH_CHECKS, PeerNetConfig
-from serve.deployment import free_port_in
+from peernet.config import GATEWAY_RESOURCE, RAY_HEALTH_CHECKS, PeerNetConfig
+from serve.deployment import free_port_in, state_file
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "multinode"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -77,6 +85,167 @@ def kill_cluster(temp_dir: str, gcs_port: int) -> None:
     for p in doomed.values():
         with contextlib.suppress(psutil.Error):
             p.kill()
+
+
+# --- every_node placement ----------------------------------------------------------------------
+
+GATEWAY_NODE = f'--resources={{"{GATEWAY_RESOURCE}": 1}}'
+# Small nodes: Ray would otherwise count this machine's memory and CPUs once per node.
+SMALL_NODE = ["--num-cpus=1", "--memory=1000000000", "--object-store-memory=100000000"]
+REPLICA_TITLE = ACTOR_TITLES["replica"]
+# Replicas placed, and a dead node counted out (Ray's health checks, then two readings of the
+# node table by `peernet serve`): generous, since the machine is shared.
+PLACED_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class EveryNodeCluster:
+    server: Server
+    gcs_port: int
+    ray_env: dict[str, str]
+
+
+@pytest.fixture
+def every_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[EveryNodeCluster]:
+    """Two nodes carrying the gateway resource, and `peernet serve` in every_node placement with
+    one shard actor of each kind (the footprint kept small). Function-scoped: its Ray is gone
+    before the next test starts its own."""
+    run = uuid.uuid4().hex[:6]
+    temp_dir = f"/tmp/pn-en-{run}"
+    gcs_port = free_port()
+    ray_env = {**os.environ, **HEALTH_CHECKS, "RAY_AUTH_MODE": local_stack.ray.auth_mode}
+    try:
+        ray_start(["--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}", *SMALL_NODE, GATEWAY_NODE,
+                   "--min-worker-port=20000", "--max-worker-port=20299"], ray_env)
+        ray_start([f"--address=127.0.0.1:{gcs_port}", *SMALL_NODE, GATEWAY_NODE,
+                   "--min-worker-port=20300", "--max-worker-port=20599"], ray_env)
+        s = local_stack.services
+        env = {
+            **os.environ, **HEALTH_CHECKS,
+            "PEERNET_HOME": str(tmp_path_factory.mktemp("en-home")),
+            "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_REDIS_URL": s.redis_url,
+            "PEERNET_MONGO_URL": s.mongo_url, "PEERNET_MONGO_DB": f"peernet_test_en_{run}",
+            "PEERNET_RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+            "PEERNET_GATEWAY_PLACEMENT": "every_node",
+            # All nodes are on this host: only the head may bind the port. Its HAProxy balances
+            # over the replicas of every node.
+            "PEERNET_PROXY_LOCATION": "HeadOnly",
+            "PEERNET_PORT": os.environ.get("PEERNET_TEST_EVERY_NODE_PORT", "18690"),
+            "PEERNET_DEV_TOKENS": "1",
+            "PEERNET_SESSION_SHARDS": "1", "PEERNET_FEED_SHARDS": "1", "PEERNET_PRESENCE_SHARDS": "1",
+            "PEERNET_EVENTS_TOPIC": f"peernet.test-en{run}.events",
+            "PEERNET_INBOX_TOPIC": f"peernet.test-en{run}.inbox",
+            "PEERNET_FEED_KEYSPACE": f"social-test-en{run}",
+            "PEERNET_PRESENCE_KEYSPACE": f"presence-test-en{run}",
+        }
+        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
+        log_path = tmp_path_factory.mktemp("en-server") / "peernet-serve.log"
+        with running_server(env, log_path, START_TIMEOUT_S) as server:
+            yield EveryNodeCluster(server, gcs_port, ray_env)
+    finally:
+        kill_cluster(temp_dir, gcs_port)
+
+
+def raylets(gcs: str) -> list[int]:
+    """The raylets of the cluster at `gcs`, the head's included."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        words = proc.info.get("cmdline") or []
+        if words and words[0].endswith("/raylet") and f"--gcs-address={gcs}" in words:
+            out.append(proc.pid)
+    return sorted(out)
+
+
+def replicas_by_node(gcs: str) -> dict[int, list[int]]:
+    """Gateway replica processes under each raylet of the cluster (by the raylet's pid)."""
+    replicas = set(pick_processes(_scan(), REPLICA_TITLE, gcs))
+    out = {}
+    for raylet in raylets(gcs):
+        with contextlib.suppress(psutil.Error):
+            out[raylet] = sorted(p.pid for p in psutil.Process(raylet).children() if p.pid in replicas)
+    return out
+
+
+async def one_replica_on_each(gcs: str, nodes: int) -> dict[int, list[int]]:
+    """Wait until the cluster has `nodes` raylets with one gateway replica under each."""
+    deadline = time.monotonic() + PLACED_TIMEOUT_S
+    while True:
+        placed = await asyncio.to_thread(replicas_by_node, gcs)
+        if len(placed) == nodes and all(len(p) == 1 for p in placed.values()):
+            return placed
+        assert time.monotonic() < deadline, f"not one replica on each of {nodes} nodes: {placed}"
+        await asyncio.sleep(0.5)
+
+
+async def replicas_reached(server: Server, count: int) -> set[str]:
+    """The replicas that `count` sockets open at once reach through the ingress: with HAProxy's
+    least connections, each goes to a replica that has none while there is one."""
+    clients = [await Client.connect(server.ws_url, server.url, unique_user("en")) for _ in range(count)]
+    try:
+        return {str(c.welcome.get("replica")) for c in clients}
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def expected_replicas(server: Server) -> int:
+    """What `peernet serve` asks Serve for (and `peernet status` expects)."""
+    return int(json.loads(state_file(server.cfg).read_text())["replicas"])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+async def test_every_node_placement_follows_the_nodes_that_carry_the_resource(
+        every_node_server: EveryNodeCluster) -> None:
+    server, gcs = every_node_server.server, every_node_server.server.gcs_address
+    took: dict[str, float] = {}
+
+    before = await one_replica_on_each(gcs, 2)
+    assert expected_replicas(server) == 2
+    assert f"2 carrying {GATEWAY_RESOURCE}" in server.log_tail(200)
+
+    # A node joins, carrying the resource: it gets its replica, and no other replica restarts.
+    t0 = time.monotonic()
+    old = set(raylets(gcs))
+    await asyncio.to_thread(ray_start, [f"--address=127.0.0.1:{every_node_server.gcs_port}", *SMALL_NODE,
+                                        GATEWAY_NODE, "--min-worker-port=20600",
+                                        "--max-worker-port=20899"], every_node_server.ray_env)
+    took["ray start of the third node"] = time.monotonic() - t0
+    (joined,) = set(raylets(gcs)) - old
+    after = await one_replica_on_each(gcs, 3)
+    took["join to its replica running"] = time.monotonic() - t0
+    assert {r: p for r, p in after.items() if r != joined} == before, "a replica was restarted"
+    assert expected_replicas(server) == 3
+    assert "gateway replicas 2 -> 3" in server.log_tail(200)
+    # ... and the ingress reaches it: three sockets at once land on three replicas.
+    deadline = time.monotonic() + 60
+    while len(reached := await replicas_reached(server, 3)) < 3:
+        assert time.monotonic() < deadline, f"the ingress reaches {len(reached)} replicas of 3"
+        await asyncio.sleep(1)
+    took["join to all three reached through HAProxy"] = time.monotonic() - t0
+
+    # The node dies as a crashed host goes: the count follows, and only its replica is gone.
+    victim = psutil.Process(joined)
+    doomed = [victim, *victim.children(recursive=True)]
+    t0 = time.monotonic()
+    for proc in reversed(doomed):
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + PLACED_TIMEOUT_S
+    while expected_replicas(server) != 2:
+        assert time.monotonic() < deadline, f"the count did not follow the dead node:\n{server.log_tail()}"
+        await asyncio.sleep(0.25)
+    took["kill to the count lowered"] = time.monotonic() - t0
+    assert "gateway replicas 3 -> 2" in server.log_tail(200)
+    assert await one_replica_on_each(gcs, 2) == before, "a replica on a live node was stopped"
+    await asyncio.sleep(5)  # two more readings of the node table: nothing else changes
+    assert await asyncio.to_thread(replicas_by_node, gcs) == before
+    assert len(await replicas_reached(server, 2)) == 2
+    print("every_node placement: " + "; ".join(f"{k} {v:.1f} s" for k, v in took.items()))
+
+
+# --- failover ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
