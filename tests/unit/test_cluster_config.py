@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import hash_runtime_conf, prepare_config, validate_config
 
-from peernet.config import ENV_VARS, PROJECT_ROOT, RAY_HEALTH_CHECKS, load_config
+from peernet.config import ENV_VARS, GATEWAY_RESOURCE, PROJECT_ROOT, RAY_HEALTH_CHECKS, load_config
 
 CLUSTER_YAML = PROJECT_ROOT / "cluster.yaml"
 ENV_FILE = PROJECT_ROOT / "deploy" / "peernet.env"
@@ -73,6 +73,10 @@ def test_ray_is_started_with_the_settings_peernet_needs() -> None:
         assert "export RAY_AUTH_MODE=disabled RAY_TMPDIR=/tmp/peernet;" in commands
         assert "~/peernet-venv/bin/ray start" in commands
     assert "--include-dashboard=false" in head
+    # Every node takes traffic: each carries the resource every_node placement puts a replica
+    # on (the on-premise provider takes a node's resources from its `ray start`).
+    for commands in (head, workers):
+        assert f"""--resources='{{"{GATEWAY_RESOURCE}": 1}}'""" in commands
     # Node failure noticed in seconds, as tests/e2e/test_multinode.py runs it.
     for name, value in RAY_HEALTH_CHECKS.items():
         assert f"{name}={value}" in head, name
@@ -134,8 +138,13 @@ def test_the_deployed_settings_parse_and_name_external_services() -> None:
 def test_the_deployed_settings_name_the_serve_config_file_kept_here() -> None:
     """cluster.yaml's file_mounts put the repository at ~/peernet; the file must be in it and
     load (Serve's schema, and what `peernet serve` applies)."""
+    from serve.placement import count_conflicts
     from serve.serve_config import load_serve_config
 
-    named = load_config(_env_file()).gateway.serve_config
-    assert named == "~/peernet/deploy/serve-config.yaml"
-    load_serve_config(PROJECT_ROOT / "deploy" / "serve-config.yaml")
+    gateway = load_config(_env_file()).gateway
+    assert gateway.serve_config == "~/peernet/deploy/serve-config.yaml"
+    sc = load_serve_config(PROJECT_ROOT / "deploy" / "serve-config.yaml")
+    # One replica on each node cluster.yaml gives the resource; the file must leave the count
+    # to that, or `peernet serve` stops at start.
+    assert gateway.placement == "every_node"
+    assert count_conflicts(sc.options) == []

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from peernet.config import PROJECT_ROOT, ConfigError
+from serve.placement import count_conflicts
 from serve.serve_config import apply_env, load_serve_config
 
 REPO_FILE = PROJECT_ROOT / "deploy" / "serve-config.yaml"
@@ -30,12 +31,12 @@ def _write(tmp_path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
-def test_the_repositorys_file_passes_serves_schema_and_autoscales_the_gateway() -> None:
+def test_the_repositorys_file_passes_serves_schema_and_suits_every_node_placement() -> None:
+    # deploy/peernet.env puts a replica on every gateway node: the file sets no count of its own
+    # (`peernet serve` would refuse it; tests/unit/test_cluster_config.py checks the pairing).
     sc = load_serve_config(REPO_FILE)
-    scaling = sc.autoscaling
-    assert scaling is not None and scaling["min_replicas"] <= scaling["max_replicas"]
-    assert sc.replicas(default=99) == scaling["min_replicas"]
-    assert sc.max_replicas(default=99) == scaling["max_replicas"]
+    assert sc.autoscaling is None and count_conflicts(sc.options) == []
+    assert sc.options["graceful_shutdown_timeout_s"] == 5
     assert sc.env["PEERNET_HOST"] == "0.0.0.0" and sc.env["PEERNET_PROXY_LOCATION"] == "EveryNode"
     assert all(k.startswith("PEERNET_") for k in sc.env)
 
