@@ -1,4 +1,5 @@
-"""Cache: small shared key-value state with expiry (Redis), e.g. idempotency keys."""
+"""Cache: small shared key-value state with expiry (Redis), e.g. idempotency keys, and groups of
+expiring entries, e.g. what each gateway replica publishes of its metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Protocol
 
 class Cache(Protocol):
     """A shared key-value cache. Everything in it can be lost (a restart of Redis) and rebuilt
-    from the EventLog; writes are visible to every process as soon as they return."""
+    (from the EventLog; a group's members by their next put); writes are visible to every
+    process as soon as they return. A group shares the keyspace of plain keys: name it apart."""
 
     async def start(self) -> None: ...
 
@@ -21,6 +23,16 @@ class Cache(Protocol):
         """Set only when `key` has no value; True when this call set it (atomic across processes)."""
 
     async def delete(self, key: str) -> None: ...
+
+    async def put_member(self, group: str, member: str, value: bytes, *, ttl_s: float) -> None:
+        """Set `member` of `group` to `value`, live for `ttl_s` from now: each member expires by
+        itself (a writer that stops putting leaves the group within its ttl)."""
+
+    async def members(self, group: str) -> dict[str, bytes]:
+        """Every live member of `group` and its latest value, in one step (empty: none)."""
+
+    async def remove_member(self, group: str, member: str) -> None:
+        """Take `member` out of `group` now (absent: nothing happens)."""
 
     async def ping(self) -> None:
         """Raise PeerNetError(unavailable) unless the cache answers."""

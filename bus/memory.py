@@ -500,6 +500,8 @@ class _CacheServer:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.data: dict[str, tuple[bytes, float | None]] = {}
+        # group -> member -> (value, expires at)
+        self.groups: dict[str, dict[str, tuple[bytes, float]]] = {}
         self.down = False
 
 
@@ -569,6 +571,29 @@ class MemoryCache:
     async def delete(self, key: str) -> None:
         self._live(key)
         self._server.data.pop(key, None)
+
+    def _group(self, group: str) -> dict[str, tuple[bytes, float]]:
+        """`group`'s live members (the expired ones dropped), as Redis would answer."""
+        s = self._server
+        if s.down:
+            raise unavailable("memory cache is down")
+        entries = s.groups.get(group, {})
+        now = s.clock()
+        for member in [m for m, (_, expires) in entries.items() if now >= expires]:
+            del entries[member]
+        return entries
+
+    async def put_member(self, group: str, member: str, value: bytes, *, ttl_s: float) -> None:
+        expires = self._expiry(ttl_s)
+        assert expires is not None
+        self._group(group)
+        self._server.groups.setdefault(group, {})[member] = (_as_bytes(value, "value"), expires)
+
+    async def members(self, group: str) -> dict[str, bytes]:
+        return {member: value for member, (value, _) in self._group(group).items()}
+
+    async def remove_member(self, group: str, member: str) -> None:
+        self._group(group).pop(member, None)
 
     async def ping(self) -> None:
         if self._server.down:

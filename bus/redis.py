@@ -84,8 +84,36 @@ def _px(ttl_s: float | None) -> int | None:
     return max(1, round(ttl_s * 1000))
 
 
+# A group `g` of the Cache is the set `g:members` (its members' names) and a key `g:m:{member}`
+# per member, with the member's TTL. The set outlives its members (a day past the last put), so
+# that no put of a live member can be lost with it; reading the group drops the names whose key
+# has expired, in the same script, so a member put again meanwhile is never dropped.
+_GROUP_INDEX_TTL_MS = 24 * 3600 * 1000
+# KEYS[1]: the group's set; ARGV[1]: the prefix of its members' keys. Returns [member, value, ...].
+_GROUP_MEMBERS = """
+local out = {}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local v = redis.call('GET', ARGV[1] .. m)
+  if v then
+    out[#out + 1] = m
+    out[#out + 1] = v
+  else
+    redis.call('SREM', KEYS[1], m)
+  end
+end
+return out
+"""
+
+
+def _group_keys(group: str) -> tuple[str, str]:
+    """The set of `group`'s member names and the prefix of its members' keys."""
+    return f"{group}:members", f"{group}:m:"
+
+
 class RedisCache:
-    """Cache on Redis: every call is one command; set_if_absent is SET NX (atomic)."""
+    """Cache on Redis: every call is one command, or one transaction or script; set_if_absent is
+    SET NX (atomic). A group's members are read by one script (one Redis instance, not a cluster:
+    it builds its keys)."""
 
     def __init__(self, url: str, *, socket_timeout_s: float = 5.0) -> None:
         self._url = url
@@ -134,6 +162,37 @@ class RedisCache:
             await self._c().delete(key)
         except _WIRE_ERRORS as exc:
             raise _unavailable("delete", exc) from exc
+
+    async def put_member(self, group: str, member: str, value: bytes, *, ttl_s: float) -> None:
+        px = _px(ttl_s)
+        assert px is not None
+        index, prefix = _group_keys(group)
+        try:
+            async with self._c().pipeline(transaction=True) as pipe:
+                pipe.set(prefix + member, value, px=px)
+                pipe.sadd(index, member)
+                pipe.pexpire(index, max(px, _GROUP_INDEX_TTL_MS))
+                await pipe.execute()
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("put_member", exc) from exc
+
+    async def members(self, group: str) -> dict[str, bytes]:
+        index, prefix = _group_keys(group)
+        try:
+            flat: list[Any] = await self._c().eval(_GROUP_MEMBERS, 1, index, prefix)
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("members", exc) from exc
+        return {bytes(flat[i]).decode(): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def remove_member(self, group: str, member: str) -> None:
+        index, prefix = _group_keys(group)
+        try:
+            async with self._c().pipeline(transaction=True) as pipe:
+                pipe.srem(index, member)
+                pipe.delete(prefix + member)
+                await pipe.execute()
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("remove_member", exc) from exc
 
     async def ping(self) -> None:
         try:

@@ -65,6 +65,39 @@ async def test_set_if_absent_after_expiry(cache_kit: CacheKit) -> None:
     assert await cache.get(key) == b"third"
 
 
+async def test_a_groups_members_are_seen_by_every_client_until_removed(
+        cache_kit: CacheKit) -> None:
+    a, b = await cache_kit.make(), await cache_kit.make()
+    group = f"{cache_kit.prefix}:group"
+    assert await a.members(group) == {}
+    await a.put_member(group, "r1", b"\x00one", ttl_s=30)
+    await b.put_member(group, "r2", b"two", ttl_s=30)
+    assert await a.members(group) == {"r1": b"\x00one", "r2": b"two"}
+    await b.put_member(group, "r1", b"again", ttl_s=30)  # the latest value
+    assert await a.members(group) == {"r1": b"again", "r2": b"two"}
+    await a.remove_member(group, "r1")
+    await a.remove_member(group, "absent")  # harmless
+    assert await b.members(group) == {"r2": b"two"}
+    # Groups and plain keys keep apart.
+    assert await a.members(f"{cache_kit.prefix}:other") == {}
+    assert await a.get(group) is None
+
+
+async def test_each_member_expires_by_itself(cache_kit: CacheKit) -> None:
+    cache = await cache_kit.make()
+    group = f"{cache_kit.prefix}:leases"
+    await cache.put_member(group, "short", b"v", ttl_s=0.2)
+    await cache.put_member(group, "kept", b"v", ttl_s=30)
+    assert set(await cache.members(group)) == {"short", "kept"}
+    await asyncio.sleep(0.35)
+    assert await cache.members(group) == {"kept": b"v"}
+    # A member put again after it expired is back.
+    await cache.put_member(group, "short", b"w", ttl_s=30)
+    assert await cache.members(group) == {"kept": b"v", "short": b"w"}
+    with pytest.raises(ValueError):
+        await cache.put_member(group, "short", b"v", ttl_s=0)
+
+
 async def test_ping(cache_kit: CacheKit) -> None:
     cache = await cache_kit.make()
     await cache.ping()
@@ -76,7 +109,9 @@ async def test_unreachable_cache_is_unavailable(cache_kit: CacheKit) -> None:
     try:
         t0 = time.monotonic()
         for call in (cache.ping(), cache.get("k"), cache.set("k", b"v"),
-                     cache.set_if_absent("k", b"v"), cache.delete("k")):
+                     cache.set_if_absent("k", b"v"), cache.delete("k"),
+                     cache.put_member("g", "m", b"v", ttl_s=1), cache.members("g"),
+                     cache.remove_member("g", "m")):
             with pytest.raises(PeerNetError) as caught:
                 await call
             assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retriable
