@@ -162,6 +162,17 @@ class FeedsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The gateway's aggregated scrape target, /metrics/cluster (serve/cluster_metrics.py)."""
+
+    # Each gateway replica publishes its own metrics to Redis this often (0: never; its series
+    # are then missing from /metrics/cluster). Its entry expires after 3 intervals without one.
+    publish_ms: int = 5_000
+    # Prefix of the published metrics' keys in Redis: deployments sharing one Redis keep apart by it.
+    keyspace: str = "metrics"
+
+
+@dataclass(frozen=True)
 class LogsConfig:
     """How every PeerNet process logs (peernet/logs.py)."""
 
@@ -189,6 +200,7 @@ class PeerNetConfig:
     feeds: FeedsConfig = field(default_factory=FeedsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # Ray's node health checks on a PeerNet cluster's head (cluster.yaml sets them before `ray start
@@ -240,6 +252,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_INGRESS": ("gateway", "ingress"),
     "PEERNET_LOG_FORMAT": ("logs", "format"),
     "PEERNET_LOG_LEVEL": ("logs", "level"),
+    "PEERNET_METRICS_PUBLISH_MS": ("metrics", "publish_ms"),
+    "PEERNET_METRICS_KEYSPACE": ("metrics", "keyspace"),
     "PEERNET_PROXY_LOCATION": ("gateway", "proxy_location"),
     "PEERNET_MAX_REPLICAS_PER_NODE": ("gateway", "max_replicas_per_node"),
     "PEERNET_GATEWAY_PLACEMENT": ("gateway", "placement"),

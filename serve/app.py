@@ -20,7 +20,7 @@ from actors.presence import LeaseTiming
 from peernet.config import PROJECT_ROOT, presence_lease_ms
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
 from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
-from serve import metrics
+from serve import cluster_metrics, metrics
 from serve.connection import Connection
 from serve.deps import GatewayDeps
 from serve.handlers import build_handlers
@@ -56,6 +56,9 @@ def build_app(deps: GatewayDeps) -> Starlette:
     handlers = build_handlers(messenger, presence)
     trusted = TrustedProxies(deps.cfg.gateway.trusted_proxies)
     per_address = AddressLimiter(deps.cfg.gateway.max_connections_per_address)
+    metrics_group = cluster_metrics.metrics_group(deps.cfg.metrics.keyspace)
+    publisher = cluster_metrics.MetricsPublisher(deps.cache, metrics_group, deps.replica,
+                                                 deps.cfg.metrics.publish_ms)
 
     async def websocket(ws: WebSocket) -> None:
         peer = ws.client.host if ws.client else None
@@ -123,6 +126,20 @@ def build_app(deps: GatewayDeps) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         await asyncio.gather(read_lag(), read_queue_depths())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def cluster_metrics_endpoint(request: Request) -> Response:
+        readings = asyncio.gather(read_lag(), read_queue_depths())
+        try:
+            published = await deps.cache.members(metrics_group)
+        except PeerNetError as exc:
+            await readings
+            return _error(503, exc.code, exc.message)
+        await readings
+        # A few ms of parsing per replica: in a thread, so the loop serves its sockets between
+        # the thread's turns at the GIL rather than after the whole merge.
+        body = await asyncio.to_thread(cluster_metrics.merge, published,
+                                       cluster_metrics.deployment_wide())
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     async def dev_token(request: Request) -> Response:
         if not deps.cfg.gateway.dev_tokens:
@@ -200,12 +217,15 @@ def build_app(deps: GatewayDeps) -> Starlette:
         for start in deps.on_startup:
             await start()
         await presence.start()
+        await publisher.start()
         log.info("gateway %s ready", deps.replica)
         try:
             yield
         finally:
             with contextlib.suppress(Exception):
                 await presence.stop()
+            with contextlib.suppress(Exception):
+                await publisher.stop()
             for stop in deps.on_shutdown:
                 with contextlib.suppress(Exception):
                     await stop()
@@ -214,6 +234,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         WebSocketRoute("/v1/ws", websocket),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
+        Route("/metrics/cluster", cluster_metrics_endpoint),
         Route("/v1/dev/token", dev_token, methods=["POST"]),
         Route("/v1/conversations/{conv}/messages", conversation_messages),
         *social_routes(deps),

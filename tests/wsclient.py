@@ -229,4 +229,6 @@ def server_env(cfg: PeerNetConfig) -> dict[str, str]:
         # 45 s here): short, so that the replica-kill test takes seconds.
         "PEERNET_PRESENCE_LEASE_MS": "6000",
         "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{run}",
+        # Only this server's replicas in its /metrics/cluster.
+        "PEERNET_METRICS_KEYSPACE": f"metrics-test-{run}",
     }

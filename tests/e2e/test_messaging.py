@@ -287,6 +287,56 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
         assert gen0 and float(gen0[0].rsplit(" ", 1)[1]) > 0, reply.text[-2000:]
 
 
+async def test_metrics_cluster_has_every_replicas_series_in_one_scrape(
+        peernet_server: Server) -> None:
+    """/metrics/cluster, on whichever replica the ingress picks: the series each gateway replica
+    published to Redis, told apart by a `replica` label (its id, as in `welcome`), in one valid
+    exposition; the deployment-wide gauges once, without it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a = await connect_on_replica(peernet_server, unique_user("ca"), None)
+    b = await connect_on_replica(peernet_server, unique_user("cb"), a.welcome["replica"])
+    replicas = {a.welcome["replica"], b.welcome["replica"]}
+    assert len(replicas) == 2
+    try:
+        await a.send({"t": "ping"})
+        await b.send({"t": "ping"})
+        async with httpx.AsyncClient() as http:
+            # Each replica publishes every PEERNET_METRICS_PUBLISH_MS (5 s): wait until both
+            # entries count their socket and its ping.
+            for _ in range(30):
+                reply = await http.get(peernet_server.url + "/metrics/cluster")
+                assert reply.status_code == 200, reply.text
+                families = {f.name: f for f in text_string_to_metric_families(reply.text)}
+                connected = {s.labels["replica"] for s in families["peernet_connections"].samples
+                             if s.value >= 1}
+                pinged = {s.labels["replica"] for s in families["peernet_frames_in"].samples
+                          if s.labels["type"] == "ping" and s.value >= 1}
+                if replicas <= connected & pinged:
+                    break
+                await asyncio.sleep(1)
+            assert replicas <= connected & pinged, reply.text[-3000:]
+    finally:
+        await a.close()
+        await b.close()
+    lines = reply.text.splitlines()
+    types = [ln.split()[2] for ln in lines if ln.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), "a family named twice"
+    for family in families.values():
+        labelled = {"replica" in s.labels for s in family.samples}
+        if family.name in ("peernet_kafka_consumer_lag", "peernet_shard_queue_depth",
+                           "peernet_cluster_replicas"):
+            assert labelled <= {False}, family.name
+        else:
+            assert labelled <= {True}, family.name
+    # Histograms with all their parts, one series per replica.
+    parts = {(s.name.rsplit("_", 1)[1], s.labels["replica"])
+             for s in families["peernet_delivery_latency_seconds"].samples}
+    assert {(p, r) for p in ("bucket", "sum", "count") for r in replicas} <= parts
+    live = int(families["peernet_cluster_replicas"].samples[0].value)
+    assert live >= 2  # a replica killed by an earlier test may linger for 3 intervals
+
+
 async def test_a_killed_gateway_replicas_clients_resume_elsewhere_and_lose_nothing(
         peernet_server: Server, ray_cluster: None) -> None:
     """The recipient's gateway replica is SIGKILLed mid-stream: its socket dies with it; the
