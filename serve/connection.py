@@ -4,6 +4,11 @@ keeps the inbox in seq order on the socket.
 States: opened -> (hello within the deadline) -> live -> closed. The writer owns the order of
 inbox items: it drops seqs the socket already had and fills any gap from the inbox cache, so a
 lost pub/sub message costs a read, never an item.
+
+Memory: an idle connection holds no writer task and no asyncio.Queue. The outbox is a plain
+deque and the writer is a task started when something is queued, which ends when the outbox is
+empty (an asyncio.Queue is four deques, ~3 KiB; a parked writer task with its frames ~1.5 KiB;
+per idle connection that is a tenth of the replica's share, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +81,15 @@ class Connection:
         self.binary = True
         self.last_seq = 0  # the newest inbox seq this socket has been sent (or had on resume)
         self.watching: set[str] = set()
-        self._queue: asyncio.Queue[Outgoing | Replay | CatchUp | None] = asyncio.Queue(
-            self.cfg.outbound_queue)
+        # What waits for the socket, in order; None asks the writer to stop. At most
+        # `outbound_queue` items: one more closes the connection (slow consumer).
+        self._outbox: deque[Outgoing | Replay | CatchUp | None] = deque()
         self._early: list[Outgoing] | None = []  # pushes that arrive before the welcome
         self._writer: asyncio.Task[None] | None = None
         self._close_code: int | None = None
         self._closer: asyncio.Future[None] | None = None
         self._attached = False
+        self._ended = False  # the read loop is over: nothing more is queued
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -100,12 +108,20 @@ class Connection:
             self._enqueue(CatchUp())
 
     def _enqueue(self, item: Outgoing | Replay | CatchUp | None) -> None:
-        if self._close_code is not None:
+        if self._close_code is not None or self._ended:
             return
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self._outbox) >= self.cfg.outbound_queue:
             self.close(CloseCode.SLOW_OR_FLOODING, "slow consumer")
+            return
+        self._outbox.append(item)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Start the writer unless it runs: it sends the outbox in order and ends once the
+        outbox is empty (it checks and returns in one step, so an item queued after that finds
+        it done and starts the next one; two writers never run at once)."""
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop())
 
     def close(self, code: int, reason: str) -> None:
         """Close the socket now, from any task; frames still queued are dropped."""
@@ -150,8 +166,9 @@ class Connection:
             or SERVER_CLOSED in str(exc))
 
     async def _write_forever(self) -> None:
-        while True:
-            item = await self._queue.get()
+        outbox = self._outbox
+        while outbox:
+            item = outbox.popleft()
             if item is None:
                 return
             if isinstance(item, Replay):
@@ -242,14 +259,15 @@ class Connection:
             await self._finish()
 
     async def _finish(self) -> None:
-        if self._writer is not None:
+        self._ended = True
+        writer = self._writer
+        if writer is not None and not writer.done():
             if self._close_code is None:
-                self._writer.cancel()
+                writer.cancel()
             else:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._queue.put_nowait(None)
+                self._outbox.append(None)
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._writer, 5)
+                await asyncio.wait_for(writer, 5)
         if self._closer is not None:
             # The server drops the socket once the app returns: the close frame (its code is
             # the client's only explanation) must be out before that.
@@ -258,7 +276,9 @@ class Connection:
 
     async def _receive(self, timeout: float) -> bytes | str:
         try:
-            message = await asyncio.wait_for(self.ws.receive(), timeout)
+            # asyncio.timeout, not wait_for: no extra task per waiting connection.
+            async with asyncio.timeout(timeout):
+                message = await self.ws.receive()
         except TimeoutError:
             raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
         if message["type"] == "websocket.disconnect":
@@ -313,7 +333,6 @@ class Connection:
             self._error(exc, None)
             raise _Closed(CloseCode.GOING_AWAY, "backend unavailable") from None
         self.last_seq = bounds.latest
-        self._writer = asyncio.create_task(self._write_loop())
         self.send({"t": "welcome", "user": self.user, "session": self.session, "seq": bounds.latest,
                    "heartbeat": self.cfg.heartbeat_ms, "replica": self.deps.replica})
         if bad_resume:

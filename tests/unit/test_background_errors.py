@@ -338,7 +338,7 @@ async def test_a_writer_that_fails_is_counted_and_closes_its_connection() -> Non
     conn = connection(ws, BrokenInbox(retention_items=10, retention_ms=10**9))
     before = background_errors("writer")
     conn.catch_up()
-    await asyncio.wait_for(conn._write_loop(), 5)
+    await asyncio.wait_for(conn._writer, 5)
     assert background_errors("writer") == before + 1
     assert conn._closer is not None
     await conn._closer
@@ -355,7 +355,7 @@ async def test_a_writer_whose_socket_closed_ends_quietly(
     before = background_errors("writer")
     conn.send({"t": "pong"})
     with caplog.at_level(logging.WARNING, logger="peernet.connection"):
-        await asyncio.wait_for(conn._write_loop(), 5)
+        await asyncio.wait_for(conn._writer, 5)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert background_errors("writer") == before
     assert conn._closer is None  # nothing to close: the socket is closed already
@@ -372,7 +372,7 @@ async def test_a_writer_whose_socket_the_server_closed_ends_quietly(
     before = background_errors("writer")
     conn.send({"t": "pong"})
     with caplog.at_level(logging.WARNING, logger="peernet.connection"):
-        await asyncio.wait_for(conn._write_loop(), 5)
+        await asyncio.wait_for(conn._writer, 5)
     assert ws.application_state == WebSocketState.CONNECTED
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert background_errors("writer") == before
@@ -384,7 +384,7 @@ async def test_a_writer_send_that_fails_on_an_open_socket_is_counted() -> None:
     conn = connection(ws)
     before = background_errors("writer")
     conn.send({"t": "pong"})
-    await asyncio.wait_for(conn._write_loop(), 5)
+    await asyncio.wait_for(conn._writer, 5)
     assert background_errors("writer") == before + 1
     assert conn._closer is not None
     await conn._closer
