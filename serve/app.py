@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketClose
 
 from actors.presence import LeaseTiming
@@ -41,6 +41,35 @@ ADDRESS_FULL = "too many connections from this address"
 METRICS_LAG_TIMEOUT_S = 1.5
 # The web client's bundle, built by ./dev (not committed; README, "Web client"); served at / when present.
 WEB_DIST = PROJECT_ROOT / "web" / "dist"
+
+
+# The WebSocket endpoint's path: see GatewayApp.
+WS_PATH = "/v1/ws"
+
+
+class GatewayApp(Starlette):
+    """Starlette, with a direct path for the WebSocket endpoint.
+
+    A socket's handler runs for the connection's whole life, and through Starlette's middleware
+    and router every layer keeps its coroutine frame and closures alive with it (about 4 KiB per
+    idle connection, docs/benchmarks.md). A WebSocket to WS_PATH (no root path) goes straight to
+    the endpoint instead: the same handler and the same `scope["app"]`; for a WebSocket those
+    layers only route it (Starlette's error middleware passes WebSockets through, and the
+    exception middleware re-raises what is not an HTTP or WebSocket exception, which the
+    endpoint never raises). Everything else, and the route in `routes` (which Serve reads for
+    its route names), is unchanged."""
+
+    def __init__(self, *, ws_endpoint: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._ws_endpoint = ws_endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "websocket" and scope.get("path") == WS_PATH
+                and not scope.get("root_path")):
+            scope["app"] = self
+            await self._ws_endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
@@ -230,8 +259,11 @@ def build_app(deps: GatewayDeps) -> Starlette:
                 with contextlib.suppress(Exception):
                     await stop()
 
+    async def websocket_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        await websocket(WebSocket(scope, receive, send))
+
     routes = [
-        WebSocketRoute("/v1/ws", websocket),
+        WebSocketRoute(WS_PATH, websocket),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
         Route("/metrics/cluster", cluster_metrics_endpoint),
@@ -251,7 +283,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
             await static(scope, receive, send)
 
         routes.append(Mount("/", app=web, name="web"))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = GatewayApp(ws_endpoint=websocket_asgi, routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.presence = presence
     app.state.per_address = per_address

@@ -59,6 +59,29 @@ def test_welcome_has_the_protocol_shape(gw: Gateway) -> None:
         assert again["session"] != welcome["session"]
 
 
+def test_a_websocket_to_the_endpoint_skips_the_middleware_stack(gw: Gateway) -> None:
+    """GatewayApp's direct path (serve/app.py): the socket is served without Starlette's
+    middleware and router, whose frames would live as long as the connection; HTTP still goes
+    through them."""
+    app = gw.client.app
+    stack = app.middleware_stack  # type: ignore[attr-defined]
+    seen: list[str] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+        await stack(scope, receive, send)
+
+    app.middleware_stack = recording  # type: ignore[attr-defined]
+    try:
+        with gw.connect(unique_user("alice")) as (ws, _):
+            assert ws.request({"t": "ping", "rid": 1}) == {"t": "pong", "rid": 1}
+        assert seen == []
+        assert gw.client.get("/healthz").status_code == 200
+        assert seen == ["http"]
+    finally:
+        app.middleware_stack = stack  # type: ignore[attr-defined]
+
+
 def test_welcome_seq_is_the_newest_inbox_seq(gw: Gateway) -> None:
     user = unique_user("alice")
     gw.put_items(user, [msg(s) for s in (1, 2, 3)])
