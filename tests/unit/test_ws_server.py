@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 import uvicorn
 from unit_helpers import unit_cfg
 
-from serve.ws_server import use_server_settings
+from serve.ws_server import LeanQueue, LeanWebSocketProtocol, use_server_settings
 
 
 @pytest.fixture
@@ -41,3 +42,45 @@ def test_applying_the_settings_twice_does_not_stack_subclasses(restored_config: 
     use_server_settings(unit_cfg().gateway)
     use_server_settings(unit_cfg().gateway)
     assert uvicorn.Config.__mro__[1] is original
+
+
+def test_the_replica_serves_websockets_with_the_lean_receive_queue(restored_config: None) -> None:
+    use_server_settings(unit_cfg().gateway)
+    config = uvicorn.Config(app)
+    config.load()
+    assert config.ws_protocol_class is LeanWebSocketProtocol
+
+
+async def test_lean_queue_gives_items_in_order_to_waiting_getters_first_come_first_served() -> None:
+    queue: LeanQueue[int] = LeanQueue()
+    assert queue.empty() and queue.qsize() == 0
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    assert queue.qsize() == 2
+    assert [await queue.get(), await queue.get()] == [1, 2]
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)  # both wait
+    queue.put_nowait(3)
+    queue.put_nowait(4)
+    assert await asyncio.wait_for(asyncio.gather(first, second), 1) == [3, 4]
+    assert queue.empty()
+
+
+async def test_a_cancelled_get_takes_nothing_and_passes_its_wake_up_on() -> None:
+    queue: LeanQueue[str] = LeanQueue()
+    cancelled = asyncio.create_task(queue.get())
+    waiting = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("a")  # wakes `cancelled`, which is cancelled before it runs
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert await asyncio.wait_for(waiting, 1) == "a"
+    idle = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    idle.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await idle
+    queue.put_nowait("b")
+    assert await asyncio.wait_for(queue.get(), 1) == "b"
