@@ -373,8 +373,21 @@ class _TrackAssignment(ConsumerRebalanceListener):
         return None
 
 
+# A group consumer whose commits failed this many times in a row is replaced by a new one.
+RENEW_AFTER_COMMIT_FAILURES = 3
+
+
 class KafkaLogConsumer:
-    """LogConsumer on an AIOKafkaConsumer (auto-commit off: offsets advance only by `commit`)."""
+    """LogConsumer on an AIOKafkaConsumer (auto-commit off: offsets advance only by `commit`).
+
+    Renewal: after a broker restart aiokafka's group coordinator can stay stuck: every commit
+    times out for minutes while polls still answer (seen in CI: a session shard retried its
+    commit for four minutes and delivered nothing). After RENEW_AFTER_COMMIT_FAILURES failed
+    commits in a row the consumer is closed and a new one joins the group in its place; it
+    reads again from the group's committed offsets, so the records since the last commit come
+    again (every PeerNet consumer absorbs a redelivery) and nothing is skipped. Until the new one
+    has started, `poll` and `commit` try to start it and raise `unavailable` while they cannot.
+    """
 
     def __init__(self, bootstrap: str, topic: str, *, group: str | None,
                  partitions: Sequence[int] | None, from_beginning: bool,
@@ -390,7 +403,7 @@ class KafkaLogConsumer:
         self._group = group
         self._partitions = list(partitions) if partitions is not None else None
         self._timeout_s = timeout_s
-        self._consumer = AIOKafkaConsumer(
+        options: dict[str, Any] = dict(
             bootstrap_servers=bootstrap,
             **(client_options or PLAINTEXT.client_options()),
             client_id=f"{client_id}-consumer",
@@ -404,6 +417,11 @@ class KafkaLogConsumer:
             heartbeat_interval_ms=1_000,
             isolation_level="read_uncommitted",
         )
+        self._options = options
+        self._consumer = self._new_consumer()
+        self._commit_failures = 0  # in a row
+        self._renewing = False  # the consumer was replaced and the new one has not started
+        self.renewals = 0
         # partition -> offset after the last record poll returned, not yet committed
         self._uncommitted: dict[int, int] = {}
         self._started = False
@@ -418,6 +436,9 @@ class KafkaLogConsumer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(**self._options)
 
     async def start(self) -> None:
         """Join the group (or take the assigned partitions) and fix the start positions, so that
@@ -446,7 +467,34 @@ class KafkaLogConsumer:
         self._started = False
         await _stop_consumer(self._consumer)
 
+    async def _renew(self) -> None:
+        """Close the consumer and put a new one in its place (see the class)."""
+        self.renewals += 1
+        log.warning("kafka consumer of %s (group %s): %d commits failed in a row; replacing it "
+                    "with a new one, which reads again from the group's committed offsets",
+                    self._topic, self._group, self._commit_failures)
+        old, self._consumer = self._consumer, self._new_consumer()
+        self._started = False
+        self._renewing = True
+        self._uncommitted.clear()
+        self._held.clear()
+        self._commit_failures = 0
+        await _stop_consumer(old)
+        await self._start_renewed()
+
+    async def _start_renewed(self) -> None:
+        try:
+            await self.start()
+        except PeerNetError:
+            # start() closed the failed one: the next call tries a fresh consumer.
+            self._consumer = self._new_consumer()
+            raise
+        self._renewing = False
+        log.info("kafka consumer of %s (group %s) renewed", self._topic, self._group)
+
     async def poll(self, *, max_records: int = 500, timeout_ms: int = 200) -> list[Record]:
+        if self._renewing:
+            await self._start_renewed()
         try:
             batches = await asyncio.wait_for(
                 self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records),
@@ -486,10 +534,21 @@ class KafkaLogConsumer:
             await self._commit(held)
 
     async def _commit(self, wanted: dict[int, int]) -> None:
+        if self._renewing:
+            await self._start_renewed()
+            return  # the renewed consumer has nothing of its own to commit yet
         assigned = {tp.partition for tp in self._consumer.assignment()}
         offsets = {TopicPartition(self._topic, p): o for p, o in wanted.items() if p in assigned}
         if offsets:
-            await _bounded(self._consumer.commit(offsets), self._timeout_s, "commit")
+            try:
+                await _bounded(self._consumer.commit(offsets), self._timeout_s, "commit")
+            except PeerNetError:
+                self._commit_failures += 1
+                if self._commit_failures >= RENEW_AFTER_COMMIT_FAILURES:
+                    with contextlib.suppress(PeerNetError):
+                        await self._renew()
+                raise
+            self._commit_failures = 0
             self._last_commit = time.monotonic()
         for tp, o in offsets.items():
             if self._uncommitted.get(tp.partition) == o:
