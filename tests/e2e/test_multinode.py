@@ -87,6 +87,30 @@ def kill_cluster(temp_dir: str, gcs_port: int) -> None:
             p.kill()
 
 
+def cluster_server_env(local_stack: PeerNetConfig, tag: str, gcs_port: int, home: Path,
+                       port: str, **extra: str) -> dict[str, str]:
+    """The environment of a `peernet serve` on a test's own Ray cluster: its own home (the main
+    test server's state file says "already serving" otherwise), the local stack's services by
+    URL, topics and keyspaces named by `tag`, and Serve's proxies on the head only (every node
+    is on this host: only one may bind the port)."""
+    s = local_stack.services
+    return {
+        **os.environ, **HEALTH_CHECKS,
+        "PEERNET_HOME": str(home),
+        "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_REDIS_URL": s.redis_url,
+        "PEERNET_MONGO_URL": s.mongo_url, "PEERNET_MONGO_DB": f"peernet_test_{tag}",
+        "PEERNET_RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+        "PEERNET_PROXY_LOCATION": "HeadOnly",
+        "PEERNET_PORT": port, "PEERNET_DEV_TOKENS": "1",
+        "PEERNET_EVENTS_TOPIC": f"peernet.test-{tag}.events",
+        "PEERNET_INBOX_TOPIC": f"peernet.test-{tag}.inbox",
+        "PEERNET_FEED_KEYSPACE": f"social-test-{tag}",
+        "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{tag}",
+        "PEERNET_METRICS_KEYSPACE": f"metrics-test-{tag}",
+        **extra,
+    }
+
+
 # --- every_node placement ----------------------------------------------------------------------
 
 GATEWAY_NODE = f'--resources={{"{GATEWAY_RESOURCE}": 1}}'
@@ -120,25 +144,13 @@ def every_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempP
                    "--min-worker-port=20000", "--max-worker-port=20299"], ray_env)
         ray_start([f"--address=127.0.0.1:{gcs_port}", *SMALL_NODE, GATEWAY_NODE,
                    "--min-worker-port=20300", "--max-worker-port=20599"], ray_env)
-        s = local_stack.services
-        env = {
-            **os.environ, **HEALTH_CHECKS,
-            "PEERNET_HOME": str(tmp_path_factory.mktemp("en-home")),
-            "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_REDIS_URL": s.redis_url,
-            "PEERNET_MONGO_URL": s.mongo_url, "PEERNET_MONGO_DB": f"peernet_test_en_{run}",
-            "PEERNET_RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
-            "PEERNET_GATEWAY_PLACEMENT": "every_node",
-            # All nodes are on this host: only the head may bind the port. Its HAProxy balances
-            # over the replicas of every node.
-            "PEERNET_PROXY_LOCATION": "HeadOnly",
-            "PEERNET_PORT": os.environ.get("PEERNET_TEST_EVERY_NODE_PORT", "18690"),
-            "PEERNET_DEV_TOKENS": "1",
-            "PEERNET_SESSION_SHARDS": "1", "PEERNET_FEED_SHARDS": "1", "PEERNET_PRESENCE_SHARDS": "1",
-            "PEERNET_EVENTS_TOPIC": f"peernet.test-en{run}.events",
-            "PEERNET_INBOX_TOPIC": f"peernet.test-en{run}.inbox",
-            "PEERNET_FEED_KEYSPACE": f"social-test-en{run}",
-            "PEERNET_PRESENCE_KEYSPACE": f"presence-test-en{run}",
-        }
+        # All nodes are on this host: only the head's HAProxy binds the port; it balances over
+        # the replicas of every node.
+        env = cluster_server_env(
+            local_stack, f"en{run}", gcs_port, tmp_path_factory.mktemp("en-home"),
+            os.environ.get("PEERNET_TEST_EVERY_NODE_PORT", "18690"),
+            PEERNET_GATEWAY_PLACEMENT="every_node", PEERNET_SESSION_SHARDS="1",
+            PEERNET_FEED_SHARDS="1", PEERNET_PRESENCE_SHARDS="1")
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("en-server") / "peernet-serve.log"
         with running_server(env, log_path, START_TIMEOUT_S) as server:
@@ -272,24 +284,9 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
         ray_start([f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
                    "--resources={\"peernet_node_b\": 1}",
                    "--min-worker-port=21500", "--max-worker-port=21999"], ray_env)
-        port = int(os.environ.get("PEERNET_TEST_MULTINODE_PORT", "18680"))
-        s = local_stack.services
-        env = {
-            **os.environ, **HEALTH_CHECKS,
-            # Its own home: the main test server's state file says "already serving" otherwise;
-            # the services are the local stack's, given by URL.
-            "PEERNET_HOME": str(tmp_path_factory.mktemp("mn-home")),
-            "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_REDIS_URL": s.redis_url,
-            "PEERNET_MONGO_URL": s.mongo_url, "PEERNET_MONGO_DB": f"peernet_test_mn_{run}",
-            "PEERNET_RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
-            # Both nodes are on this host: only the head may bind the port.
-            "PEERNET_PROXY_LOCATION": "HeadOnly",
-            "PEERNET_PORT": str(port), "PEERNET_DEV_TOKENS": "1",
-            "PEERNET_EVENTS_TOPIC": f"peernet.test-mn{run}.events",
-            "PEERNET_INBOX_TOPIC": f"peernet.test-mn{run}.inbox",
-            "PEERNET_FEED_KEYSPACE": f"social-test-mn{run}",
-            "PEERNET_PRESENCE_KEYSPACE": f"presence-test-mn{run}",
-        }
+        env = cluster_server_env(local_stack, f"mn{run}", gcs_port,
+                                 tmp_path_factory.mktemp("mn-home"),
+                                 os.environ.get("PEERNET_TEST_MULTINODE_PORT", "18680"))
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"
         with running_server(env, log_path, START_TIMEOUT_S) as server:
