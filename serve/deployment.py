@@ -39,7 +39,7 @@ from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
 from serve.placement import ReplicaTarget, count_conflicts, gateway_nodes, wanted_replicas
 from serve.serve_config import DEPLOYMENT_NAME, GatewayServeConfig, apply_env, load_serve_config
-from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
+from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record, update_state
 from serve.ws_server import use_server_settings
 
 log = logging.getLogger("peernet.serve")
@@ -299,18 +299,6 @@ async def _scale_gateway(replicas: int) -> None:
         DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME), replicas)
 
 
-def _update_state(path: Path, **fields: Any) -> None:
-    """Rewrite some fields of the state file (written whole, then renamed)."""
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    state.update(fields)
-    tmp = path.with_suffix(".nodes.tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)
-
-
 class GatewayNodeWatch:
     """`every_node` placement: keeps the gateway's replica count equal to the number of live Ray
     nodes carrying GATEWAY_RESOURCE (serve/placement.py decides, from a reading of the node
@@ -336,7 +324,7 @@ class GatewayNodeWatch:
             return
         await _scale_gateway(new)
         self.target.applied(new)
-        _update_state(self.state_path, replicas=new)
+        update_state(self.state_path, {"replicas": new}, tmp_suffix=".nodes.tmp")
         print(f"peernet: gateway replicas {before} -> {new}: {len(carrying)} live Ray node(s) "
               f"carry {GATEWAY_RESOURCE} ({', '.join(n[:8] for n in carrying) or 'none'})",
               flush=True)

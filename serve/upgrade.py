@@ -107,16 +107,23 @@ def rolling_upgrade(handles: dict[str, Any], redeploy_gateway: Callable[[str], N
     return record
 
 
-def save_record(path: Path, record: UpgradeRecord) -> None:
-    """Write `record` into the state file at `path` (written whole, then renamed)."""
+def update_state(path: Path, fields: dict[str, Any], *, tmp_suffix: str = ".tmp") -> None:
+    """Rewrite `fields` of the state file at `path` (written whole to `tmp_suffix`, then
+    renamed); nothing when there is no readable state file. Writers in different threads use
+    different suffixes."""
     try:
         state: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    state["upgrade"] = asdict(record)
-    tmp = path.with_suffix(".tmp")
+    state.update(fields)
+    tmp = path.with_suffix(tmp_suffix)
     tmp.write_text(json.dumps(state))
     tmp.replace(path)
+
+
+def save_record(path: Path, record: UpgradeRecord) -> None:
+    """Write `record` into the state file at `path`."""
+    update_state(path, {"upgrade": asdict(record)})
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
