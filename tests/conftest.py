@@ -17,6 +17,7 @@ from peernet.config import PeerNetConfig, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from redis_cluster_fixture import redis_cluster  # noqa: F401  (a session fixture for every suite)
 from wsclient import SERVER_TOPICS, Server, running_server, server_env
 
 SERVER_START_TIMEOUT_S = 420.0  # a busy machine may need Ray started more than once

@@ -1,0 +1,55 @@
+"""The `redis_cluster` fixture: a throwaway Redis Cluster (stack/redis_cluster.py) of three
+masters on free ports, started by the first test that asks for it and stopped at the end of the
+session. tests/conftest.py imports it, so a test module anywhere under tests/ just names it:
+
+    def test_x(redis_cluster: LocalRedisCluster) -> None:
+        cfg = load_config({"PEERNET_REDIS_URL": redis_cluster.url})
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from stack.process import StackError
+from stack.redis_cluster import LocalRedisCluster
+
+MASTERS = 3
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports of 127.0.0.1 (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory,
+                        masters: int = MASTERS) -> LocalRedisCluster:
+    """A cluster (not started) in a new temporary directory. Its bus ports are free ports too:
+    the default, port + 10000, is past 65535 for most of the OS's ephemeral ports."""
+    ports = free_ports(2 * masters)
+    return LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), ports[:masters],
+                             bus_ports=ports[masters:])
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A started Redis Cluster of three masters, shared by the whole session: tests use keys
+    no other test uses, and never stop or reconfigure its nodes."""
+    cluster = local_redis_cluster(tmp_path_factory)
+    try:
+        cluster.start()
+    except StackError as exc:
+        pytest.fail(f"the test Redis Cluster did not start: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
