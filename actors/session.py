@@ -32,7 +32,7 @@ from peernet.codec import pack, unpack
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
 from peernet.errors import PeerNetError
-from peernet.routing import shard_for
+from peernet.routing import session_group, shard_for
 
 log = logging.getLogger("peernet.session")
 
@@ -119,7 +119,8 @@ class SessionShard:
     @property
     def checkpoint_name(self) -> str:
         # Offsets belong to one topic: a new inbox topic must never reuse an old checkpoint.
-        return f"session-{self.index}-of-{self.count}@{self._cfg.topics.inbox}"
+        # Its name before the `@` is the shard's: the Redis inbox cache groups keys by it.
+        return f"{session_group(self.index, self.count)}@{self._cfg.topics.inbox}"
 
     @property
     def watermark_name(self) -> str:

@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass
 
 from bus.feeds_redis import RedisFeedStore, feed_store
-from bus.inbox_redis import RedisInboxCache
+from bus.inbox_redis import RedisInboxCache, session_slots
 from bus.kafka import KafkaEventLog, KafkaSecurity
 from bus.mongo import MongoDocumentStore
 from bus.presence_redis import RedisPresenceStore
@@ -44,7 +44,8 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
         pubsub=RedisPubSub(s.redis_url),
         inbox=RedisInboxCache(redis_client(s.redis_url),
                               retention_items=cfg.shards.inbox_retention_items,
-                              retention_ms=cfg.shards.inbox_retention_ms),
+                              retention_ms=cfg.shards.inbox_retention_ms,
+                              slots=session_slots(cfg.shards.session_shards)),
         store=MongoDocumentStore(s.mongo_url, s.mongo_db),
         feeds=feed_store(cfg),
         presence=presence_store(cfg),

@@ -1,15 +1,18 @@
 """FeedStore and FeedFanout on Redis.
 
-Keys, all under the keyspace `ks` (so deployments and test runs sharing one Redis keep apart):
-  ks:feed:{user}       zset  home feed: post id, score ts (equal scores order by id)
-  ks:posts:{author}    zset  the author's recent posts, same scores (capped like feeds)
-  ks:following:{user}  set   whom the user follows
-  ks:followers:{user}  set   who follows the user
-  ks:post:{id}         hash  a: author, b: body, ts
-  ks:likes:{id}        set   users who like the post; its size is the like count
-  ks:celebs            set   authors never fanned out (sticky once marked)
+Keys, all under the keyspace `ks` (so deployments and test runs sharing one Redis keep apart),
+written `{ks}`: a hash tag, so that on a Redis Cluster they share one slot (the page script reads
+a user's feed, whom they follow and the posts' hashes and likes in one call):
+  {ks}:feed:USER       zset  home feed: post id, score ts (equal scores order by id)
+  {ks}:posts:AUTHOR    zset  the author's recent posts, same scores (capped like feeds)
+  {ks}:following:USER  set   whom the user follows
+  {ks}:followers:USER  set   who follows the user
+  {ks}:post:ID         hash  a: author, b: body, ts
+  {ks}:likes:ID        set   users who like the post; its size is the like count
+  {ks}:celebs          set   authors never fanned out (sticky once marked)
 
-The read script builds its keys from the keyspace, so it needs one Redis instance (not a cluster).
+The scripts build their keys from the tagged keyspace and name `{ks}:celebs` as their key, which
+routes them to the slot's node on a cluster.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
-from bus.redis import redis_client
+from bus.redis import RedisClient, hash_tag, redis_client
 from peernet.config import PeerNetConfig
 from peernet.errors import unavailable
 
@@ -161,11 +164,14 @@ def _s(value: Any) -> str:
 class RedisFeedStore:
     """FeedStore and FeedFanout on Redis (see bus/feeds.py for the contracts)."""
 
-    def __init__(self, client: aioredis.Redis, *, keyspace: str, cap: int) -> None:
+    def __init__(self, client: RedisClient, *, keyspace: str, cap: int) -> None:
         if cap < 1:
             raise ValueError("the feed cap must be positive")
         self._r = client
         self.keyspace = keyspace
+        # What every key starts with (the scripts' `ks`).
+        self.prefix = hash_tag(keyspace)
+        self._cluster = isinstance(client, RedisCluster)
         self.cap = cap
         self._page = client.register_script(_PAGE)
         self._claim_like = client.register_script(_CLAIM_LIKE)
@@ -175,11 +181,11 @@ class RedisFeedStore:
     # -- keys --------------------------------------------------------------------------------
 
     def _k(self, kind: str, name: str) -> str:
-        return f"{self.keyspace}:{kind}:{name}"
+        return f"{self.prefix}:{kind}:{name}"
 
     @property
     def _celebs(self) -> str:
-        return f"{self.keyspace}:celebs"
+        return f"{self.prefix}:celebs"
 
     async def _guard(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -232,8 +238,8 @@ class RedisFeedStore:
 
     async def page(self, user: str, limit: int, before: Cursor | None) -> FeedPage:
         async def run() -> FeedPage:
-            reply = await self._page(keys=[], args=[
-                self.keyspace, user, limit, "" if before is None else before.ts,
+            reply = await self._page(keys=[self._celebs], args=[
+                self.prefix, user, limit, "" if before is None else before.ts,
                 "" if before is None else before.id, MAX_SCAN])
             nxt = Cursor(int(reply[0]), _s(reply[1])) if reply[0] not in (b"", "") else None
             items = [Post(_s(reply[i]), _s(reply[i + 1]), _s(reply[i + 2]), int(reply[i + 3]),
@@ -286,29 +292,38 @@ class RedisFeedStore:
 
     async def write(self, writes: FeedWrites) -> None:
         async def run() -> None:
+            pipe: Any  # redis-py types a script's client as a client, though it takes a pipeline
             async with self._r.pipeline(transaction=False) as pipe:
                 # Pushes first: the contract lets feed reads trail the push, and a push should
                 # not wait for thousands of feed writes.
                 for channels, payload in writes.pushes:
                     for i in range(0, len(channels), PUSH_CHUNK):
-                        await self._push(keys=[], args=[payload, *channels[i:i + PUSH_CHUNK]],
-                                         client=pipe)
-                        await self._flush(pipe)
+                        await self._script(pipe, self._push, [],
+                                           [payload, *channels[i:i + PUSH_CHUNK]])
                 for user, ids in writes.removes:
                     if ids:
                         pipe.zrem(self._k("feed", user), *ids)
                     await self._flush(pipe)
                 for i in range(0, len(writes.adds), ADD_CHUNK):
-                    args: list[str | int] = [self.keyspace, self.cap]
+                    args: list[str | int] = [self.prefix, self.cap]
                     for user, post_id, ts in writes.adds[i:i + ADD_CHUNK]:
                         args += (user, post_id, ts)
-                    await self._add(keys=[], args=args, client=pipe)
-                    await self._flush(pipe)
+                    await self._script(pipe, self._add, [self._celebs], args)
                 if writes.celebrities:
                     pipe.sadd(self._celebs, *writes.celebrities)
                 await self._flush(pipe, force=True)
 
         await self._guard("write", run)
+
+    async def _script(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+        """Run `script` in order with what `pipe` holds: queued on it, or, on a Redis Cluster
+        (whose pipelines refuse scripts), right after sending what it holds."""
+        if self._cluster:
+            await self._flush(pipe, force=True)
+            await script(keys=keys, args=args)
+            return
+        await script(keys=keys, args=args, client=pipe)
+        await self._flush(pipe)
 
     @staticmethod
     async def _flush(pipe: Any, *, force: bool = False) -> None:
@@ -319,7 +334,7 @@ class RedisFeedStore:
         async def run() -> int:
             deleted = 0
             batch: list[bytes] = []
-            async for key in self._r.scan_iter(match=f"{self.keyspace}:*", count=1000):
+            async for key in self._r.scan_iter(match=f"{self.prefix}:*", count=1000):
                 batch.append(key)
                 if len(batch) >= 1000:
                     deleted += int(await self._r.unlink(*batch))

@@ -1,34 +1,78 @@
-"""InboxCache on Redis: one sorted set per user (score seq, member the msgpack item)."""
+"""InboxCache on Redis: one sorted set per user (score seq, member the msgpack item).
+
+Keys, in slot groups (`InboxSlots`: on a Redis Cluster every key of a group shares one hash slot,
+so that one script stores a batch's items with its checkpoints atomically):
+
+- `inbox:{G}:u:{user}`: the user's items, G the user's group
+- `inbox:{G}:ckptv:{name}`, `inbox:{G}:ckpt:{name}`: a checkpoint's version and offsets, G the
+  checkpoint's group
+- `inbox:acked`: every user's acked seq (a hash)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bus.inbox import Bounds, CacheBehind, Item
+from bus.redis import RedisClient, hash_tag
 from peernet.codec import pack, unpack
 from peernet.errors import unavailable
 from peernet.ids import now_ms
+from peernet.routing import session_group, shard_for
+
+
+@dataclass(frozen=True, slots=True)
+class InboxSlots:
+    """Which keys share a hash slot: a user's group, and a checkpoint name's group. An append
+    stores items only for users of its checkpoint's group (ValueError otherwise); that is what
+    lets it be one atomic script on a Redis Cluster."""
+
+    of_user: Callable[[str], str]
+    of_checkpoint: Callable[[str], str]
+
+
+def _everything(_name: str) -> str:
+    return "all"
+
+
+# Every key in one slot: any writer may append for any user (tests, tools, one Redis).
+ONE_SLOT = InboxSlots(_everything, _everything)
+
+
+def session_slots(count: int) -> InboxSlots:
+    """The session shards' grouping: a user's keys go with the shard that owns the user
+    (`shard_for(user, count)`), whose checkpoint names start `session-I-of-N@`."""
+
+    def of_user(user: str) -> str:
+        return session_group(shard_for(user, count), count)
+
+    def of_checkpoint(name: str) -> str:
+        return name.partition("@")[0]
+
+    return InboxSlots(of_user, of_checkpoint)
+
 
 # One atomic append: check the writer's version, store the items (a replayed (user, seq)
 # replaces itself), trim each touched inbox, merge the checkpoints, bump the version.
 # Trimming drops the oldest items while there are more than `keep` and the oldest is older than
 # `cutoff` (ms); it stops at the first young item, so it costs O(1) once an inbox is trimmed.
-# The request is one msgpack argument; returns the new version, or -1 when the version differs.
+# KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). The request is
+# one msgpack argument; returns the new version, or -1 when the version differs.
 _APPEND = """
 local req = cmsgpack.unpack(ARGV[1])
-local vkey = 'inbox:ckptv:' .. req.name
+local vkey = KEYS[1]
 local current = tonumber(redis.call('GET', vkey) or '0')
 if req.expect ~= false and req.expect ~= nil and tonumber(req.expect) ~= current then
   return -1
 end
 local touched = {}
 for _, it in ipairs(req.items) do
-  local key = 'inbox:' .. it[1]
+  local key = req.prefix .. 'u:' .. it[1]
   redis.call('ZREMRANGEBYSCORE', key, it[2], it[2])
   redis.call('ZADD', key, it[2], it[3])
   touched[key] = true
@@ -44,7 +88,7 @@ for key, _ in pairs(touched) do
   end
 end
 for name, ckpt in pairs(req.ckpts) do
-  for p, o in pairs(ckpt) do redis.call('HSET', 'inbox:ckpt:' .. name, tostring(p), o) end
+  for p, o in pairs(ckpt) do redis.call('HSET', req.prefix .. 'ckpt:' .. name, tostring(p), o) end
 end
 return redis.call('INCR', vkey)
 """
@@ -58,30 +102,49 @@ return cur
 """
 
 
-def _key(user: str) -> str:
-    return f"inbox:{user}"
+_ACKED = "inbox:acked"
 
 
 class RedisInboxCache:
     """InboxCache on Redis (see bus/inbox.py for the contract)."""
 
-    def __init__(self, client: aioredis.Redis, *, retention_items: int, retention_ms: int) -> None:
+    def __init__(self, client: RedisClient, *, retention_items: int, retention_ms: int,
+                 slots: InboxSlots = ONE_SLOT) -> None:
         self._r = client
         self._retention_items = retention_items
         self._retention_ms = retention_ms
+        self._slots = slots
         self._append = client.register_script(_APPEND)
         self._ack = client.register_script(_ACK)
+
+    @staticmethod
+    def _prefix(group: str) -> str:
+        return f"inbox:{hash_tag(group)}:"
+
+    def user_key(self, user: str) -> str:
+        return f"{self._prefix(self._slots.of_user(user))}u:{user}"
+
+    def checkpoint_keys(self, name: str) -> tuple[str, str]:
+        """The version key and the offsets key of checkpoint `name`."""
+        prefix = self._prefix(self._slots.of_checkpoint(name))
+        return f"{prefix}ckptv:{name}", f"{prefix}ckpt:{name}"
 
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None) -> int:
+        group = self._slots.of_checkpoint(checkpoint_name)
         ckpts = {checkpoint_name: {int(p): int(o) for p, o in checkpoint.items()}}
         for name, extra in (also or {}).items():
             ckpts[name] = {int(p): int(o) for p, o in extra.items()}
+        strays = sorted({n for n in ckpts if self._slots.of_checkpoint(n) != group}
+                        | {u for u, _ in items if self._slots.of_user(u) != group})
+        if strays:
+            raise ValueError(f"inbox append under {checkpoint_name!r} (group {group!r}) names "
+                             f"users or checkpoints of another group: {strays[:5]}")
         # Redis's Lua cmsgpack reads no msgpack `bin`: the members travel as raw strings.
         request = msgpack.packb({
-            "name": checkpoint_name,
+            "prefix": self._prefix(group),
             "expect": False if expect_version is None else expect_version,
             "items": [[user, int(item["seq"]), pack(item)] for user, item in items],
             "keep": self._retention_items,
@@ -89,7 +152,8 @@ class RedisInboxCache:
             "ckpts": ckpts,
         }, use_bin_type=False)
         try:
-            version = int(await self._append(args=[request]))
+            version = int(await self._append(keys=[self.checkpoint_keys(checkpoint_name)[0]],
+                                             args=[request]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         if version < 0:
@@ -99,13 +163,14 @@ class RedisInboxCache:
 
     async def version(self, name: str) -> int:
         try:
-            return int(await self._r.get(f"inbox:ckptv:{name}") or 0)
+            return int(await self._r.get(self.checkpoint_keys(name)[0]) or 0)
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
 
     async def read(self, user: str, after: int, limit: int) -> list[Item]:
         try:
-            raw: Any = await self._r.zrangebyscore(_key(user), f"({after}", "+inf", start=0, num=limit)
+            raw: Any = await self._r.zrangebyscore(self.user_key(user), f"({after}", "+inf",
+                                                   start=0, num=limit)
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         return [unpack(bytes(m)) for m in raw]
@@ -113,8 +178,8 @@ class RedisInboxCache:
     async def bounds(self, user: str) -> Bounds:
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.zrange(_key(user), 0, 0, withscores=True)
-                pipe.zrange(_key(user), -1, -1, withscores=True)
+                pipe.zrange(self.user_key(user), 0, 0, withscores=True)
+                pipe.zrange(self.user_key(user), -1, -1, withscores=True)
                 first, last = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
@@ -126,14 +191,14 @@ class RedisInboxCache:
         if count <= 0:
             return []
         try:
-            raw: Any = await self._r.zrange(_key(user), -count, -1)
+            raw: Any = await self._r.zrange(self.user_key(user), -count, -1)
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         return [unpack(bytes(m)) for m in raw]
 
     async def checkpoint(self, name: str) -> dict[int, int] | None:
         try:
-            raw = await self._r.hgetall(f"inbox:ckpt:{name}")
+            raw = await self._r.hgetall(self.checkpoint_keys(name)[1])
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         if not raw:
@@ -142,13 +207,13 @@ class RedisInboxCache:
 
     async def ack(self, user: str, seq: int) -> int:
         try:
-            return int(await self._ack(keys=["inbox:acked"], args=[user, seq]))
+            return int(await self._ack(keys=[_ACKED], args=[user, seq]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
 
     async def acked(self, user: str) -> int:
         try:
-            raw = await self._r.hget("inbox:acked", user)
+            raw = await self._r.hget(_ACKED, user)
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         return int(raw or 0)

@@ -1,9 +1,10 @@
-"""PresenceStore on Redis. Keys, all under the configured keyspace K:
+"""PresenceStore on Redis. Keys, all under the configured keyspace K, written `{K}` (a hash tag:
+on a Redis Cluster they share one slot, since a shard's record and a read span many users):
 
-- `K:u:{user}`: msgpack [online 1|0, since]; an offline user's key expires (last-seen retention)
-- `K:lease:{replica}`: a replica's lease, a key with a TTL
-- `K:s:{shard}:replicas`: the replicas shard `shard` has recorded users for
-- `K:s:{shard}:r:{replica}`: the users of shard `shard` that `replica` holds
+- `{K}:u:USER`: msgpack [online 1|0, since]; an offline user's key expires (last-seen retention)
+- `{K}:lease:REPLICA`: a replica's lease, a key with a TTL
+- `{K}:s:SHARD:replicas`: the replicas shard SHARD has recorded users for
+- `{K}:s:SHARD:r:REPLICA`: the users of shard SHARD that REPLICA holds
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, Change, PresenceState
+from bus.redis import RedisClient, hash_tag
 from peernet.codec import pack, unpack
 from peernet.errors import unavailable
 
@@ -24,9 +25,9 @@ _ERRORS = (RedisError, OSError, TimeoutError)
 class RedisPresenceStore:
     """PresenceStore on Redis (see bus/presence.py for the contract)."""
 
-    def __init__(self, client: aioredis.Redis, *, keyspace: str, last_seen_ttl_s: int) -> None:
+    def __init__(self, client: RedisClient, *, keyspace: str, last_seen_ttl_s: int) -> None:
         self._r = client
-        self._k = keyspace
+        self._k = hash_tag(keyspace)
         self._last_seen_ms = max(1, last_seen_ttl_s) * 1000
 
     def _user(self, user: str) -> str:

@@ -29,7 +29,8 @@ class PubSub(Protocol):
     async def stop(self) -> None: ...
 
     async def publish(self, channel: str, payload: bytes) -> int:
-        """Publish; returns how many processes received it."""
+        """Publish; returns how many processes received it (on a Redis Cluster: how many of
+        those connected to the node that took it, so only a lower bound)."""
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Publish (channel, payload) messages in one round trip, in their order."""

@@ -1,5 +1,11 @@
 """Cache and PubSub on Redis (redis.asyncio): SET NX PX for idempotency keys, and one pub/sub
-connection per process with a single reader task that reconnects by itself."""
+connection per process with a single reader task that reconnects by itself.
+
+A URL names one Redis (`redis://`, `rediss://` for TLS) or a Redis Cluster
+(`redis+cluster://host:port,host:port/?options`, `rediss+cluster://` for TLS): any reachable
+node of the list serves to discover the rest. On a cluster every multi-key command, transaction
+and script of PeerNet touches keys of one hash slot: each store puts a `{tag}` in its keys
+(`hash_tag`), at the grain its atomic steps need (docs/deploy.md, "Redis Cluster")."""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,14 +55,64 @@ _RECONNECT_RETRY = (ExponentialBackoff(cap=0.5, base=0.05), 2)
 # Options of a Redis URL's query that configure redis-py's connection pool, not a connection.
 _POOL_OPTIONS = ("max_connections", "timeout")
 
+# A cluster client keeps a pool per node; past this many connections to one node a command fails
+# (redis-py's cluster pool does not queue), so it is larger than the single node's queueing pool.
+CLUSTER_POOL_SIZE = 256
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# Either client: a single node's, or a cluster's (the same commands; see the module docstring).
+RedisClient: TypeAlias = "aioredis.Redis | RedisCluster"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """What a Redis URL names: one server, or the seed nodes of a cluster. `node_urls` are plain
+    `redis://` (or `rediss://`) URLs of each listed node, with the URL's credentials and options."""
+
+    cluster: bool
+    node_urls: tuple[str, ...]
+
+
+def redis_target(url: str) -> RedisTarget:
+    parts = urlsplit(url)
+    scheme = _CLUSTER_SCHEMES.get(parts.scheme)
+    if scheme is None:
+        return RedisTarget(False, (url,))
+    auth, _, hosts = parts.netloc.rpartition("@")
+    nodes = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not nodes:
+        raise ValueError(f"a Redis Cluster URL names no node: {_redacted(url)}")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has database 0 only: {_redacted(url)}")
+    prefix = f"{auth}@" if auth else ""
+    return RedisTarget(True, tuple(urlunsplit((scheme, prefix + node, "/0", parts.query, ""))
+                                   for node in nodes))
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in _CLUSTER_SCHEMES
+
+
+def hash_tag(name: str) -> str:
+    """`name` as a Redis Cluster hash tag: keys that contain the same `{name}` share a slot (so
+    one script or transaction may touch them all). On a single node it is just part of a name."""
+    return "{" + name + "}"
+
 
 def redis_client(url: str, *, socket_timeout_s: float = 5.0,
-                 connect_timeout_s: float = 2.0, pool_size: int = REDIS_POOL_SIZE) -> aioredis.Redis:
+                 connect_timeout_s: float = 2.0, pool_size: int = REDIS_POOL_SIZE) -> RedisClient:
     """A redis.asyncio client for `url` (bytes replies, bounded timeouts, a bounded blocking pool):
     the one factory that every Redis-backed module of `bus/` uses. TLS comes from the URL, as
     redis-py reads it: `rediss://host:port/db?ssl_ca_certs=/path/ca.pem` (the CA to trust; the
     system's CAs without it), `ssl_certfile` and `ssl_keyfile` for a client certificate;
-    certificate and host name are checked unless the URL says `ssl_cert_reqs=none`."""
+    certificate and host name are checked unless the URL says `ssl_cert_reqs=none`. A
+    `redis+cluster://` URL gives a cluster client (redis-py's RedisCluster: it follows the
+    cluster's slot map and its MOVED and ASK redirections)."""
+    target = redis_target(url)
+    if target.cluster:
+        return _cluster_client(target, socket_timeout_s=socket_timeout_s,
+                               connect_timeout_s=connect_timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         # A burst queues for a connection; each command is still bounded by the socket timeout.
         url, max_connections=pool_size, timeout=3 * socket_timeout_s, decode_responses=False,
@@ -62,6 +120,26 @@ def redis_client(url: str, *, socket_timeout_s: float = 5.0,
         health_check_interval=30,
         retry=Retry(*_RECONNECT_RETRY, supported_errors=(RedisConnectionError,)))
     return aioredis.Redis(connection_pool=pool)
+
+
+def _cluster_client(target: RedisTarget, *, socket_timeout_s: float,
+                    connect_timeout_s: float) -> RedisCluster:
+    kwargs: dict[str, Any] = dict(parse_url(target.node_urls[0]))
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True
+    for option in (*_POOL_OPTIONS, "host", "port", "db"):
+        kwargs.pop(option, None)
+    nodes = []
+    for node_url in target.node_urls:
+        parts = urlsplit(node_url)
+        if parts.hostname is None:
+            raise ValueError(f"a Redis Cluster node has no host: {_redacted(node_url)}")
+        nodes.append(ClusterNode(parts.hostname, parts.port or 6379))
+    kwargs.update(startup_nodes=nodes, decode_responses=False, socket_timeout=socket_timeout_s,
+                  socket_connect_timeout=connect_timeout_s, health_check_interval=30,
+                  max_connections=CLUSTER_POOL_SIZE,
+                  retry=Retry(*_RECONNECT_RETRY, supported_errors=(RedisConnectionError,)))
+    return RedisCluster(**kwargs)
 
 
 def _redacted(url: str) -> str:
@@ -106,19 +184,21 @@ return out
 
 
 def _group_keys(group: str) -> tuple[str, str]:
-    """The set of `group`'s member names and the prefix of its members' keys."""
-    return f"{group}:members", f"{group}:m:"
+    """The set of `group`'s member names and the prefix of its members' keys: one hash slot, so
+    that the script reading them runs on a cluster too."""
+    tag = hash_tag(group)
+    return f"{tag}:members", f"{tag}:m:"
 
 
 class RedisCache:
     """Cache on Redis: every call is one command, or one transaction or script; set_if_absent is
-    SET NX (atomic). A group's members are read by one script (one Redis instance, not a cluster:
-    it builds its keys)."""
+    SET NX (atomic). A group's keys share one hash slot (its name as their tag), so the script that
+    reads its members runs on a cluster too."""
 
     def __init__(self, url: str, *, socket_timeout_s: float = 5.0) -> None:
         self._url = url
         self._socket_timeout_s = socket_timeout_s
-        self._client: aioredis.Redis | None = None
+        self._client: RedisClient | None = None
 
     async def start(self) -> None:
         if self._client is None:
@@ -129,7 +209,7 @@ class RedisCache:
         if client is not None:
             await client.aclose()
 
-    def _c(self) -> aioredis.Redis:
+    def _c(self) -> RedisClient:
         if self._client is None:
             raise RuntimeError("RedisCache is not started")
         return self._client
@@ -201,6 +281,15 @@ class RedisCache:
             raise _unavailable("ping", exc) from exc
 
 
+# ARGV: channel, payload, channel, payload, ...
+_PUBLISH_MANY = """
+for i = 1, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+return #ARGV / 2
+"""
+# Messages per script call: bounds how long one call holds a node.
+_PUBLISH_CHUNK = 500
+
+
 class _RedisSubscription:
     def __init__(self, owner: RedisPubSub, channel: str, handler: Handler) -> None:
         self._owner = owner
@@ -224,6 +313,9 @@ class RedisPubSub:
     them calls the `on_reconnect` callbacks: messages published during the gap are lost (pub/sub
     is at most once) and the callbacks are how callers recover them. Errors are logged and
     counted in `reconnects`, `connection_errors` and `handler_errors`, never swallowed silently.
+
+    On a Redis Cluster this is the cluster's classic pub/sub: the connection goes to one node of
+    the URL's list (the next one after each failure), and every node carries every message.
     """
 
     def __init__(self, url: str, *, subscribe_timeout_s: float = 5.0,
@@ -235,7 +327,9 @@ class RedisPubSub:
         self._max_backoff_s = max_backoff_s
         # Named so that operators (and tests) can find this connection in CLIENT LIST.
         self.connection_name = name or f"peernet-pubsub-{uuid.uuid4().hex[:12]}"
-        self._publisher: aioredis.Redis | None = None
+        self._target = redis_target(url)
+        self._publisher: RedisClient | None = None
+        self._publish_script: Any = None
         self._conn: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._handlers: dict[str, list[_RedisSubscription]] = {}
@@ -303,6 +397,15 @@ class RedisPubSub:
         if not messages:
             return
         try:
+            if self._target.cluster:
+                # A cluster pipeline refuses PUBLISH; a keyless script runs on any node, and a
+                # PUBLISH there reaches every node's subscribers.
+                if self._publish_script is None:
+                    self._publish_script = self._publisher.register_script(_PUBLISH_MANY)
+                for i in range(0, len(messages), _PUBLISH_CHUNK):
+                    await self._publish_script(keys=[], args=[
+                        x for message in messages[i:i + _PUBLISH_CHUNK] for x in message])
+                return
             async with self._publisher.pipeline(transaction=False) as pipe:
                 for channel, payload in messages:
                     pipe.publish(channel, payload)
@@ -370,10 +473,12 @@ class RedisPubSub:
         except (RedisError, OSError) as exc:
             log.warning("redis pub/sub: %s failed: %r", args[0], exc)
 
-    def _new_connection(self) -> Connection:
+    def _new_connection(self, attempt: int) -> Connection:
         # The URL's own options too (`rediss://` and its `ssl_*` query parameters: TLS, as for
-        # redis_client), except the pool's, which a single connection does not take.
-        kwargs: dict[str, Any] = dict(parse_url(self._url))
+        # redis_client), except the pool's, which a single connection does not take. On a
+        # cluster any node serves (a PUBLISH reaches every node): each attempt tries the next.
+        nodes = self._target.node_urls
+        kwargs: dict[str, Any] = dict(parse_url(nodes[attempt % len(nodes)]))
         cls = kwargs.pop("connection_class", Connection)
         for pool_only in _POOL_OPTIONS:
             kwargs.pop(pool_only, None)
@@ -387,7 +492,7 @@ class RedisPubSub:
         first = True
         while True:
             try:
-                conn = self._new_connection()
+                conn = self._new_connection(self.connection_errors)
                 await conn.connect()
                 self._conn = conn
                 self._ping_outstanding = False

@@ -17,3 +17,10 @@ def shard_for(key: str, shards: int) -> int:
     if shards <= 0:
         raise ValueError("shards must be positive")
     return stable_hash(key) % shards
+
+
+def session_group(index: int, count: int) -> str:
+    """The group of session shard `index` of `count` and of the users it owns: its inbox
+    checkpoints are named after it, and its users' inbox keys share one Redis hash slot under it
+    (bus/inbox_redis.py)."""
+    return f"session-{index}-of-{count}"

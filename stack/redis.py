@@ -91,6 +91,11 @@ class RedisServer:
     def probe(self, cfg: PeerNetConfig, timeout: float) -> str:
         import redis
 
+        from bus.redis import redis_target
+
+        target = redis_target(cfg.services.redis_url) if self.is_external(cfg) else None
+        if target is not None and target.cluster:
+            return _probe_cluster(target.node_urls, timeout)
         if self.is_external(cfg):
             client = redis.Redis.from_url(cfg.services.redis_url, socket_timeout=timeout,
                                           socket_connect_timeout=timeout)
@@ -104,6 +109,30 @@ class RedisServer:
         finally:
             client.close()
         return f"redis {info.get('redis_version', '?')}"
+
+
+def _probe_cluster(node_urls: tuple[str, ...], timeout: float) -> str:
+    """The first listed node that answers, and the cluster's state as that node sees it."""
+    import redis
+
+    errors = []
+    for url in node_urls:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            info = client.info("server")
+            state = client.cluster("INFO")  # redis-py parses it into a dict
+        except (redis.RedisError, OSError) as exc:
+            errors.append(f"{redact_url(url)}: {exc}")
+            continue
+        finally:
+            client.close()
+        fields = {str(k): str(v) for k, v in dict(state).items()}
+        if fields.get("cluster_state") != "ok":
+            raise StackError(f"redis cluster at {redact_url(url)}: cluster_state is "
+                             f"{fields.get('cluster_state', '?')}")
+        return (f"redis {info.get('redis_version', '?')} cluster "
+                f"({fields.get('cluster_known_nodes', '?')} nodes)")
+    raise StackError("no redis cluster node answered: " + "; ".join(errors))
 
 
 REDIS = RedisServer()

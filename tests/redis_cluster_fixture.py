@@ -18,6 +18,16 @@ from stack.redis_cluster import LocalRedisCluster
 
 MASTERS = 3
 
+# The third kind of the Redis-backed contract suites (beside "real" and "memory"): the real
+# implementation against the `redis_cluster` fixture's cluster.
+CLUSTER = pytest.param("cluster", marks=pytest.mark.stack)
+
+
+def cluster_url(request: pytest.FixtureRequest) -> str:
+    """The `redis+cluster://` URL of the session's cluster (started on first use)."""
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
+
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct free TCP ports of 127.0.0.1 (all bound at once, then released)."""

@@ -112,6 +112,8 @@ class PubSubKit:
     numsub: Callable[[str], Awaitable[int]]
     # Drop this instance's connection to the broker, as a broker restart would.
     drop: Callable[[PubSub], Awaitable[None]]
+    # Whether `publish` counts every receiving process (not so on a Redis Cluster: see PubSub).
+    exact_counts: bool = True
     created: list[PubSub] = field(default_factory=list)
 
 

@@ -19,6 +19,7 @@ from bus_helpers import (
     service_addresses,
     unique,
 )
+from redis_cluster_fixture import CLUSTER, cluster_url
 
 from bus.cache import Cache
 from bus.eventlog import EventLog
@@ -26,7 +27,7 @@ from bus.kafka import KafkaEventLog
 from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
 from bus.mongo import MongoDocumentStore
 from bus.pubsub import PubSub
-from bus.redis import RedisCache, RedisPubSub, redis_client
+from bus.redis import RedisCache, RedisPubSub, redis_client, redis_target
 from bus.store import DocumentStore
 from peernet.config import PeerNetConfig, load_config
 from peernet.errors import PeerNetError
@@ -118,18 +119,27 @@ async def log_kit(request: pytest.FixtureRequest) -> AsyncIterator[LogKit]:
 # --- PubSub ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[REAL, MEMORY])
+def _redis_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The Redis a kit of `kind` uses: the local stack's, or the test Redis Cluster's."""
+    if kind == "cluster":
+        return cluster_url(request)
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    return services.redis_url
+
+
+@pytest.fixture(params=[REAL, CLUSTER, MEMORY])
 async def pubsub_kit(request: pytest.FixtureRequest) -> AsyncIterator[PubSubKit]:
     kind: str = request.param
-    services = _real_services(request) if kind == "real" else service_addresses(load_config())
-    url = services.redis_url
+    url = _redis_url(request, kind)
     server = MemoryPubSub()
-    admin = redis_client(url) if kind == "real" else None
+    # On a cluster, each node answers for its own clients: the admin asks them all.
+    admin = redis_client(url) if kind != "memory" else None
+    nodes = [redis_client(u) for u in redis_target(url).node_urls] if kind == "cluster" else []
 
     async def make() -> PubSub:
         ps: PubSub = server.client() if kind == "memory" else RedisPubSub(url)
         kit.created.append(ps)
-        if kind == "real":
+        if kind != "memory":
             await _wait_until_up("redis", ps.start)
         else:
             await ps.start()
@@ -138,42 +148,47 @@ async def pubsub_kit(request: pytest.FixtureRequest) -> AsyncIterator[PubSubKit]
     async def numsub(channel: str) -> int:
         if admin is None:
             return server.subscriber_count(channel)
-        ((_, count),) = await admin.pubsub_numsub(channel)
-        return int(count)
+        total = 0
+        for node in nodes or [admin]:
+            ((_, count),) = await node.pubsub_numsub(channel)
+            total += int(count)
+        return total
 
     async def drop(ps: PubSub) -> None:
         if isinstance(ps, MemoryPubSub):
             ps.drop_connection()
             return
         assert admin is not None and isinstance(ps, RedisPubSub)
-        for client in await admin.client_list():
-            if client.get("name") == ps.connection_name:
-                await admin.client_kill_filter(_id=client["id"])
-                return
+        for node in nodes or [admin]:
+            for client in await node.client_list():
+                if client.get("name") == ps.connection_name:
+                    await node.client_kill_filter(_id=client["id"])
+                    return
         raise AssertionError(f"no Redis connection named {ps.connection_name}")
 
-    kit = PubSubKit(kind, make, numsub, drop)
+    # A cluster's PUBLISH counts the subscribers of the node that took it only.
+    kit = PubSubKit(kind, make, numsub, drop, exact_counts=kind != "cluster")
     yield kit
     for ps in kit.created:
         await ps.stop()
-    if admin is not None:
-        await admin.aclose()
+    for client in [*nodes, *([admin] if admin is not None else [])]:
+        await client.aclose()
 
 
 # --- Cache -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[REAL, MEMORY])
+@pytest.fixture(params=[REAL, CLUSTER, MEMORY])
 async def cache_kit(request: pytest.FixtureRequest) -> AsyncIterator[CacheKit]:
     kind: str = request.param
-    services = _real_services(request) if kind == "real" else service_addresses(load_config())
+    url = _redis_url(request, kind)
     server = MemoryCache()
 
     async def make() -> Cache:
-        cache: Cache = server.client() if kind == "memory" else RedisCache(services.redis_url)
+        cache: Cache = server.client() if kind == "memory" else RedisCache(url)
         kit.created.append(cache)
         await cache.start()
-        if kind == "real":
+        if kind != "memory":
             await _wait_until_up("redis", cache.ping)
         return cache
 
@@ -186,12 +201,12 @@ async def cache_kit(request: pytest.FixtureRequest) -> AsyncIterator[CacheKit]:
 
     kit = CacheKit(kind, make, unreachable, unique("test:cache"))
     yield kit
-    if kind == "real":
-        # Leave nothing behind in the shared Redis.
-        client = redis_client(services.redis_url)
-        keys = [k async for k in client.scan_iter(match=f"{kit.prefix}*")]
-        if keys:
-            await client.delete(*keys)
+    if kind != "memory":
+        # Leave nothing behind in the shared Redis (one key at a time: a cluster's keys here
+        # are in many slots).
+        client = redis_client(url)
+        async for key in client.scan_iter(match=f"*{kit.prefix}*"):
+            await client.delete(key)
         await client.aclose()
     for cache in kit.created:
         await cache.stop()

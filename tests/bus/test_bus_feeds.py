@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from bus_helpers import closed_port, service_addresses, unique
+from redis_cluster_fixture import CLUSTER, cluster_url
 
 from bus.feeds import Cursor, FeedWrites, GraphChange, LikeChange, Post
 from bus.feeds_memory import MemoryFeedStore
@@ -40,14 +41,14 @@ class FeedsKit:
         return got, (ps, sub)
 
 
-@pytest.fixture(params=[REAL, "memory"])
+@pytest.fixture(params=[REAL, CLUSTER, "memory"])
 async def feeds_kit(request: pytest.FixtureRequest) -> AsyncIterator[FeedsKit]:
     kind: str = request.param
-    if kind == "real":
-        services = request.getfixturevalue("services")
-        store: Any = RedisFeedStore(redis_client(services.redis_url),
-                                    keyspace=unique("test-feeds"), cap=CAP)
-        kit = FeedsKit(kind, store, services.redis_url, None)
+    if kind != "memory":
+        url = (cluster_url(request) if kind == "cluster"
+               else request.getfixturevalue("services").redis_url)
+        store: Any = RedisFeedStore(redis_client(url), keyspace=unique("test-feeds"), cap=CAP)
+        kit = FeedsKit(kind, store, url, None)
     else:
         pubsub = MemoryPubSub()
         await pubsub.start()

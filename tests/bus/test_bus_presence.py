@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import pytest
 from bus_helpers import Services, closed_port, service_addresses, unique
+from redis_cluster_fixture import CLUSTER, cluster_url
 
 from bus.memory import MemoryPresenceStore
 from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, Change, PresenceState, PresenceStore
 from bus.presence_redis import RedisPresenceStore
-from bus.redis import redis_client
+from bus.redis import hash_tag, redis_client
 from peernet.config import load_config
 from peernet.errors import ErrorCode, PeerNetError
 
@@ -28,18 +29,19 @@ class PresenceKit:
     clients: list[object] = field(default_factory=list)
 
 
-@pytest.fixture(params=[REAL, "memory"])
+@pytest.fixture(params=[REAL, CLUSTER, "memory"])
 async def kit(request: pytest.FixtureRequest) -> AsyncIterator[PresenceKit]:
     kind: str = request.param
     services: Services = (request.getfixturevalue("services") if kind == "real"
                           else service_addresses(load_config()))
+    url = cluster_url(request) if kind == "cluster" else services.redis_url
     keyspace = unique("test:presence")
     server = MemoryPresenceStore()
 
     def make(last_seen_ttl_s: int = 3600) -> PresenceStore:
         if kind == "memory":
             return MemoryPresenceStore(last_seen_ttl_s=last_seen_ttl_s, _server=server._server)
-        client = redis_client(services.redis_url)
+        client = redis_client(url)
         k.clients.append(client)
         return RedisPresenceStore(client, keyspace=keyspace, last_seen_ttl_s=last_seen_ttl_s)
 
@@ -55,9 +57,9 @@ async def kit(request: pytest.FixtureRequest) -> AsyncIterator[PresenceKit]:
 
     k = PresenceKit(kind, make, unreachable, keyspace)
     yield k
-    if kind == "real":
-        client = redis_client(services.redis_url)
-        keys = [key async for key in client.scan_iter(match=f"{keyspace}:*")]
+    if kind != "memory":
+        client = redis_client(url)
+        keys = [key async for key in client.scan_iter(match=f"{hash_tag(keyspace)}:*")]
         if keys:
             await client.delete(*keys)
         await client.aclose()

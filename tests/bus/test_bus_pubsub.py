@@ -37,10 +37,12 @@ async def test_publish_reaches_every_local_handler_once(pubsub_kit: PubSubKit) -
     await ps.subscribe(channel, a)
     await ps.subscribe(channel, b)
     # one process subscribed, however many handlers it has
-    assert await ps.publish(channel, b"hello") == 1
+    receivers = await ps.publish(channel, b"hello")
     await eventually(lambda: a.got and b.got)
     assert a.got == b.got == [(channel, b"hello")]
-    assert await ps.publish(unique("test:nobody"), b"x") == 0
+    if pubsub_kit.exact_counts:
+        assert receivers == 1
+        assert await ps.publish(unique("test:nobody"), b"x") == 0
 
 
 async def test_publish_many_delivers_every_message_in_order(pubsub_kit: PubSubKit) -> None:
@@ -92,7 +94,8 @@ async def test_fan_out_to_processes_in_publish_order(pubsub_kit: PubSubKit) -> N
     await two.subscribe(channel, in_two)
     sent = [f"m{i}".encode() for i in range(20)]
     for payload in sent:
-        assert await publisher.publish(channel, payload) == 2
+        receivers = await publisher.publish(channel, payload)
+        assert receivers == 2 or not pubsub_kit.exact_counts
     await eventually(lambda: len(in_one.got) == 20 and len(in_two.got) == 20)
     assert in_one.payloads == in_two.payloads == sent
 
@@ -144,7 +147,8 @@ async def test_reconnect_resubscribes_and_calls_on_reconnect(pubsub_kit: PubSubK
     await eventually(lambda: reconnected, within_s=10)
     # on_reconnect runs once the channels are subscribed again: publishing now reaches us.
     assert await pubsub_kit.numsub(channel) == 1
-    assert await publisher.publish(channel, b"after") == 1
+    receivers = await publisher.publish(channel, b"after")
+    assert receivers == 1 or not pubsub_kit.exact_counts
     await eventually(lambda: len(inbox.got) == 2)
     assert inbox.payloads == [b"before", b"after"]
     assert len(reconnected) == 1

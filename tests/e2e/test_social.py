@@ -18,7 +18,7 @@ import pytest
 from wsclient import Client, Frame, Server, dev_token, unique_user
 
 from bus.mongo import MongoDocumentStore
-from bus.redis import redis_client
+from bus.redis import hash_tag, redis_client
 from peernet.config import PROJECT_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
@@ -186,7 +186,7 @@ async def test_a_celebritys_posts_are_merged_at_read_time(peernet_server: Server
 
     # Merged, not fanned out: the star's posts are in no fan's feed in Redis, and the star is
     # marked.
-    ks = peernet_server.cfg.feeds.keyspace
+    ks = hash_tag(peernet_server.cfg.feeds.keyspace)
     r = redis_client(peernet_server.cfg.services.redis_url)
     try:
         assert await r.sismember(f"{ks}:celebs", star_name)
@@ -330,7 +330,7 @@ async def test_replay_rebuilds_feeds_counts_and_projections(peernet_server: Serv
     assert [i["likes"] for i in before["pages"][names[0]]["items"] if i["id"] == posts[0]] == [2]
 
     # Wipe this server's feed keys and projections, then rebuild from the log.
-    ks = peernet_server.cfg.feeds.keyspace
+    ks = hash_tag(peernet_server.cfg.feeds.keyspace)
     r = redis_client(peernet_server.cfg.services.redis_url)
     try:
         keys = [k async for k in r.scan_iter(match=f"{ks}:*", count=1000)]

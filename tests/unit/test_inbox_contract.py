@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from redis_cluster_fixture import CLUSTER, cluster_url
 from unit_helpers import inbox_item, unique_user
 
 from bus.inbox import Bounds, InboxCache
@@ -16,6 +17,7 @@ from bus.inbox_memory import MemoryInboxCache
 from peernet.config import load_config
 from peernet.errors import ErrorCode, PeerNetError
 from peernet.ids import now_ms
+from peernet.routing import session_group, shard_for
 
 REAL = pytest.param("real", marks=pytest.mark.stack)
 MEMORY = "memory"
@@ -47,7 +49,7 @@ class InboxKit:
         return name
 
 
-@pytest.fixture(params=[REAL, MEMORY])
+@pytest.fixture(params=[REAL, CLUSTER, MEMORY])
 async def inbox_kit(request: pytest.FixtureRequest) -> AsyncIterator[InboxKit]:
     kind: str = request.param
     if kind == "memory":
@@ -66,13 +68,15 @@ async def inbox_kit(request: pytest.FixtureRequest) -> AsyncIterator[InboxKit]:
     from bus.inbox_redis import RedisInboxCache
     from bus.redis import redis_client
 
-    url = load_config().services.redis_url
+    url = cluster_url(request) if kind == "cluster" else load_config().services.redis_url
     client = redis_client(url)
+    cache = RedisInboxCache(client, retention_items=RETENTION_ITEMS, retention_ms=RETENTION_MS)
     real_kit: InboxKit
 
     async def forget() -> None:
-        keys = [f"inbox:{u}" for u in real_kit.users]
-        keys += [f"inbox:ckpt:{c}" for c in real_kit.checkpoints]
+        # One slot (the cache's default grouping): one DEL, on a Redis Cluster too.
+        keys = [cache.user_key(u) for u in real_kit.users]
+        keys += [cache.checkpoint_keys(c)[1] for c in real_kit.checkpoints]
         if keys:
             await client.delete(*keys)
         if real_kit.users:
@@ -87,8 +91,7 @@ async def inbox_kit(request: pytest.FixtureRequest) -> AsyncIterator[InboxKit]:
         return RedisInboxCache(redis_client(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1.0),
                                retention_items=RETENTION_ITEMS, retention_ms=RETENTION_MS)
 
-    real_kit = InboxKit(kind, RedisInboxCache(client, retention_items=RETENTION_ITEMS,
-                                              retention_ms=RETENTION_MS), forget, unreachable)
+    real_kit = InboxKit(kind, cache, forget, unreachable)
     yield real_kit
     await forget()
     await client.aclose()
@@ -279,3 +282,51 @@ async def test_an_unreachable_cache_is_unavailable(inbox_kit: InboxKit) -> None:
         with pytest.raises(PeerNetError) as caught:
             await call()
         assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retriable
+
+
+def _user_of_shard(shard: int, count: int) -> str:
+    while True:
+        user = unique_user("grouped")
+        if shard_for(user, count) == shard:
+            return user
+
+
+@pytest.mark.parametrize("kind", [REAL, CLUSTER])
+async def test_session_slots_keep_a_shards_users_and_checkpoints_together(
+        request: pytest.FixtureRequest, kind: str) -> None:
+    """With the session shards' grouping (what `peernet serve` uses), a shard's append stores its
+    users' items and its checkpoints under one hash tag, the shard's; an append naming a user of
+    another shard writes nothing and says so (ValueError), since on a Redis Cluster it could not
+    be one atomic step."""
+    from bus.inbox_redis import RedisInboxCache, session_slots
+    from bus.redis import redis_client
+
+    url = cluster_url(request) if kind == "cluster" else load_config().services.redis_url
+    client = redis_client(url)
+    cache = RedisInboxCache(client, retention_items=RETENTION_ITEMS, retention_ms=RETENTION_MS,
+                            slots=session_slots(2))
+    mine, theirs = _user_of_shard(0, 2), _user_of_shard(1, 2)
+    name = f"{session_group(0, 2)}@{unique_user('topic')}"
+    marks = f"{name}#events"
+    keys = [cache.user_key(mine), cache.user_key(theirs), *cache.checkpoint_keys(name),
+            *cache.checkpoint_keys(marks)]
+    try:
+        assert cache.user_key(mine).startswith("inbox:{session-0-of-2}:")
+        assert cache.user_key(theirs).startswith("inbox:{session-1-of-2}:")
+        item = inbox_item(1)
+        assert await cache.append([(mine, item)], checkpoint_name=name, checkpoint={0: 1},
+                                  also={marks: {0: 7}}, expect_version=0) == 1
+        assert await cache.read(mine, 0, 10) == [item]
+        assert await cache.checkpoint(name) == {0: 1}
+        assert await cache.checkpoint(marks) == {0: 7}
+        assert await cache.version(name) == 1
+        with pytest.raises(ValueError, match="another group"):
+            await cache.append([(theirs, inbox_item(1))], checkpoint_name=name,
+                               checkpoint={0: 2})
+        assert await cache.read(theirs, 0, 10) == []
+        assert await cache.checkpoint(name) == {0: 1}
+        assert await cache.version(name) == 1
+    finally:
+        for key in keys:
+            await client.delete(key)
+        await client.aclose()
