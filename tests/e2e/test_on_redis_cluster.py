@@ -1,0 +1,191 @@
+"""PeerNet on a Redis Cluster, end to end: a `peernet serve` of this module's own (two gateway
+replicas) whose PEERNET_REDIS_URL names the session's three-master cluster (the `redis_cluster`
+fixture), with the local stack's Kafka and MongoDB. DMs, resume, follows, posts, likes, feed
+pushes and presence over real WebSockets, and the inboxes of two users stored on two masters."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
+from replicas import connect
+from test_presence import ONLINE_WAIT_S, change, watch
+from test_social import ids, ok, page, until
+from wsclient import Client, Server, running_server, server_env, unique_user
+
+from bus.inbox_redis import RedisInboxCache, session_slots
+from bus.redis import hash_tag, redis_client
+from peernet.config import PeerNetConfig
+from peernet.routing import session_group, shard_for
+from stack.redis_cluster import HOST, LocalRedisCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.stack]
+
+START_TIMEOUT_S = 420.0  # as the session's server: a busy machine may need Ray started twice
+# The module's first test waits for the server's start too.
+FIRST_TEST_TIMEOUT_S = START_TIMEOUT_S + 120
+
+
+def session_shards_on_two_masters(cluster: LocalRedisCluster) -> int:
+    """The fewest session shards (two or more) whose inbox slot groups (`{session-I-of-N}`) do not
+    all hash to one master of `cluster`: with three masters, the two groups of the default
+    count share one, and the test would then prove nothing about inboxes spread over nodes."""
+    client = SyncRedisCluster(host=HOST, port=cluster.ports[0], socket_timeout=5)
+    try:
+        for count in range(2, 17):
+            nodes = {client.get_node_from_key(hash_tag(session_group(i, count))).name
+                     for i in range(count)}
+            if len(nodes) > 1:
+                return count
+    finally:
+        client.close()
+    raise AssertionError("no session shard count up to 16 puts inbox groups on two masters")
+
+
+@pytest.fixture(scope="module")
+def cluster_server(local_stack: PeerNetConfig, redis_cluster: LocalRedisCluster,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = local_stack.services
+    env = {**server_env(local_stack),
+           # Its own home (the session's server's state file would say "already serving") and
+           # port; Kafka and MongoDB are the local stack's, given by URL, Redis is the cluster.
+           "PEERNET_HOME": str(tmp_path_factory.mktemp("rc-home")),
+           "PEERNET_PORT": os.environ.get("PEERNET_TEST_REDIS_CLUSTER_PORT", "18780"),
+           "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_MONGO_URL": s.mongo_url,
+           "PEERNET_REDIS_URL": redis_cluster.url,
+           "PEERNET_SESSION_SHARDS": str(session_shards_on_two_masters(redis_cluster))}
+    log_path = tmp_path_factory.mktemp("rc-server") / "peernet-serve.log"
+    with running_server(env, log_path, START_TIMEOUT_S) as server:
+        yield server
+
+
+async def cluster_client(cluster: LocalRedisCluster) -> RedisCluster:
+    client = redis_client(cluster.url)
+    assert isinstance(client, RedisCluster)
+    await client.initialize()  # the slot map, for master_of
+    return client
+
+
+def master_of(client: RedisCluster, key: str) -> ClusterNode:
+    node = client.get_node_from_key(key)
+    assert node is not None, key
+    return node
+
+
+@pytest.mark.timeout(FIRST_TEST_TIMEOUT_S)
+async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_masters(
+        cluster_server: Server, redis_cluster: LocalRedisCluster) -> None:
+    shards = cluster_server.cfg.shards
+    rc = await cluster_client(redis_cluster)
+    inbox = RedisInboxCache(rc, retention_items=shards.inbox_retention_items,
+                            retention_ms=shards.inbox_retention_ms,
+                            slots=session_slots(shards.session_shards))
+    try:
+        # Two users whose inbox keys live on different masters (so also different shards).
+        alice_name = unique_user("alice")
+        home = master_of(rc, inbox.user_key(alice_name)).name
+        bob_name = next(u for u in (unique_user("bob") for _ in range(1000))
+                        if master_of(rc, inbox.user_key(u)).name != home)
+        assert (shard_for(alice_name, shards.session_shards)
+                != shard_for(bob_name, shards.session_shards))
+
+        alice = await connect(cluster_server, alice_name)
+        bob = await connect(cluster_server, bob_name)
+        for i in range(10):
+            sender, to = (alice, bob_name) if i % 2 == 0 else (bob, alice_name)
+            await ok(sender, {"t": "dm", "to": to, "body": f"m{i}"})
+        got_a, got_b = await alice.items(10), await bob.items(10)
+        assert [m["id"] for m in got_a] == [m["id"] for m in got_b]
+        assert sorted(m["body"] for m in got_a) == [f"m{i}" for i in range(10)]
+        assert [m["seq"] for m in got_a] == [m["seq"] for m in got_b] == list(range(1, 11))
+        await alice.close()
+        await bob.close()
+
+        # Each inbox is stored on its own master: that node itself holds the user's ten items
+        # (a plain connection follows no redirection; another node would answer MOVED).
+        owners = {}
+        for user in (alice_name, bob_name):
+            key = inbox.user_key(user)
+            node = master_of(rc, key)
+            plain = aioredis.Redis(host=node.host, port=int(node.port), socket_timeout=5)
+            try:
+                assert await plain.zcard(key) == 10, (user, key, node.name)
+            finally:
+                await plain.aclose()
+            owners[user] = node.name
+        assert owners[alice_name] != owners[bob_name], owners
+    finally:
+        await rc.aclose()
+
+
+async def test_dms_sent_while_offline_arrive_on_resume_in_order(cluster_server: Server) -> None:
+    sender_name, rcpt_name = unique_user("s"), unique_user("r")
+    rcpt = await connect(cluster_server, rcpt_name)
+    start = rcpt.welcome["seq"]
+    await rcpt.close()
+
+    sender = await connect(cluster_server, sender_name)
+    sent = [(await ok(sender, {"t": "dm", "to": rcpt_name, "body": f"n{i}"}))["id"]
+            for i in range(50)]
+
+    # An acknowledged message reaches the inbox shortly after its `ok`: resume once a welcome
+    # says all 50 are there.
+    async def latest_seq() -> int:
+        probe = await connect(cluster_server, rcpt_name)
+        await probe.close()
+        return int(probe.welcome["seq"])
+
+    await until(latest_seq, lambda seq: seq == start + 50)
+    rcpt = await Client.connect(cluster_server.ws_url, cluster_server.url, rcpt_name, resume=start)
+    items = await rcpt.items(50)
+    assert [m["id"] for m in items] == sent
+    assert [m["seq"] for m in items] == list(range(start + 1, start + 51))
+    assert await rcpt.expect("resumed") == {"t": "resumed", "from": start, "to": start + 50,
+                                            "complete": True}
+    await rcpt.close()
+    await sender.close()
+
+
+async def test_follow_post_feed_page_like_and_the_followers_push(cluster_server: Server) -> None:
+    reader_name, author_name = unique_user("reader"), unique_user("author")
+    reader = await connect(cluster_server, reader_name)
+    author = await connect(cluster_server, author_name)
+
+    await ok(reader, {"t": "follow", "user": author_name})
+    note = await author.next(lambda f: f.get("t") == "note")
+    assert (note["kind"], note["from"]) == ("follow", reader_name)
+
+    posted = await ok(author, {"t": "post", "body": "on a cluster"})
+    item = {"id": posted["id"], "author": author_name, "body": "on a cluster",
+            "ts": posted["ts"], "likes": 0}
+    assert await reader.expect("feed") == {"t": "feed", "item": item}
+    assert await author.expect("feed") == {"t": "feed", "item": item}
+    first = await until(lambda: page(reader), lambda p: ids(p) == [posted["id"]])
+    assert first["items"] == [item]
+
+    await ok(reader, {"t": "like", "post": posted["id"]})
+    await ok(reader, {"t": "like", "post": posted["id"]})  # idempotent: counted once
+    liked = await author.next(lambda f: f.get("t") == "note" and f.get("kind") == "like")
+    assert (liked["from"], liked["post"]) == (reader_name, posted["id"])
+    await until(lambda: page(reader), lambda p: p["items"][0]["likes"] == 1)
+    assert (await page(author))["items"][0]["likes"] == 1
+    await reader.close()
+    await author.close()
+
+
+async def test_a_watcher_sees_a_user_go_online_and_offline(cluster_server: Server) -> None:
+    user = unique_user("p")
+    watcher = await connect(cluster_server, unique_user("w"))
+    assert await watch(watcher, [user]) == {user: {"status": "offline", "since": 0}}
+
+    client = await connect(cluster_server, user)
+    online = await change(watcher, user, ONLINE_WAIT_S)
+    assert online["status"] == "online"
+    await client.close()
+    offline = await change(watcher, user, ONLINE_WAIT_S)
+    assert offline["status"] == "offline" and offline["ts"] >= online["ts"]
+    await watcher.close()
