@@ -3,7 +3,8 @@
 Keys, in slot groups (`InboxSlots`: on a Redis Cluster every key of a group shares one hash slot,
 so that one script stores a batch's items with its checkpoints atomically):
 
-- `inbox:{G}:u:{user}`: the user's items, G the user's group
+- `inbox:{G}:u:{user}`: the user's items, G the user's group (for the session shards: the
+  owning shard's, `session-I-of-N.K`, see `spread_tag`)
 - `inbox:{G}:ckptv:{name}`, `inbox:{G}:ckpt:{name}`: a checkpoint's version and offsets, G the
   checkpoint's group
 - `inbox:acked`: every user's acked seq (a hash)
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from bus.inbox import Bounds, CacheBehind, Item
@@ -44,15 +47,33 @@ def _everything(_name: str) -> str:
 ONE_SLOT = InboxSlots(_everything, _everything)
 
 
+def spread_tag(name: str, index: int, count: int) -> str:
+    """A hash tag for group `index` of `count`: `name.K` with the smallest K whose slot lies near
+    the middle of the group's share of the 16,384 slots. A cluster's masters own contiguous
+    ranges of slots, so `count` groups at least as many as the masters land on all of them (the
+    bare names may not: `session-0-of-2` and `session-1-of-2` hash to slots 5430 and 4246, both
+    on the first of three masters)."""
+    share = SLOTS / count
+    centre, reach = (index + 0.5) * share, share / 4
+    k = 0
+    while abs(key_slot(f"{name}.{k}".encode()) - centre) > reach:
+        k += 1
+    return f"{name}.{k}"
+
+
 def session_slots(count: int) -> InboxSlots:
     """The session shards' grouping: a user's keys go with the shard that owns the user
-    (`shard_for(user, count)`), whose checkpoint names start `session-I-of-N@`."""
+    (`shard_for(user, count)`), whose checkpoint names start `session-I-of-N@`; each shard's
+    group is spread over the slot space (`spread_tag`)."""
+    tags = {session_group(i, count): spread_tag(session_group(i, count), i, count)
+            for i in range(count)}
 
     def of_user(user: str) -> str:
-        return session_group(shard_for(user, count), count)
+        return tags[session_group(shard_for(user, count), count)]
 
     def of_checkpoint(name: str) -> str:
-        return name.partition("@")[0]
+        group = name.partition("@")[0]
+        return tags.get(group, group)
 
     return InboxSlots(of_user, of_checkpoint)
 

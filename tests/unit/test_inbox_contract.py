@@ -311,8 +311,8 @@ async def test_session_slots_keep_a_shards_users_and_checkpoints_together(
     keys = [cache.user_key(mine), cache.user_key(theirs), *cache.checkpoint_keys(name),
             *cache.checkpoint_keys(marks)]
     try:
-        assert cache.user_key(mine).startswith("inbox:{session-0-of-2}:")
-        assert cache.user_key(theirs).startswith("inbox:{session-1-of-2}:")
+        assert cache.user_key(mine).startswith("inbox:{session-0-of-2.")
+        assert cache.user_key(theirs).startswith("inbox:{session-1-of-2.")
         item = inbox_item(1)
         assert await cache.append([(mine, item)], checkpoint_name=name, checkpoint={0: 1},
                                   also={marks: {0: 7}}, expect_version=0) == 1
@@ -330,3 +330,16 @@ async def test_session_slots_keep_a_shards_users_and_checkpoints_together(
         for key in keys:
             await client.delete(key)
         await client.aclose()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 16])
+def test_spread_tags_put_each_group_in_its_own_share_of_the_slots(count: int) -> None:
+    """A cluster's masters own contiguous slot ranges: group i of n gets a tag in the i-th n-th
+    of the slot space, so n groups reach every master when n >= the masters."""
+    from redis.crc import key_slot
+
+    from bus.inbox_redis import spread_tag
+
+    slots = [key_slot(spread_tag(f"g-{i}-of-{count}", i, count).encode()) for i in range(count)]
+    assert [slot * count // 16384 for slot in slots] == list(range(count))
+    assert spread_tag("g-0-of-3", 0, 3) == spread_tag("g-0-of-3", 0, 3)  # stable
