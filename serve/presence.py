@@ -27,6 +27,8 @@ log = logging.getLogger("peernet.presence")
 REPORT_RETRY_MAX_S = 2.0
 # Users read in one round trip when the pub/sub connection comes back.
 RECOVER_CHUNK = 1_000
+# A watch reads its users' states again this long after its reply (see Watchers).
+WATCH_RECHECK_S = 1.0
 
 
 class PresenceShards(Protocol):
@@ -205,12 +207,19 @@ class Watchers:
     into the reply, so that the reply is never older than a push already sent. When the pub/sub
     connection comes back after a drop, the states of every watched user are read again and
     what changed meanwhile is pushed.
+
+    A shard publishes a change before it records it (actors/presence.py says why), so a change
+    published just before a watch subscribed and recorded just after it read the store is in
+    neither: `recheck_s` after each watch its new users are read again and what changed is
+    pushed (the CI runs that waited 20 s for an online report after a presence shard restart).
     """
 
-    def __init__(self, pubsub: PubSub, store: PresenceStore, max_watch: int) -> None:
+    def __init__(self, pubsub: PubSub, store: PresenceStore, max_watch: int, *,
+                 recheck_s: float = WATCH_RECHECK_S) -> None:
         self._pubsub = pubsub
         self._store = store
         self._max = max_watch
+        self._recheck_s = recheck_s
         self._by_user: dict[str, set[Watcher]] = {}
         self._subs: dict[str, asyncio.Task[Subscription]] = {}
         self._held: dict[Watcher, dict[str, Frame]] = {}
@@ -241,6 +250,8 @@ class Watchers:
         for user, state in states.items():
             self._note(user, state)
         self._release(conn, states)
+        if new:
+            self._in_background(self._recover(new, after_s=self._recheck_s))
         return states
 
     def unwatch(self, conn: Watcher, users: Sequence[str]) -> None:
@@ -343,16 +354,19 @@ class Watchers:
             conn.push(out)
 
     def _on_reconnect(self) -> None:
-        self._in_background(self._recover())
+        self._in_background(self._recover(list(self._by_user)))
 
-    async def _recover(self) -> None:
-        users = list(self._by_user)
+    async def _recover(self, users: list[str], *, after_s: float = 0.0) -> None:
+        """Read `users`' states again (those still watched) and push what is news."""
+        if after_s:
+            await asyncio.sleep(after_s)
+            users = [u for u in users if u in self._by_user]
         for start in range(0, len(users), RECOVER_CHUNK):
             try:
                 states = await self._store.read(users[start:start + RECOVER_CHUNK])
             except PeerNetError as exc:
                 metrics.BACKGROUND_ERRORS.labels("presence_recover").inc()
-                log.warning("presence: re-reading watched users after a reconnect failed: %s", exc)
+                log.warning("presence: re-reading watched users failed: %s", exc)
                 return
             for user, state in states.items():
                 if self._note(user, state):

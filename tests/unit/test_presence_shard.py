@@ -15,7 +15,7 @@ from unit_helpers import users_of_shard
 
 from actors.presence import LeaseTiming, PresenceShard, presence_channel
 from bus.memory import MemoryPresenceStore, MemoryPubSub
-from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, PresenceState
+from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, Change, PresenceState
 from peernet.codec import unpack
 from peernet.errors import ErrorCode, PeerNetError
 from serve.hub import Outgoing
@@ -466,6 +466,40 @@ async def test_watchers_catch_up_after_a_pubsub_reconnect(world: World) -> None:
     await eventually(lambda: conn.frames)
     assert conn.frames == [{"t": "presence", "user": a, "status": ONLINE,
                             "ts": (await world.store.read([a]))[a].since}]
+
+
+async def test_a_change_published_before_the_watch_and_recorded_after_its_read_is_pushed(
+        world: World) -> None:
+    """The shard publishes, then records. A watch that subscribes between the two and reads
+    the store before the record has the old state and missed the push: its recheck, a moment
+    later, reads the recorded change and pushes it."""
+    ps = world.pubsub.client()
+    await ps.start()
+    store = world.store.client()
+    watchers = Watchers(ps, store, max_watch=10, recheck_s=0.2)
+    (a,) = users_of(0, 2, 1)
+    conn = FakeConn("w1")
+    real_read = store.read
+    reads = 0
+
+    async def read_before_the_record(users: Any) -> dict[str, PresenceState]:
+        nonlocal reads
+        reads += 1
+        states = await real_read(users)
+        if reads == 1:  # the watch's own read: then the change lands in the store, unpublished
+            world.clock.advance(0.01)
+            await world.store.client().record("0of2", "r1", add=[a],
+                                              changes=[Change(a, ONLINE, world.clock.ms())])
+        return states
+
+    store.read = read_before_the_record  # type: ignore[method-assign]
+    states = await watchers.watch(conn, [a])
+    assert states[a] == NEVER_SEEN and conn.frames == []
+    await eventually(lambda: conn.frames)
+    assert conn.frames == [{"t": "presence", "user": a, "status": ONLINE,
+                            "ts": (await real_read([a]))[a].since}]
+    await asyncio.sleep(0.3)
+    assert len(conn.frames) == 1  # once
 
 
 class GatedStore:
