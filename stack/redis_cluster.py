@@ -26,17 +26,21 @@ MIN_MASTERS = 3
 
 
 class LocalRedisCluster:
-    """Masters of redis-server at `ports` (no replicas), each in its own subdirectory of
+    """Nodes of redis-server at `ports` (`replicas` replicas per master: redis-cli makes the
+    first len(ports) / (1 + replicas) nodes the masters), each in its own subdirectory of
     `directory`, run by us (not daemonized) so that stop() can end them. Each start() makes a new
     cluster: the nodes' nodes.conf of an earlier run is removed. A node's cluster bus listens on
     its `bus_ports` entry, by default its port + 10000 (which must then be free and at most 65535:
     give free bus ports when the ports are the OS's ephemeral ones)."""
 
     def __init__(self, directory: Path, ports: Sequence[int], *,
-                 bus_ports: Sequence[int] | None = None, ready_timeout: float = 30.0,
-                 stop_timeout: float = 10.0) -> None:
-        if len(ports) < MIN_MASTERS:
+                 bus_ports: Sequence[int] | None = None, replicas: int = 0,
+                 ready_timeout: float = 30.0, stop_timeout: float = 10.0) -> None:
+        if replicas < 0 or len(ports) % (1 + replicas):
+            raise ValueError(f"{len(ports)} nodes do not make masters with {replicas} replicas each")
+        if len(ports) // (1 + replicas) < MIN_MASTERS:
             raise ValueError(f"a Redis Cluster needs at least {MIN_MASTERS} masters, got {ports}")
+        self.replicas = replicas
         if bus_ports is not None and len(bus_ports) != len(ports):
             raise ValueError("one bus port per node")
         self.directory = directory
@@ -75,7 +79,7 @@ class LocalRedisCluster:
                 self._wait(i, deadline, "answer PING", lambda c: bool(c.ping()))
             create_log = self.directory / "cluster-create.log"
             run_step(["redis-cli", "--cluster", "create", *(f"{HOST}:{p}" for p in self.ports),
-                     "--cluster-replicas", "0", "--cluster-yes"],
+                     "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                      log_path=create_log, what="redis-cli --cluster create",
                      timeout=self.ready_timeout)
             for i in range(len(self.ports)):
@@ -98,6 +102,13 @@ class LocalRedisCluster:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
         self._procs.clear()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port`, as a crash would (its replica, if any, takes over after
+        the node timeout of 2 s)."""
+        proc = self._procs[self.ports.index(port)]
+        self._signal(proc, signal.SIGKILL)
+        proc.wait()
 
     def __enter__(self) -> LocalRedisCluster:
         self.start()

@@ -41,13 +41,14 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory,
-                        masters: int = MASTERS) -> LocalRedisCluster:
+def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory, masters: int = MASTERS,
+                        replicas: int = 0) -> LocalRedisCluster:
     """A cluster (not started) in a new temporary directory. Its bus ports are free ports too:
     the default, port + 10000, is past 65535 for most of the OS's ephemeral ports."""
-    ports = free_ports(2 * masters)
-    return LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), ports[:masters],
-                             bus_ports=ports[masters:])
+    nodes = masters * (1 + replicas)
+    ports = free_ports(2 * nodes)
+    return LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), ports[:nodes],
+                             bus_ports=ports[nodes:], replicas=replicas)
 
 
 @pytest.fixture(scope="session")

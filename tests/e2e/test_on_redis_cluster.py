@@ -1,18 +1,22 @@
 """PeerNet on a Redis Cluster, end to end: a `peernet serve` of this module's own (two gateway
-replicas) whose PEERNET_REDIS_URL names the session's three-master cluster (the `redis_cluster`
-fixture), with the local stack's Kafka and MongoDB. DMs, resume, follows, posts, likes, feed
-pushes and presence over real WebSockets, and the inboxes of two users stored on two masters."""
+replicas) whose PEERNET_REDIS_URL names this module's cluster (three masters, a replica each),
+with the local stack's Kafka and MongoDB. DMs, resume, follows, posts, likes, feed pushes and
+presence over real WebSockets, the inboxes of two users stored on two masters, and, last, a
+master's crash and its replica's takeover under a stream of DMs."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis_cluster_fixture import local_redis_cluster
 from replicas import connect
 from test_presence import ONLINE_WAIT_S, change, watch
+from test_restarts import send_until_ok
 from test_social import ids, ok, page, until
 from wsclient import Client, Server, running_server, server_env, unique_user
 
@@ -30,7 +34,18 @@ FIRST_TEST_TIMEOUT_S = START_TIMEOUT_S + 120
 
 
 @pytest.fixture(scope="module")
-def cluster_server(local_stack: PeerNetConfig, redis_cluster: LocalRedisCluster,
+def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """This module's own cluster: its last test kills a master."""
+    cluster = local_redis_cluster(tmp_path_factory, replicas=1)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_server(local_stack: PeerNetConfig, failover_cluster: LocalRedisCluster,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = local_stack.services
     env = {**server_env(local_stack),
@@ -39,7 +54,7 @@ def cluster_server(local_stack: PeerNetConfig, redis_cluster: LocalRedisCluster,
            "PEERNET_HOME": str(tmp_path_factory.mktemp("rc-home")),
            "PEERNET_PORT": os.environ.get("PEERNET_TEST_REDIS_CLUSTER_PORT", "18780"),
            "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_MONGO_URL": s.mongo_url,
-           "PEERNET_REDIS_URL": redis_cluster.url}
+           "PEERNET_REDIS_URL": failover_cluster.url}
     log_path = tmp_path_factory.mktemp("rc-server") / "peernet-serve.log"
     with running_server(env, log_path, START_TIMEOUT_S) as server:
         yield server
@@ -60,9 +75,9 @@ def master_of(client: RedisCluster, key: str) -> ClusterNode:
 
 @pytest.mark.timeout(FIRST_TEST_TIMEOUT_S)
 async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_masters(
-        cluster_server: Server, redis_cluster: LocalRedisCluster) -> None:
+        cluster_server: Server, failover_cluster: LocalRedisCluster) -> None:
     shards = cluster_server.cfg.shards
-    rc = await cluster_client(redis_cluster)
+    rc = await cluster_client(failover_cluster)
     inbox = RedisInboxCache(rc, retention_items=shards.inbox_retention_items,
                             retention_ms=shards.inbox_retention_ms,
                             slots=session_slots(shards.session_shards))
@@ -172,3 +187,53 @@ async def test_a_watcher_sees_a_user_go_online_and_offline(cluster_server: Serve
     offline = await change(watcher, user, ONLINE_WAIT_S)
     assert offline["status"] == "offline" and offline["ts"] >= online["ts"]
     await watcher.close()
+
+
+async def test_a_crashed_master_fails_over_and_no_acknowledged_dm_is_lost(
+        cluster_server: Server, failover_cluster: LocalRedisCluster) -> None:
+    """The master holding a user's inbox is SIGKILLed while DMs to them flow; it is also the
+    URL's first node, where every process's pub/sub connection is. Its replica takes over
+    (node timeout 2 s); meanwhile the gateway answers `unavailable` at most and the sender
+    retries with the same cid. Then `resume` holds every acknowledged DM once, in order, seq
+    contiguous. (Replication is asynchronous: what the dead master had not passed on is what
+    the inbox's version check finds missing, and the session shard rebuilds it from the log.)"""
+    shards = cluster_server.cfg.shards
+    rc = await cluster_client(failover_cluster)
+    try:
+        inbox = RedisInboxCache(rc, retention_items=shards.inbox_retention_items,
+                                retention_ms=shards.inbox_retention_ms,
+                                slots=session_slots(shards.session_shards))
+        first = failover_cluster.ports[0]
+        rcpt_name = next(u for u in (unique_user("fo") for _ in range(1000))
+                         if int(master_of(rc, inbox.user_key(u)).port) == first)
+    finally:
+        await rc.aclose()
+    rcpt = await connect(cluster_server, rcpt_name)
+    start = int(rcpt.welcome["seq"])
+    await rcpt.close()
+
+    sender = await connect(cluster_server, unique_user("fs"))
+    acked, waits = [], []
+    for i in range(40):
+        if i == 10:
+            failover_cluster.kill(first)
+        frame = {"t": "dm", "to": rcpt_name, "body": f"f{i}", "cid": f"fo-{i}"}
+        sent_at = time.monotonic()
+        acked.append((await send_until_ok(sender, frame, within_s=60))["id"])
+        waits.append(time.monotonic() - sent_at)
+    await sender.close()
+    print(f"failover: the longest wait for an ok was {max(waits):.2f} s")
+
+    async def latest_seq() -> int:
+        probe = await connect(cluster_server, rcpt_name)
+        await probe.close()
+        return int(probe.welcome["seq"])
+
+    await until(latest_seq, lambda seq: seq >= start + 40, within_s=60)
+    rcpt = await Client.connect(cluster_server.ws_url, cluster_server.url, rcpt_name, resume=start)
+    items = await rcpt.items(40)
+    assert [m["id"] for m in items] == acked
+    assert [m["seq"] for m in items] == list(range(start + 1, start + 41))
+    assert await rcpt.expect("resumed") == {"t": "resumed", "from": start, "to": start + 40,
+                                            "complete": True}
+    await rcpt.close()
