@@ -129,3 +129,23 @@ def test_a_node_that_cannot_start_fails_the_start_with_its_log(
         assert "Address already in use" in str(failed.value)
     assert cluster.pids == ()
     assert not [port for port in (cluster.ports[0], cluster.ports[2]) if port_in_use(HOST, port)]
+
+
+def test_the_stack_probe_and_peernet_status_see_a_cluster_url(
+        redis_cluster: LocalRedisCluster) -> None:
+    """`peernet status` and `peernet stack` probe Redis through stack/redis.py: for a
+    redis+cluster:// URL they ask a listed node (the first that answers) for the cluster's
+    state; a URL whose nodes are all down is a StackError that names them."""
+    from peernet.config import load_config
+    from stack.redis import REDIS
+
+    dead = socket.socket()
+    dead.bind((HOST, 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    live = redis_cluster.url.replace("redis+cluster://", f"redis+cluster://{HOST}:{dead_port},")
+    assert REDIS.probe(load_config({"PEERNET_REDIS_URL": live}), 2.0).endswith(
+        "cluster (3 nodes)")
+    with pytest.raises(StackError, match=f"{HOST}:{dead_port}"):
+        REDIS.probe(load_config({"PEERNET_REDIS_URL": f"redis+cluster://{HOST}:{dead_port}"}),
+                    1.0)
