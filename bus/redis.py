@@ -90,10 +90,6 @@ def redis_target(url: str) -> RedisTarget:
                                    for node in nodes))
 
 
-def is_cluster_url(url: str) -> bool:
-    return urlsplit(url).scheme in _CLUSTER_SCHEMES
-
-
 def hash_tag(name: str) -> str:
     """`name` as a Redis Cluster hash tag: keys that contain the same `{name}` share a slot (so
     one script or transaction may touch them all). On a single node it is just part of a name."""
