@@ -8,10 +8,10 @@ session. tests/conftest.py imports it, so a test module anywhere under tests/ ju
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
+from ports import free_ports
 
 from stack.process import StackError
 from stack.redis_cluster import LocalRedisCluster
@@ -27,18 +27,6 @@ def cluster_url(request: pytest.FixtureRequest) -> str:
     """The `redis+cluster://` URL of the session's cluster (started on first use)."""
     cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
     return cluster.url
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports of 127.0.0.1 (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def local_redis_cluster(tmp_path_factory: pytest.TempPathFactory, masters: int = MASTERS,

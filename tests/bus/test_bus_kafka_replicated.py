@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from bus_helpers import free_ports, unique
+from bus_helpers import unique
 from kafka_nodes import require_kafka, start_node
+from ports import free_ports
 
 from bus.eventlog import Appended, TopicSpec
 from bus.kafka import KafkaEventLog

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bus_helpers import free_ports, unique
+from bus_helpers import unique
 from bus_tls import TlsFiles, make_tls_files
 from kafka_nodes import require_kafka, start_node
+from ports import free_ports
 
 from bus.backends import event_log
 from bus.eventlog import Record, TopicSpec

@@ -19,8 +19,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from bus_helpers import free_ports, unique
+from bus_helpers import unique
 from bus_tls import TlsFiles, make_tls_files
+from ports import free_ports
 
 from bus.mongo import MongoDocumentStore
 from peernet.config import load_config

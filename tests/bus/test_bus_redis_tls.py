@@ -18,8 +18,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from bus_helpers import eventually, free_ports, unique
+from bus_helpers import eventually, unique
 from bus_tls import TlsFiles, make_tls_files
+from ports import free_ports
 
 from bus.backends import presence_store
 from bus.redis import RedisCache, RedisPubSub, redis_client
