@@ -73,14 +73,42 @@ def master_of(client: RedisCluster, key: str) -> ClusterNode:
     return node
 
 
+def server_inbox(client: RedisCluster, server: Server) -> RedisInboxCache:
+    """The inbox cache as `server`'s session shards key it (for the users' key names)."""
+    shards = server.cfg.shards
+    return RedisInboxCache(client, retention_items=shards.inbox_retention_items,
+                           retention_ms=shards.inbox_retention_ms,
+                           slots=session_slots(shards.session_shards))
+
+
+async def resume_holds(server: Server, user: str, start: int, ids: list[str],
+                       within_s: float = 20.0) -> None:
+    """Once a welcome says `ids` are in `user`'s inbox after seq `start` (an acknowledged DM
+    reaches it shortly after its `ok`), `resume` from `start` gives exactly them, in order, seq
+    contiguous, then `resumed` complete."""
+
+    async def latest_seq() -> int:
+        probe = await connect(server, user)
+        await probe.close()
+        return int(probe.welcome["seq"])
+
+    n = len(ids)
+    await until(latest_seq, lambda seq: seq >= start + n, within_s=within_s)
+    client = await Client.connect(server.ws_url, server.url, user, resume=start)
+    items = await client.items(n)
+    assert [m["id"] for m in items] == ids
+    assert [m["seq"] for m in items] == list(range(start + 1, start + n + 1))
+    assert await client.expect("resumed") == {"t": "resumed", "from": start, "to": start + n,
+                                              "complete": True}
+    await client.close()
+
+
 @pytest.mark.timeout(FIRST_TEST_TIMEOUT_S)
 async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_masters(
         cluster_server: Server, failover_cluster: LocalRedisCluster) -> None:
     shards = cluster_server.cfg.shards
     rc = await cluster_client(failover_cluster)
-    inbox = RedisInboxCache(rc, retention_items=shards.inbox_retention_items,
-                            retention_ms=shards.inbox_retention_ms,
-                            slots=session_slots(shards.session_shards))
+    inbox = server_inbox(rc, cluster_server)
     try:
         # Two users whose inbox keys live on different masters (so also different shards: the
         # default two shards' slot groups are spread to two of the three masters).
@@ -130,21 +158,7 @@ async def test_dms_sent_while_offline_arrive_on_resume_in_order(cluster_server: 
     sent = [(await ok(sender, {"t": "dm", "to": rcpt_name, "body": f"n{i}"}))["id"]
             for i in range(50)]
 
-    # An acknowledged message reaches the inbox shortly after its `ok`: resume once a welcome
-    # says all 50 are there.
-    async def latest_seq() -> int:
-        probe = await connect(cluster_server, rcpt_name)
-        await probe.close()
-        return int(probe.welcome["seq"])
-
-    await until(latest_seq, lambda seq: seq == start + 50)
-    rcpt = await Client.connect(cluster_server.ws_url, cluster_server.url, rcpt_name, resume=start)
-    items = await rcpt.items(50)
-    assert [m["id"] for m in items] == sent
-    assert [m["seq"] for m in items] == list(range(start + 1, start + 51))
-    assert await rcpt.expect("resumed") == {"t": "resumed", "from": start, "to": start + 50,
-                                            "complete": True}
-    await rcpt.close()
+    await resume_holds(cluster_server, rcpt_name, start, sent)
     await sender.close()
 
 
@@ -197,12 +211,9 @@ async def test_a_crashed_master_fails_over_and_no_acknowledged_dm_is_lost(
     retries with the same cid. Then `resume` holds every acknowledged DM once, in order, seq
     contiguous. (Replication is asynchronous: what the dead master had not passed on is what
     the inbox's version check finds missing, and the session shard rebuilds it from the log.)"""
-    shards = cluster_server.cfg.shards
     rc = await cluster_client(failover_cluster)
     try:
-        inbox = RedisInboxCache(rc, retention_items=shards.inbox_retention_items,
-                                retention_ms=shards.inbox_retention_ms,
-                                slots=session_slots(shards.session_shards))
+        inbox = server_inbox(rc, cluster_server)
         first = failover_cluster.ports[0]
         rcpt_name = next(u for u in (unique_user("fo") for _ in range(1000))
                          if int(master_of(rc, inbox.user_key(u)).port) == first)
@@ -224,16 +235,4 @@ async def test_a_crashed_master_fails_over_and_no_acknowledged_dm_is_lost(
     await sender.close()
     print(f"failover: the longest wait for an ok was {max(waits):.2f} s")
 
-    async def latest_seq() -> int:
-        probe = await connect(cluster_server, rcpt_name)
-        await probe.close()
-        return int(probe.welcome["seq"])
-
-    await until(latest_seq, lambda seq: seq >= start + 40, within_s=60)
-    rcpt = await Client.connect(cluster_server.ws_url, cluster_server.url, rcpt_name, resume=start)
-    items = await rcpt.items(40)
-    assert [m["id"] for m in items] == acked
-    assert [m["seq"] for m in items] == list(range(start + 1, start + 41))
-    assert await rcpt.expect("resumed") == {"t": "resumed", "from": start, "to": start + 40,
-                                            "complete": True}
-    await rcpt.close()
+    await resume_holds(cluster_server, rcpt_name, start, acked, within_s=60)
