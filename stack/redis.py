@@ -115,18 +115,19 @@ def _probe_cluster(node_urls: tuple[str, ...], timeout: float) -> str:
     """The first listed node that answers, and the cluster's state as that node sees it."""
     import redis
 
+    from stack.redis_cluster import cluster_info
+
     errors = []
     for url in node_urls:
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         try:
             info = client.info("server")
-            state = client.cluster("INFO")  # redis-py parses it into a dict
+            fields = cluster_info(client)
         except (redis.RedisError, OSError) as exc:
             errors.append(f"{redact_url(url)}: {exc}")
             continue
         finally:
             client.close()
-        fields = {str(k): str(v) for k, v in dict(state).items()}
         if fields.get("cluster_state") != "ok":
             raise StackError(f"redis cluster at {redact_url(url)}: cluster_state is "
                              f"{fields.get('cluster_state', '?')}")

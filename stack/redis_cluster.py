@@ -25,6 +25,11 @@ SLOTS = 16384
 MIN_MASTERS = 3
 
 
+def cluster_info(client: redis.Redis) -> dict[str, str]:
+    """CLUSTER INFO of the node `client` talks to, as strings (redis-py parses it into a dict)."""
+    return {str(k): str(v) for k, v in dict(client.cluster("INFO")).items()}
+
+
 class LocalRedisCluster:
     """Nodes of redis-server at `ports` (`replicas` replicas per master: redis-cli makes the
     first len(ports) / (1 + replicas) nodes the masters), each in its own subdirectory of
@@ -159,8 +164,7 @@ class LocalRedisCluster:
             client.close()
 
     def _cluster_ok(self, client: redis.Redis) -> bool:
-        raw = client.execute_command("CLUSTER", "INFO")
-        info = dict(line.split(":", 1) for line in str(raw).split() if ":" in line)
+        info = cluster_info(client)
         return (info.get("cluster_state") == "ok"
                 and info.get("cluster_slots_assigned") == str(SLOTS)
                 and info.get("cluster_known_nodes") == str(len(self.ports)))
