@@ -199,8 +199,9 @@ class RedisInboxCache:
     async def bounds(self, user: str) -> Bounds:
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.zrange(self.user_key(user), 0, 0, withscores=True)
-                pipe.zrange(self.user_key(user), -1, -1, withscores=True)
+                key = self.user_key(user)
+                pipe.zrange(key, 0, 0, withscores=True)
+                pipe.zrange(key, -1, -1, withscores=True)
                 first, last = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
