@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import psutil
 import pytest
 
-from bench.probe import LOAD_GENERATOR, Sample, ServerProbe, classify_process, parse_lag
+import bench.probe as probe_module
+from bench.probe import (
+    LOAD_GENERATOR,
+    PEERNET_CATEGORIES,
+    Sample,
+    ServerProbe,
+    classify_process,
+    parse_lag,
+)
+from tests.ports import free_ports
 
 
 @pytest.mark.parametrize("name, cmdline, expected", [
@@ -59,3 +72,63 @@ def test_window_summarises_only_its_samples() -> None:
     assert w["system_cpu_mean_pct"] == 50.0
     assert w["kafka_lag_peak"] == {"lag": 3.0}
     assert probe.window(30, 40) == {"samples": 0}
+
+
+_SERVER = """
+import socket, subprocess, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "default_worker.py"])
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def _server(port: int) -> subprocess.Popen[str]:
+    # "peernet ... serve" in its command line: classify_process counts it as the server.
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), "peernet", "serve"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait()
+
+
+def test_scope_finds_the_listener_once_and_again_after_it_dies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's process tree is found by its listening port, but the machine-wide socket
+    listing that finds it runs again only when the tree's root is gone, not every sample."""
+    listings = []
+    real = probe_module._listener
+
+    def counted(port: int) -> psutil.Process | None:
+        listings.append(port)
+        return real(port)
+
+    monkeypatch.setattr(probe_module, "_listener", counted)
+    port = free_ports(1)[0]
+    first = _server(port)
+    try:
+        probe = ServerProbe(PEERNET_CATEGORIES, server_port=port)
+        for _ in range(3):
+            probe._sample()
+        assert listings == [port]
+        counted_pids = {pid for pid, (_, cat) in probe._procs.items() if cat in ("peernet", "ray:worker")}
+        child = psutil.Process(first.pid).children()[0].pid
+        assert counted_pids == {first.pid, child}
+        assert f"root pid {first.pid}" in probe.scope_note
+    finally:
+        _stop(first)
+    second = _server(port)
+    try:
+        probe._sample()
+        assert listings == [port, port]
+        assert f"root pid {second.pid}" in probe.scope_note
+        assert second.pid in probe._procs
+    finally:
+        _stop(second)
