@@ -151,7 +151,8 @@ class FeedShard:
 
     async def start(self) -> None:
         self._group = feeds_group(self._cfg)
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
+        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group,
+                                            linger_ms=self._cfg.shards.feed_linger_ms)
         await self._retry("start consumer", self._consumer.start)
         self._task = asyncio.create_task(self._run(), name=f"feed-shard-{self.index}")
         self.stats.started = True

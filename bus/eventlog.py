@@ -68,12 +68,17 @@ class EventLog(Protocol):
 
     def consumer(self, topic: str, *, group: str | None = None,
                  partitions: Sequence[int] | None = None,
-                 from_beginning: bool = True) -> LogConsumer:
+                 from_beginning: bool = True, linger_ms: int = 0) -> LogConsumer:
         """A reader of `topic`: in consumer group `group` (partitions spread over its members,
         offsets committed by `commit`), or of exactly `partitions` with no group. Give exactly
         one of the two (ValueError otherwise). A group with no commit yet, and a reader without
         a group, start at the beginning of each partition or, unless `from_beginning`, at its
-        end as of `start`."""
+        end as of `start`.
+
+        `linger_ms`: a reader that can wait lets records gather for up to this long before they
+        are fetched, trading that much latency for fewer, larger fetches (0: a record is fetched
+        as soon as it is appended). It changes only when records arrive, never which or in what
+        order."""
 
     async def ping(self) -> None:
         """Raise PeerNetError(unavailable) unless the cluster answers a metadata request."""

@@ -151,7 +151,7 @@ class MemoryEventLog:
 
     def consumer(self, topic: str, *, group: str | None = None,
                  partitions: Sequence[int] | None = None,
-                 from_beginning: bool = True) -> MemoryLogConsumer:
+                 from_beginning: bool = True, linger_ms: int = 0) -> MemoryLogConsumer:
         return MemoryLogConsumer(self._server, topic, group=group, partitions=partitions,
                                  from_beginning=from_beginning)
 

@@ -135,6 +135,10 @@ class ShardsConfig:
     # The projector waits this long after the first record of a batch for more, so that one
     # MongoDB write carries many events (the store of record trails delivery by this much).
     projector_linger_ms: int = 250
+    # The FeedShards' consumer lets events gather this long before a fetch: most events are DMs,
+    # which a FeedShard only skips, and each fetch costs the broker and the shard whatever it
+    # carries. A post's pushes and feed writes trail it by up to this much more.
+    feed_linger_ms: int = 20
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_INBOX_RETENTION_MS": ("shards", "inbox_retention_ms"),
     "PEERNET_MAX_BATCH": ("shards", "max_batch"),
     "PEERNET_PROJECTOR_LINGER_MS": ("shards", "projector_linger_ms"),
+    "PEERNET_FEED_LINGER_MS": ("shards", "feed_linger_ms"),
     "PEERNET_PRESENCE_LEASE_MS": ("presence", "lease_ms"),
     "PEERNET_PRESENCE_LAST_SEEN_TTL_S": ("presence", "last_seen_ttl_s"),
     "PEERNET_PRESENCE_KEYSPACE": ("presence", "keyspace"),
@@ -303,6 +308,10 @@ _EXTERNAL_FLAGS = {
     "PEERNET_REDIS_URL": "redis_external",
     "PEERNET_MONGO_URL": "mongo_external",
 }
+
+
+# The longest a consumer may let records gather (PEERNET_*_LINGER_MS).
+MAX_LINGER_MS = 2000
 
 
 class ConfigError(ValueError):
@@ -348,6 +357,12 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
     if protocol not in KAFKA_SECURITY_PROTOCOLS:
         raise ConfigError(f"PEERNET_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not "
                           f"one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+    for var, linger in (("PEERNET_PROJECTOR_LINGER_MS", cfg.shards.projector_linger_ms),
+                        ("PEERNET_FEED_LINGER_MS", cfg.shards.feed_linger_ms)):
+        # A linger is how long the broker holds a fetch: it must stay well inside the
+        # client's request timeout (5 s), or every quiet fetch would time out.
+        if not 0 <= linger <= MAX_LINGER_MS:
+            raise ConfigError(f"{var}={linger} is not between 0 and {MAX_LINGER_MS}")
     if cfg.gateway.placement not in GATEWAY_PLACEMENTS:
         raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT={cfg.gateway.placement!r} is not one of "
                           f"{', '.join(GATEWAY_PLACEMENTS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 
@@ -168,6 +169,42 @@ async def test_group_resumes_from_committed_offsets(log_kit: LogKit) -> None:
         assert await third.positions() == await third.end_offsets()
     finally:
         await third.stop()
+
+
+async def test_a_lingering_consumer_gets_every_record_in_order_in_fewer_fetches(
+        log_kit: LogKit) -> None:
+    """`linger_ms` changes when records arrive, never which or in what order; on Kafka the
+    records appended within one linger come in one or two fetches, not one each."""
+    log = await log_kit.make()
+    topic = await new_topic(log, partitions=1)
+    consumer = log.consumer(topic, group=unique("g"), linger_ms=1000)
+    await consumer.start()
+    try:
+        values = [f"v{i}".encode() for i in range(5)]
+        got: list[Record] = []
+        polls_with_records = 0
+
+        async def reader() -> None:  # polls all along, as a shard's loop does
+            nonlocal polls_with_records
+            deadline = time.monotonic() + 10
+            while len(got) < len(values) and time.monotonic() < deadline:
+                batch = await consumer.poll(timeout_ms=200)
+                polls_with_records += bool(batch)
+                got.extend(batch)
+
+        reading = asyncio.create_task(reader())
+        for v in values:
+            await log.append(topic, v, key=b"k")
+            await asyncio.sleep(0.02)
+        await reading
+        assert [r.value for r in got] == values
+        assert [r.offset for r in got] == list(range(5))
+        if log_kit.kind == "real":
+            # Appended over about 100 ms, inside one 1 s linger (two if a fetch's deadline
+            # fell among them); without a linger each append ends a fetch of its own.
+            assert polls_with_records <= 2
+    finally:
+        await consumer.stop()
 
 
 async def test_new_group_from_latest_skips_the_past(log_kit: LogKit) -> None:

@@ -121,3 +121,12 @@ def test_an_unknown_kafka_security_protocol_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="PEERNET_KAFKA_SECURITY_PROTOCOL"):
         load_config({"PEERNET_KAFKA_BOOTSTRAP": "k:9092",
                      "PEERNET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+
+
+@pytest.mark.parametrize("var", ["PEERNET_FEED_LINGER_MS", "PEERNET_PROJECTOR_LINGER_MS"])
+def test_a_consumer_linger_beyond_the_fetch_timeout_is_refused(var: str) -> None:
+    assert load_config({var: "2000"})  # the bound itself is allowed
+    with pytest.raises(ConfigError, match=var):
+        load_config({var: "5000"})
+    with pytest.raises(ConfigError, match=var):
+        load_config({var: "-1"})
