@@ -62,7 +62,8 @@ class InboxCache(Protocol):
     async def checkpoint(self, name: str) -> dict[int, int] | None:
         """The checkpoint stored with the last append under `name`, None when there is none."""
 
-    async def ack(self, user: str, seq: int) -> int:
-        """Record a cumulative ack (never moves back); returns the acked seq in force."""
+    async def ack_many(self, acks: Mapping[str, int]) -> dict[str, int]:
+        """Record cumulative acks, user -> seq, in one write (each user's never moves back);
+        returns the acked seq in force for each user given."""
 
     async def acked(self, user: str) -> int: ...

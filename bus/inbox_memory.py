@@ -129,12 +129,15 @@ class MemoryInboxCache:
         stored = self._server.checkpoints.get(name)
         return dict(stored) if stored else None
 
-    async def ack(self, user: str, seq: int) -> int:
+    async def ack_many(self, acks: Mapping[str, int]) -> dict[str, int]:
         self._check()
-        current = self._server.acked.get(user, 0)
-        if seq > current:
-            self._server.acked[user] = current = int(seq)
-        return current
+        out = {}
+        for user, seq in acks.items():
+            current = self._server.acked.get(user, 0)
+            if seq > current:
+                self._server.acked[user] = current = int(seq)
+            out[user] = current
+        return out
 
     async def acked(self, user: str) -> int:
         self._check()

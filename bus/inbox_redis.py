@@ -115,11 +115,16 @@ return redis.call('INCR', vkey)
 """
 
 # Cumulative ack: keep the larger of the stored and the given seq.
+# ARGV: user, seq, user, seq, ...; returns the seq in force for each, in order.
 _ACK = """
-local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local new = tonumber(ARGV[2])
-if new > cur then redis.call('HSET', KEYS[1], ARGV[1], new); return new end
-return cur
+local out = {}
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  local new = tonumber(ARGV[i + 1])
+  if new > cur then redis.call('HSET', KEYS[1], ARGV[i], new); cur = new end
+  out[#out + 1] = cur
+end
+return out
 """
 
 
@@ -227,11 +232,16 @@ class RedisInboxCache:
             return None
         return {int(p): int(o) for p, o in raw.items()}
 
-    async def ack(self, user: str, seq: int) -> int:
+    async def ack_many(self, acks: Mapping[str, int]) -> dict[str, int]:
+        if not acks:
+            return {}
+        users = list(acks)
         try:
-            return int(await self._ack(keys=[_ACKED], args=[user, seq]))
+            in_force = await self._ack(keys=[_ACKED],
+                                       args=[a for u in users for a in (u, int(acks[u]))])
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
+        return {u: int(s) for u, s in zip(users, in_force, strict=True)}
 
     async def acked(self, user: str) -> int:
         try:

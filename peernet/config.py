@@ -106,6 +106,9 @@ class GatewayConfig:
     # small msgpack, and compression state costs memory on every connection.
     ws_compression: bool = False
     max_body_chars: int = 4_000
+    # Acks (cumulative, no reply) are written to the inbox cache together this often, each
+    # user's newest only (serve/acks.py); 0: each at once.
+    ack_flush_ms: int = 100
     rate_per_s: float = 200.0
     rate_burst: int = 400
     # Frames over the limit within one flood window that close the connection (4429).
@@ -274,6 +277,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_OUTBOUND_QUEUE": ("gateway", "outbound_queue"),
     "PEERNET_HELLO_TIMEOUT_S": ("gateway", "hello_timeout_s"),
     "PEERNET_HEARTBEAT_MS": ("gateway", "heartbeat_ms"),
+    "PEERNET_ACK_FLUSH_MS": ("gateway", "ack_flush_ms"),
     "PEERNET_TOKEN_SECRET": ("gateway", "token_secret"),
     "PEERNET_TOKEN_TTL_S": ("gateway", "token_ttl_s"),
     "PEERNET_DEV_TOKENS": ("gateway", "dev_tokens"),

@@ -21,6 +21,7 @@ from peernet.config import PROJECT_ROOT, presence_lease_ms
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
 from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
 from serve import cluster_metrics, metrics
+from serve.acks import AckBuffer
 from serve.connection import Connection
 from serve.deps import GatewayDeps
 from serve.handlers import build_handlers
@@ -82,7 +83,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
     presence = Presence(deps.presence, deps.presence_shards, deps.pubsub,
                         LeaseTiming(presence_lease_ms(deps.cfg)), deps.replica,
                         deps.cfg.gateway.max_watch)
-    handlers = build_handlers(messenger, presence)
+    acks = AckBuffer(deps.inbox, deps.cfg.gateway.ack_flush_ms)
+    handlers = build_handlers(messenger, presence, acks)
     trusted = TrustedProxies(deps.cfg.gateway.trusted_proxies)
     per_address = AddressLimiter(deps.cfg.gateway.max_connections_per_address)
     metrics_group = cluster_metrics.metrics_group(deps.cfg.metrics.keyspace)
@@ -246,6 +248,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         for start in deps.on_startup:
             await start()
         await presence.start()
+        await acks.start()
         await publisher.start()
         log.info("gateway %s ready", deps.replica)
         try:
@@ -253,6 +256,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
         finally:
             with contextlib.suppress(Exception):
                 await presence.stop()
+            with contextlib.suppress(Exception):
+                await acks.stop()
             with contextlib.suppress(Exception):
                 await publisher.stop()
             for stop in deps.on_shutdown:

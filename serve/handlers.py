@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from actors.session import user_channel
 from peernet.codec import Frame, pack
 from peernet.errors import bad_request
+from serve.acks import AckBuffer
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
 from serve.social import social_handlers
@@ -22,7 +23,7 @@ Handler = Callable[["Connection", Frame], Awaitable[Frame | None]]
 HandlerTable = dict[str, Handler]
 
 
-def build_handlers(messenger: Messenger, presence: Presence) -> HandlerTable:
+def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer) -> HandlerTable:
     async def ping(conn: Connection, frame: Frame) -> Frame | None:
         return {"t": "pong"}
 
@@ -48,7 +49,7 @@ def build_handlers(messenger: Messenger, presence: Presence) -> HandlerTable:
 
     async def ack(conn: Connection, frame: Frame) -> Frame | None:
         seq = int_field(frame, "seq", lo=0, hi=2**53)
-        await conn.deps.inbox.ack(conn.user, seq)
+        await acks.add(conn.user, seq)
         return None
 
     async def watch(conn: Connection, frame: Frame) -> Frame | None:

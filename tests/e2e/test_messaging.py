@@ -8,7 +8,11 @@ import contextlib
 import httpx
 import pytest
 from replicas import kill_replica, until_two_replicas
+from test_social import until
 from wsclient import Client, Server, dev_token, unique_user
+
+from bus.inbox_redis import RedisInboxCache
+from bus.redis import redis_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
 
@@ -203,6 +207,33 @@ async def test_the_senders_other_connections_and_typing(peernet_server: Server) 
     assert pong == {"t": "pong", "rid": pong["rid"]}
     for c in (a1, a2, b):
         await c.close()
+
+
+async def test_acks_reach_the_inbox_cache_together_newest_per_user(peernet_server: Server) -> None:
+    """Acks have no reply; the replica writes each user's newest to Redis with its next batch
+    (PEERNET_ACK_FLUSH_MS), where they stay cumulative."""
+    alice_name, bob_name = unique_user("alice"), unique_user("bob")
+    alice, bob = await connect(peernet_server, alice_name), await connect(peernet_server, bob_name)
+    for i in range(3):
+        await alice.request({"t": "dm", "to": bob_name, "body": f"m{i}"})
+    items = await bob.items(3)
+    for item in items:
+        await bob.send({"t": "ack", "seq": item["seq"]})
+    await bob.send({"t": "ack", "seq": 1})  # older: the mark does not move back
+    await alice.send({"t": "ack", "seq": 2})
+    cfg = peernet_server.cfg
+    client = redis_client(cfg.services.redis_url)
+    inbox = RedisInboxCache(client, retention_items=cfg.shards.inbox_retention_items,
+                            retention_ms=cfg.shards.inbox_retention_ms)
+    try:
+        async def marks() -> tuple[int, int]:
+            return await inbox.acked(bob_name), await inbox.acked(alice_name)
+
+        assert await until(marks, lambda m: m == (3, 2), within_s=10) == (3, 2)
+    finally:
+        await client.aclose()
+        await alice.close()
+        await bob.close()
 
 
 async def test_history_over_http_for_participants_only(peernet_server: Server) -> None:

@@ -46,7 +46,7 @@ PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The handler table itself (its closures are only built, never called, here): a frame type
 # added to the table is fuzzed without touching this file.
-FRAME_TYPES = sorted(build_handlers(cast(Any, None), cast(Any, None)))
+FRAME_TYPES = sorted(build_handlers(cast(Any, None), cast(Any, None), cast(Any, None)))
 ERROR_CODES = {code.value for code in ErrorCode}
 # What a live connection may send besides errors: replies and pushes of the protocol.
 SERVER_FRAMES = {"pong", "ok", "presence_state", "feed_page", "typing", "presence", "feed",

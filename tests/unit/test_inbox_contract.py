@@ -237,21 +237,23 @@ async def test_retention_applies_to_the_users_appended_to(inbox_kit: InboxKit) -
 
 async def test_ack_is_cumulative_and_never_moves_back(inbox_kit: InboxKit) -> None:
     cache = inbox_kit.cache
-    user, other = inbox_kit.user(), inbox_kit.user()
+    user, other, third = inbox_kit.user(), inbox_kit.user(), inbox_kit.user()
     assert await cache.acked(user) == 0
-    assert await cache.ack(user, 5) == 5
-    assert await cache.ack(user, 3) == 5
+    assert await cache.ack_many({user: 5}) == {user: 5}
+    assert await cache.ack_many({user: 3}) == {user: 5}
     assert await cache.acked(user) == 5
-    assert await cache.ack(user, 8) == 8
-    assert await cache.acked(user) == 8
-    assert await cache.acked(other) == 0
+    assert await cache.ack_many({}) == {}
+    # Several users in one write, each on its own: one moves on, one stays, one starts.
+    assert await cache.ack_many({user: 8, other: 2, third: 0}) == {user: 8, other: 2, third: 0}
+    assert await cache.ack_many({user: 7, other: 4}) == {user: 8, other: 4}
+    assert (await cache.acked(user), await cache.acked(other), await cache.acked(third)) == (8, 4, 0)
 
 
 async def test_a_wiped_cache_has_no_checkpoint_items_or_acks(inbox_kit: InboxKit) -> None:
     cache, user = inbox_kit.cache, inbox_kit.user()
     name = inbox_kit.checkpoint_name()
     await cache.append([(user, inbox_item(1))], checkpoint_name=name, checkpoint={0: 1})
-    await cache.ack(user, 1)
+    await cache.ack_many({user: 1})
     await wipe(inbox_kit)
     assert await cache.checkpoint(name) is None
     assert await cache.bounds(user) == Bounds(0, 0)
@@ -275,7 +277,7 @@ async def test_an_unreachable_cache_is_unavailable(inbox_kit: InboxKit) -> None:
         lambda: cache.bounds(user),
         lambda: cache.recent(user, 10),
         lambda: cache.checkpoint("x"),
-        lambda: cache.ack(user, 1),
+        lambda: cache.ack_many({user: 1}),
         lambda: cache.acked(user),
     ]
     for call in calls:
