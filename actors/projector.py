@@ -108,8 +108,9 @@ class Projector:
         await self._until_ok("indexes", self.ensure_indexes)
         # One group per events topic: servers on other topics must not rebalance this one.
         self._group = f"{PROJECTIONS_GROUP}@{self._cfg.topics.events}"
-        # The broker gathers the linger's records into one fetch (the loop's _gather then
-        # finds them at once) instead of a fetch per event.
+        # The broker gathers up to a linger's records into one fetch instead of a fetch per
+        # event; the loop's _gather (which the in-memory log needs) then waits up to another
+        # linger, so the store of record trails delivery by up to two lingers.
         self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group,
                                             linger_ms=self._cfg.shards.projector_linger_ms)
         await self._consumer.start()

@@ -136,7 +136,8 @@ class ShardsConfig:
     # Deliveries batched into one shard call and one Kafka produce.
     max_batch: int = 500
     # The projector waits this long after the first record of a batch for more, so that one
-    # MongoDB write carries many events (the store of record trails delivery by this much).
+    # MongoDB write carries many events; its Kafka fetch gathers as long again, so the store of
+    # record trails delivery by up to twice this.
     projector_linger_ms: int = 250
     # The FeedShards' consumer lets events gather this long before a fetch: most events are DMs,
     # which a FeedShard only skips. A post's pushes and feed writes trail it by up to this much
