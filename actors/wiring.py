@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.feed import FeedShard
 from actors.presence import LeaseTiming, PresenceShard
@@ -54,8 +56,9 @@ def _setup_logging() -> None:
 
 # Actors restart for ever after a crash or a kill (state is rebuilt from the log and Redis), and
 # take no CPU reservation: they are I/O-bound and the machine is shared with the services.
-# SPREAD: the shards of a kind go to different nodes where there are several, so that one
-# node's loss takes as few users' shards as possible (a restart goes to any node left).
+# Placement: `create_actors` pins each actor softly to a node (`place_on_nodes`), so that the
+# shards of a kind are on different nodes where there are several and one node's loss takes as
+# few users' shards as possible; a restart after its node died goes to any node left.
 _ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1,
                                   "scheduling_strategy": "SPREAD"}
 
@@ -260,30 +263,42 @@ def consumer_actor_names(cfg: PeerNetConfig) -> list[str]:
     return [session_shard_name(i, n) for i in range(n)] + _feed_shard_names(cfg) + [PROJECTOR_NAME]
 
 
+def place_on_nodes(names: Sequence[str], nodes: Sequence[str]) -> dict[str, str]:
+    """Actor name -> node id, round robin over `nodes` in the order of `names`: with each kind's
+    shards named one after another, a kind of k shards is on min(k, len(nodes)) nodes, and no
+    node holds more than one actor above any other. Deterministic, unlike Ray's SPREAD, which
+    decides from the scheduling raylet's view of the cluster: on a busy CI machine it put six of
+    seven actors (both session shards and both feed shards) on one node of two."""
+    if not nodes:
+        return {}
+    return {name: nodes[i % len(nodes)] for i, name in enumerate(names)}
+
+
+def live_nodes() -> list[str]:
+    """The ids of the Ray nodes alive now, in a stable order."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
 def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
-    """Create (or find) every named actor of PeerNet; spread them over the nodes."""
-    n = cfg.shards.session_shards
+    """Create (or find) every named actor of PeerNet, each pinned softly to a node chosen by
+    `place_on_nodes` over the live nodes (soft: a restart after that node died goes to another).
+    An actor that exists already stays where it is."""
+    n, p, f = cfg.shards.session_shards, cfg.shards.presence_shards, cfg.shards.feed_shards
+    wanted: list[tuple[str, Any, tuple[int, ...]]] = [
+        *((session_shard_name(i, n), SessionShardActor, (i, n)) for i in range(n)),
+        *((presence_shard_name(i, p), PresenceShardActor, (i, p)) for i in range(p)),
+        *((feed_shard_name(i, f), FeedShardActor, (i, f)) for i in range(f)),
+        (PROJECTOR_NAME, ProjectorActor, ()),
+    ]
+    placement = place_on_nodes([name for name, _, _ in wanted], live_nodes())
     handles: dict[str, ActorHandle] = {}
-    for i in range(n):
-        name = session_shard_name(i, n)
-        handles[name] = SessionShardActor.options(  # type: ignore[attr-defined]
+    for name, actor_class, args in wanted:
+        node = placement.get(name)
+        strategy: Any = ("SPREAD" if node is None
+                         else NodeAffinitySchedulingStrategy(node_id=node, soft=True))
+        handles[name] = actor_class.options(
             name=name, namespace=NAMESPACE, get_if_exists=True,
-            scheduling_strategy="SPREAD").remote(i, n)
-    p = cfg.shards.presence_shards
-    for i in range(p):
-        name = presence_shard_name(i, p)
-        handles[name] = PresenceShardActor.options(  # type: ignore[attr-defined]
-            name=name, namespace=NAMESPACE, get_if_exists=True,
-            scheduling_strategy="SPREAD").remote(i, p)
-    f = cfg.shards.feed_shards
-    for i in range(f):
-        name = feed_shard_name(i, f)
-        handles[name] = FeedShardActor.options(  # type: ignore[attr-defined]
-            name=name, namespace=NAMESPACE, get_if_exists=True,
-            scheduling_strategy="SPREAD").remote(i, f)
-    handles[PROJECTOR_NAME] = ProjectorActor.options(  # type: ignore[attr-defined]
-        name=PROJECTOR_NAME, namespace=NAMESPACE, get_if_exists=True,
-        scheduling_strategy="SPREAD").remote()
+            scheduling_strategy=strategy).remote(*args)
     return handles
 
 

@@ -324,10 +324,11 @@ class GatewayNodeWatch:
             return
         await _scale_gateway(new)
         self.target.applied(new)
-        update_state(self.state_path, {"replicas": new}, tmp_suffix=".nodes.tmp")
+        # Said before the state file changes: whoever sees the new count there finds the line.
         print(f"peernet: gateway replicas {before} -> {new}: {len(carrying)} live Ray node(s) "
               f"carry {GATEWAY_RESOURCE} ({', '.join(n[:8] for n in carrying) or 'none'})",
               flush=True)
+        update_state(self.state_path, {"replicas": new}, tmp_suffix=".nodes.tmp")
         if not carrying:
             log.warning("no live Ray node carries %s: the gateway's one replica waits for one "
                         "(start a node with --resources='{\"%s\": 1}')",
