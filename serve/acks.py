@@ -19,6 +19,7 @@ import contextlib
 import logging
 
 from bus.inbox import InboxCache
+from serve import metrics
 
 log = logging.getLogger("peernet.acks")
 
@@ -81,5 +82,6 @@ class AckBuffer:
             try:
                 await self.flush()
             except Exception as exc:
+                metrics.BACKGROUND_ERRORS.labels("acks").inc()
                 log.warning("acks of %d users not written (kept for the next try): %s",
                             len(self._pending), exc)

@@ -30,6 +30,7 @@ from peernet.config import PeerNetConfig
 from peernet.envelope import Event
 from peernet.errors import CloseCode, unavailable
 from serve import metrics
+from serve.acks import AckBuffer
 from serve.connection import Connection
 from serve.hub import Hub
 from serve.presence import ReplicaPresence, Watchers
@@ -389,3 +390,20 @@ async def test_a_writer_send_that_fails_on_an_open_socket_is_counted() -> None:
     assert conn._closer is not None
     await conn._closer
     assert ws.closed == [CloseCode.GOING_AWAY]
+
+
+async def test_the_ack_buffers_failed_interval_is_counted_and_its_acks_written_later() -> None:
+    inbox = MemoryInboxCache(retention_items=100, retention_ms=60_000)
+    buffer = AckBuffer(inbox, flush_ms=20)
+    before = background_errors("acks")
+    inbox.set_down(True)
+    await buffer.add("alice", 5)
+    await buffer.start()
+    try:
+        await eventually(lambda: background_errors("acks") > before)
+        assert buffer.pending() == {"alice": 5}  # kept for the next interval
+        inbox.set_down(False)
+        await eventually(lambda: not buffer.pending())
+        assert await inbox.acked("alice") == 5
+    finally:
+        await buffer.stop()
