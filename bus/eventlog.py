@@ -119,15 +119,23 @@ class LogConsumer(Protocol):
     async def positions(self) -> dict[int, int]:
         """The offset of the next record `poll` will return, per partition."""
 
+    @property
+    def renewals(self) -> int:
+        """How many times this consumer replaced its client because its commits kept failing
+        (a group coordinator that stays lost; bus/kafka.py `RENEW_AFTER_COMMIT_FAILURES`). 0
+        for a log that never needs to."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConsumerLag:
     """How far one consumer of a group trails the log: per partition it reads now, the records
-    after its position (end offset minus the offset of the next record `poll` returns)."""
+    after its position (end offset minus the offset of the next record `poll` returns), and
+    how many times it has renewed its client (`LogConsumer.renewals`)."""
 
     group: str
     topic: str
     partitions: dict[int, int]
+    renewals: int = 0
 
 
 async def consumer_lag(consumer: LogConsumer, *, group: str, topic: str) -> ConsumerLag:
@@ -136,4 +144,5 @@ async def consumer_lag(consumer: LogConsumer, *, group: str, topic: str) -> Cons
     ends = await consumer.end_offsets()
     positions = await consumer.positions()
     return ConsumerLag(group, topic, {p: max(0, end - positions[p])
-                                      for p, end in sorted(ends.items()) if p in positions})
+                                      for p, end in sorted(ends.items()) if p in positions},
+                       consumer.renewals)

@@ -178,6 +178,7 @@ class MemoryLogConsumer:
         self._from_beginning = from_beginning
         self._positions: dict[int, int] = {}
         self._uncommitted: dict[int, int] = {}
+        self.renewals = 0  # its commits never fail: nothing to renew
         self._generation = -1
         self._next_first = 0  # rotates the partition served first, against starvation
         self._started = False

@@ -29,7 +29,8 @@ ENTRY_TTL_INTERVALS = 3
 # depths, read at a scrape from the actors (not from the replica). Merged per replica they would
 # repeat one reading N times, each as old as its replica's last /metrics scrape; the merged
 # scrape has them once, without a replica label, read by the replica that answers it.
-DEPLOYMENT_WIDE = frozenset({"peernet_kafka_consumer_lag", "peernet_shard_queue_depth"})
+DEPLOYMENT_WIDE = frozenset({"peernet_kafka_consumer_lag", "peernet_kafka_consumer_renewals",
+                             "peernet_shard_queue_depth"})
 # Rendered by the merge: how many replicas' entries it holds.
 REPLICAS_FAMILY = "peernet_cluster_replicas"
 
@@ -142,4 +143,5 @@ def merge(published: Mapping[str, bytes], deployment_wide: Iterable[Metric] = ()
 
 def deployment_wide() -> list[Metric]:
     """This replica's DEPLOYMENT_WIDE families as they stand (set by the scrape's reading)."""
-    return [*metrics.CONSUMER_LAG.collect(), *metrics.SHARD_QUEUE_DEPTH.collect()]
+    return [*metrics.CONSUMER_LAG.collect(), *metrics.CONSUMER_RENEWALS.collect(),
+            *metrics.SHARD_QUEUE_DEPTH.collect()]

@@ -115,7 +115,8 @@ class Gateway:
         """Each consumer actor's own report (its consumer lives there, not in this replica);
         actors that do not answer in time are left out of this scrape."""
         reports = await self._ask_each(consumer_actor_names(self._cfg), "lag")
-        return [ConsumerLag(r["group"], r["topic"], {int(p): int(n) for p, n in r["partitions"].items()})
+        return [ConsumerLag(r["group"], r["topic"], {int(p): int(n) for p, n in r["partitions"].items()},
+                            int(r.get("renewals", 0)))
                 for r in reports.values() if r]
 
     async def _shard_queue_depth(self) -> dict[str, int]:

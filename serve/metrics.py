@@ -53,6 +53,12 @@ BACKGROUND_ERRORS = Counter("peernet_background_errors_total",
 CONSUMER_LAG = Gauge("peernet_kafka_consumer_lag",
                      "Records after a consumer group's position, per partition (read at scrape time)",
                      ["group", "topic", "partition"], registry=REGISTRY)
+# Set at scrape time with the lag: the consumers' client renewals (a stuck group coordinator
+# survived by a new client), summed over a group's members, since each member's actor started.
+CONSUMER_RENEWALS = Gauge("peernet_kafka_consumer_renewals",
+                          "Kafka clients a consumer group's members replaced after their commits "
+                          "kept failing, since each member's actor started (read at scrape time)",
+                          ["group", "topic"], registry=REGISTRY)
 CONSUMER_LAG_ERRORS = Counter("peernet_kafka_consumer_scrape_errors_total",
                               "Scrapes whose consumer lag could not be read in time",
                               registry=REGISTRY)
@@ -92,15 +98,22 @@ def watch_gc() -> None:
 
 def set_consumer_lag(reports: Iterable[ConsumerLag]) -> None:
     """Replace the lag gauge's series with `reports` (a partition two members report during a
-    rebalance keeps the larger lag); series of consumers that no longer report go away."""
+    rebalance keeps the larger lag), and the renewals gauge's (summed per group); series of
+    consumers that no longer report go away."""
     values: dict[tuple[str, str, str], int] = {}
+    renewals: dict[tuple[str, str], int] = {}
     for report in reports:
         for partition, lag in report.partitions.items():
             key = (report.group, report.topic, str(partition))
             values[key] = max(lag, values.get(key, 0))
+        members = (report.group, report.topic)
+        renewals[members] = renewals.get(members, 0) + report.renewals
     CONSUMER_LAG.clear()
     for labels, lag in values.items():
         CONSUMER_LAG.labels(*labels).set(lag)
+    CONSUMER_RENEWALS.clear()
+    for group_topic, count in renewals.items():
+        CONSUMER_RENEWALS.labels(*group_topic).set(count)
 
 
 def set_shard_queue_depth(depths: Mapping[str, int]) -> None:

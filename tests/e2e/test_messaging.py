@@ -275,9 +275,9 @@ async def test_healthz_names_all_four_checks(peernet_server: Server) -> None:
 
 
 async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Server) -> None:
-    """/metrics (Prometheus text) carries the consumer lag of the session shards' groups and the
-    projector's, and the queue depth of every shard actor, read from the running actors, and
-    the gateway's own counters."""
+    """/metrics (Prometheus text) carries the consumer lag and client renewals of the session
+    shards' groups and the projector's, and the queue depth of every shard actor, read from the
+    running actors, and the gateway's own counters."""
     from actors.wiring import actor_names
 
     a = await connect(peernet_server, unique_user("m"))
@@ -291,6 +291,7 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
     wanted_depths = {f'shard="{name}"' for name in actor_names(peernet_server.cfg)}
     seen: set[str] = set()
     seen_depths: set[str] = set()
+    seen_renewals: set[str] = set()
     async with httpx.AsyncClient() as http:
         for _ in range(30):  # a scrape leaves out an actor that is slow to answer
             reply = await http.get(peernet_server.url + "/metrics")
@@ -299,16 +300,20 @@ async def test_metrics_exports_each_consumer_groups_kafka_lag(peernet_server: Se
                      if ln.startswith("peernet_kafka_consumer_lag{")]
             depths = [ln for ln in reply.text.splitlines()
                       if ln.startswith("peernet_shard_queue_depth{")]
-            for ln in depths:  # a count of records or calls: a non-negative integer
+            renewals = [ln for ln in reply.text.splitlines()
+                        if ln.startswith("peernet_kafka_consumer_renewals{")]
+            for ln in depths + renewals:  # counts: non-negative integers
                 value = float(ln.rsplit(" ", 1)[1])
                 assert value >= 0 and value == int(value), ln
             seen |= {w for w in wanted if any(w in ln for ln in lines)}
             seen_depths |= {w for w in wanted_depths if any(w in ln for ln in depths)}
-            if seen == wanted and seen_depths == wanted_depths:
+            seen_renewals |= {w for w in wanted if any(w in ln for ln in renewals)}
+            if seen == wanted and seen_depths == wanted_depths and seen_renewals == wanted:
                 break
             await asyncio.sleep(1)
         assert seen == wanted, reply.text[-2000:]
         assert seen_depths == wanted_depths, reply.text[-2000:]
+        assert seen_renewals == wanted, reply.text[-2000:]
         assert all(float(ln.rsplit(" ", 1)[1]) >= 0 for ln in lines)
         assert "peernet_connections" in reply.text
         # The replica's garbage collections are timed (a replica that served a connection has
@@ -355,8 +360,8 @@ async def test_metrics_cluster_has_every_replicas_series_in_one_scrape(
     assert len(types) == len(set(types)), "a family named twice"
     for family in families.values():
         labelled = {"replica" in s.labels for s in family.samples}
-        if family.name in ("peernet_kafka_consumer_lag", "peernet_shard_queue_depth",
-                           "peernet_cluster_replicas"):
+        if family.name in ("peernet_kafka_consumer_lag", "peernet_kafka_consumer_renewals",
+                           "peernet_shard_queue_depth", "peernet_cluster_replicas"):
             assert labelled <= {False}, family.name
         else:
             assert labelled <= {True}, family.name

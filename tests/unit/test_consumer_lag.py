@@ -179,3 +179,26 @@ def test_the_bench_harness_reads_the_lag_gauge_and_nothing_else() -> None:
     metrics.CONSUMER_LAG_ERRORS.inc()
     metrics.set_consumer_lag([ConsumerLag("a@e", "e", {0: 2, 1: 3}), ConsumerLag("b@e", "e", {0: 4})])
     assert parse_lag(metrics.render().decode()) == {"peernet_kafka_consumer_lag": 9.0}
+
+
+async def test_the_report_carries_the_consumers_client_renewals() -> None:
+    log = await _log_with([2])
+    consumer = log.consumer(TOPIC, group="g")
+    await consumer.start()
+    consumer.renewals = 2  # as KafkaLogConsumer counts them after commits kept failing
+    assert await consumer_lag(consumer, group="g", topic=TOPIC) == ConsumerLag("g", TOPIC, {0: 2}, 2)
+    await consumer.stop()
+
+
+def test_the_renewals_gauge_sums_a_groups_members_and_forgets_silent_groups() -> None:
+    metrics.set_consumer_lag([
+        ConsumerLag("peernet.feeds@e", "e", {0: 0}, renewals=1),
+        ConsumerLag("peernet.feeds@e", "e", {1: 0}, renewals=2),
+        ConsumerLag("peernet.projections@e", "e", {0: 0}),
+    ])
+    value = metrics.REGISTRY.get_sample_value
+    assert value("peernet_kafka_consumer_renewals", {"group": "peernet.feeds@e", "topic": "e"}) == 3
+    assert value("peernet_kafka_consumer_renewals",
+                 {"group": "peernet.projections@e", "topic": "e"}) == 0
+    metrics.set_consumer_lag([ConsumerLag("peernet.projections@e", "e", {0: 0})])
+    assert value("peernet_kafka_consumer_renewals", {"group": "peernet.feeds@e", "topic": "e"}) is None
