@@ -3,6 +3,7 @@ real PeerNet from the `peernet_url` fixture on readers that bench.feed_probe set
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def feedprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    assert go, "the Go toolchain (1.26 or newer) builds bench/go/feedprobe: see the README"
     binary = tmp_path_factory.mktemp("feedprobe") / "feedprobe"
     # -C: the probe is a module of its own, not of the repository's root.
-    build = subprocess.run(["go", "build", "-C", "bench/go/feedprobe", "-o", str(binary), "."], cwd=ROOT,
+    build = subprocess.run([go, "build", "-C", "bench/go/feedprobe", "-o", str(binary), "."], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, f"go build failed:\n{build.stdout}{build.stderr}"
     return binary
