@@ -229,3 +229,35 @@ async def test_several_celebrities_merge_into_one_order(feeds_kit: FeedsKit) -> 
             break
         cursor = page.next
     assert seen == ["b3", "a3", "b2", "a2", "b1", "a1", "b0", "a0"]
+
+
+async def test_concurrent_pages_each_get_their_own_readers_feed(feeds_kit: FeedsKit) -> None:
+    # Many readers at once (a replica under load): each gets its own reader's page, in order.
+    s = feeds_kit.store
+    readers = [f"r{i}" for i in range(40)]
+    await s.record([GraphChange(r, "w", True) for r in readers], [],
+                   [post(f"w{i}", "w", 100 + i) for i in range(len(readers) + 1)])
+    # Reader i has the posts w0 .. wi (capped to the newest CAP).
+    await s.write(FeedWrites(adds=[(r, f"w{k}", 100 + k)
+                                   for i, r in enumerate(readers) for k in range(i + 1)]))
+    pages = await asyncio.gather(*(s.page(r, 3, None) for r in readers),
+                                 *(s.page(r, 3, None) for r in reversed(readers)))
+    expected = [[f"w{k}" for k in range(i, max(-1, i - 3), -1)] for i in range(len(readers))]
+    assert [[p.id for p in page.items] for page in pages] == expected + expected[::-1]
+
+
+@pytest.mark.stack
+async def test_pages_are_read_again_after_redis_forgets_its_scripts(services: Any) -> None:
+    client = redis_client(services.redis_url)
+    store = RedisFeedStore(client, keyspace=unique("test-feeds"), cap=CAP)
+    try:
+        await store.claim_follow("reader", "w", True)
+        await store.record([], [], [post("w1", "w", 10)])
+        await store.write(FeedWrites(adds=[("reader", "w1", 10)]))
+        assert [p.id for p in (await store.page("reader", 10, None)).items] == ["w1"]
+        await client.script_flush()  # what a restarted Redis looks like to a cached script
+        pages = await asyncio.gather(*(store.page("reader", 10, None) for _ in range(5)))
+        assert [[p.id for p in page.items] for page in pages] == [["w1"]] * 5
+    finally:
+        await store.clear()
+        await store.close()
