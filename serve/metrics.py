@@ -106,14 +106,14 @@ def set_consumer_lag(reports: Iterable[ConsumerLag]) -> None:
         for partition, lag in report.partitions.items():
             key = (report.group, report.topic, str(partition))
             values[key] = max(lag, values.get(key, 0))
-        members = (report.group, report.topic)
-        renewals[members] = renewals.get(members, 0) + report.renewals
+        group = (report.group, report.topic)
+        renewals[group] = renewals.get(group, 0) + report.renewals
     CONSUMER_LAG.clear()
     for labels, lag in values.items():
         CONSUMER_LAG.labels(*labels).set(lag)
     CONSUMER_RENEWALS.clear()
-    for group_topic, count in renewals.items():
-        CONSUMER_RENEWALS.labels(*group_topic).set(count)
+    for group, count in renewals.items():
+        CONSUMER_RENEWALS.labels(*group).set(count)
 
 
 def set_shard_queue_depth(depths: Mapping[str, int]) -> None:
