@@ -223,10 +223,29 @@ ASGI_SERVER_ENV = {"FORWARDED_ALLOW_IPS": ""}
 REPLICA_ENV_DEFAULTS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
+# What Ray runs that PeerNet does not use, off; the loops it keeps, slower. Each wakes every
+# Ray process (or the Serve controller) on its own timer, so an idle stack paid for them: see
+# docs/benchmarks.md, "The idle stack". A variable already set is left as it is; on a cluster
+# started with `ray start` (cluster.yaml) the nodes export the same.
+QUIET_RAY_ENV = {
+    # No usage report to Anyscale (it would fail here anyway: no network).
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # No OpenCensus/OpenTelemetry export from every worker to its node's agent: PeerNet's own
+    # /metrics is what operators scrape.
+    "RAY_enable_metrics_collection": "0",
+    # Serve's replicas push their cached metrics every 100 ms by default, and the controller
+    # runs its control loop every 100 ms; a second is enough for both (replica health is
+    # checked on its own period, not by this loop).
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+
 def replica_env(cfg: PeerNetConfig) -> dict[str, str]:
     """The variables Serve's processes need for `cfg`: the ingress mode's, the ASGI server's, and
-    REPLICA_ENV_DEFAULTS unless set already."""
-    defaults = {k: os.environ.get(k) or v for k, v in REPLICA_ENV_DEFAULTS.items()}
+    REPLICA_ENV_DEFAULTS and QUIET_RAY_ENV unless set already."""
+    defaults = {k: os.environ.get(k) or v
+                for k, v in {**REPLICA_ENV_DEFAULTS, **QUIET_RAY_ENV}.items()}
     return {**defaults, **ingress_env(cfg), **ASGI_SERVER_ENV}
 
 

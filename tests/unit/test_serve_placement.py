@@ -176,3 +176,19 @@ async def test_a_failed_round_is_counted_and_the_next_one_tries_again(
     assert watch.errors == 2
     assert cluster.scaled == [2]
     assert watch.replicas == 2
+
+
+def test_ray_runs_quiet_unless_the_operator_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What PeerNet does not use (usage stats, Ray's metrics export) is off and Serve's loops
+    slower in every Ray process `peernet serve` starts; a value already exported wins."""
+    from peernet.config import load_config
+    from serve.deployment import QUIET_RAY_ENV, replica_env
+
+    for k in QUIET_RAY_ENV:
+        monkeypatch.delenv(k, raising=False)
+    env = replica_env(load_config())
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["RAY_enable_metrics_collection"] == "0"
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_enable_metrics_collection", "1")
+    assert replica_env(load_config())["RAY_enable_metrics_collection"] == "1"
