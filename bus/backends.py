@@ -36,10 +36,11 @@ class Backends:
                 await part.stop()
 
 
-def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
+def backends(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> Backends:
+    """Every backend on the configured services; `linger_ms` is the event log producer's."""
     s = cfg.services
     return Backends(
-        log=event_log(cfg, client_id=client_id),
+        log=event_log(cfg, client_id=client_id, linger_ms=linger_ms),
         cache=RedisCache(s.redis_url),
         pubsub=RedisPubSub(s.redis_url),
         inbox=RedisInboxCache(redis_client(s.redis_url),
@@ -52,10 +53,10 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet") -> Backends:
     )
 
 
-def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet") -> KafkaEventLog:
+def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> KafkaEventLog:
     """The event log on the configured Kafka, with its settings (TLS included)."""
     s = cfg.services
-    return KafkaEventLog(s.kafka_bootstrap, client_id=client_id,
+    return KafkaEventLog(s.kafka_bootstrap, client_id=client_id, linger_ms=linger_ms,
                          fail_fast_ms=s.kafka_fail_fast_ms,
                          commit_interval_ms=s.kafka_commit_interval_ms,
                          security=KafkaSecurity.of(s))

@@ -3,6 +3,7 @@ expiring entries, e.g. what each gateway replica publishes of its metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -21,6 +22,16 @@ class Cache(Protocol):
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
         """Set only when `key` has no value; True when this call set it (atomic across processes)."""
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None) -> None:
+        """`set` of every (key, value), in one round trip; not atomic as a whole: a failure
+        (PeerNetError unavailable) may leave some set and others not."""
+
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
+                                 ttl_s: float | None = None) -> list[bool]:
+        """`set_if_absent` of every (key, value), in one round trip: for each, in order, True
+        when this call set it. Each key is claimed atomically on its own (the batch is not a
+        transaction); a key named twice is set by its first entry only."""
 
     async def delete(self, key: str) -> None: ...
 

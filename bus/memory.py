@@ -569,6 +569,14 @@ class MemoryCache:
         self._server.data[key] = (_as_bytes(value, "value"), expires)
         return True
 
+    async def set_many(self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None) -> None:
+        for key, value in items:
+            await self.set(key, value, ttl_s=ttl_s)
+
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
+                                 ttl_s: float | None = None) -> list[bool]:
+        return [await self.set_if_absent(key, value, ttl_s=ttl_s) for key, value in items]
+
     async def delete(self, key: str) -> None:
         self._live(key)
         self._server.data.pop(key, None)

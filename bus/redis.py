@@ -233,6 +233,31 @@ class RedisCache:
         except _WIRE_ERRORS as exc:
             raise _unavailable("set_if_absent", exc) from exc
 
+    async def set_many(self, items: Sequence[tuple[str, bytes]], *, ttl_s: float | None = None) -> None:
+        if not items:
+            return
+        px = _px(ttl_s)
+        try:
+            async with self._c().pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, px=px)
+                await pipe.execute()
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("set_many", exc) from exc
+
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
+                                 ttl_s: float | None = None) -> list[bool]:
+        if not items:
+            return []
+        px = _px(ttl_s)
+        try:
+            async with self._c().pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, px=px, nx=True)
+                return [bool(r) for r in await pipe.execute()]
+        except _WIRE_ERRORS as exc:
+            raise _unavailable("set_many_if_absent", exc) from exc
+
     async def delete(self, key: str) -> None:
         try:
             await self._c().delete(key)

@@ -120,6 +120,10 @@ class GatewayConfig:
     token_ttl_s: int = 24 * 3600
     dev_tokens: bool = False
     cid_ttl_s: int = 24 * 3600
+    # How long the gateway's Kafka producer waits for more records before it sends a produce
+    # request (aiokafka's linger_ms): the DMs of one such window go to the broker as one request
+    # instead of one each. It adds at most this much to a DM's `ok` (docs/architecture.md).
+    kafka_linger_ms: int = 2
     # Users one connection may watch at once (presence); watching more is bad_request.
     max_watch: int = 1_000
 
@@ -232,6 +236,10 @@ GATEWAY_RESOURCE = "peernet_gateway"
 GATEWAY_PLACEMENTS = ("spread", "every_node")
 
 
+# The longest producer linger the gateway takes (PEERNET_GATEWAY_LINGER_MS), in ms.
+MAX_GATEWAY_LINGER_MS = 50
+
+
 # Environment variable -> (section, field). The one table of every PEERNET_* variable.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_KAFKA_BOOTSTRAP": ("services", "kafka_bootstrap"),
@@ -285,6 +293,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_TOKEN_TTL_S": ("gateway", "token_ttl_s"),
     "PEERNET_DEV_TOKENS": ("gateway", "dev_tokens"),
     "PEERNET_CID_TTL_S": ("gateway", "cid_ttl_s"),
+    "PEERNET_GATEWAY_LINGER_MS": ("gateway", "kafka_linger_ms"),
     "PEERNET_MAX_WATCH": ("gateway", "max_watch"),
     "PEERNET_SESSION_SHARDS": ("shards", "session_shards"),
     "PEERNET_FEED_SHARDS": ("shards", "feed_shards"),
@@ -370,6 +379,10 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
         # client's request timeout (5 s), or every quiet fetch would time out.
         if not 0 <= linger <= MAX_LINGER_MS:
             raise ConfigError(f"{var}={linger} is not between 0 and {MAX_LINGER_MS}")
+    if not 0 <= cfg.gateway.kafka_linger_ms <= MAX_GATEWAY_LINGER_MS:
+        # Every DM's `ok` waits up to the linger: a long one would only add latency.
+        raise ConfigError(f"PEERNET_GATEWAY_LINGER_MS={cfg.gateway.kafka_linger_ms} is not between 0 "
+                          f"and {MAX_GATEWAY_LINGER_MS}")
     if cfg.gateway.placement not in GATEWAY_PLACEMENTS:
         raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT={cfg.gateway.placement!r} is not one of "
                           f"{', '.join(GATEWAY_PLACEMENTS)}")

@@ -74,7 +74,7 @@ class Gateway:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (tests)
             replica = f"pid{os.getpid()}"
-        b = backends(cfg, client_id=f"peernet-gateway-{replica}")
+        b = backends(cfg, client_id=f"peernet-gateway-{replica}", linger_ms=cfg.gateway.kafka_linger_ms)
         deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
                            store=b.store, feeds=b.feeds, presence=b.presence,
                            presence_shards=PresenceShardClient(cfg),

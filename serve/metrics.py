@@ -34,6 +34,10 @@ DELIVERY_LATENCY = Histogram(
 APPEND_LATENCY = Histogram(
     "peernet_log_append_seconds", "Durable appends to the event log (acks=all)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5), registry=REGISTRY)
+BATCH_SIZE = Histogram(
+    "peernet_gateway_batch_size",
+    "Requests of one event-loop turn sent to a backend together, by what they do (TurnBatch)",
+    ["batch"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
 PRESENCE_PUSH_LATENCY = Histogram(
     "peernet_presence_push_latency_seconds",
     "From a presence change at its shard to its arrival at a watching replica",

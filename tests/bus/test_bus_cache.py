@@ -55,6 +55,27 @@ async def test_set_if_absent_is_atomic_across_clients(cache_kit: CacheKit) -> No
     assert await b.set_if_absent(key, b"late") is False
 
 
+async def test_batched_claims_and_sets_behave_as_one_call_each(cache_kit: CacheKit) -> None:
+    a, b = await cache_kit.make(), await cache_kit.make()
+    p = cache_kit.prefix
+    await a.set(f"{p}:taken", b"first", ttl_s=30)
+    got = await b.set_many_if_absent(
+        [(f"{p}:new1", b"1"), (f"{p}:taken", b"x"), (f"{p}:new2", b"2"), (f"{p}:new1", b"again")],
+        ttl_s=30)
+    assert got == [True, False, True, False]
+    assert [await a.get(f"{p}:{k}") for k in ("new1", "taken", "new2")] == [b"1", b"first", b"2"]
+    # Claimed across clients: every key once, whichever batch got there first.
+    keys = [f"{p}:race{i}" for i in range(20)]
+    first, second = await asyncio.gather(a.set_many_if_absent([(k, b"a") for k in keys], ttl_s=30),
+                                         b.set_many_if_absent([(k, b"b") for k in keys], ttl_s=30))
+    assert all(x != y for x, y in zip(first, second, strict=True))
+    await a.set_many([(f"{p}:new1", b"done"), (f"{p}:taken", b"over")], ttl_s=0.2)
+    assert await b.get(f"{p}:new1") == b"done" and await b.get(f"{p}:taken") == b"over"
+    await asyncio.sleep(0.35)
+    assert await b.get(f"{p}:new1") is None  # the batch's ttl applies to each key
+    assert await a.set_many_if_absent([]) == [] and await a.set_many([]) is None
+
+
 async def test_set_if_absent_after_expiry(cache_kit: CacheKit) -> None:
     cache = await cache_kit.make()
     key = f"{cache_kit.prefix}:lease"

@@ -130,3 +130,12 @@ def test_a_consumer_linger_beyond_the_fetch_timeout_is_refused(var: str) -> None
         load_config({var: "5000"})
     with pytest.raises(ConfigError, match=var):
         load_config({var: "-1"})
+
+
+def test_the_gateway_producer_linger_is_bounded() -> None:
+    assert load_config().gateway.kafka_linger_ms == 2
+    assert load_config({"PEERNET_GATEWAY_LINGER_MS": "0"}).gateway.kafka_linger_ms == 0
+    assert load_config({"PEERNET_GATEWAY_LINGER_MS": "50"}).gateway.kafka_linger_ms == 50
+    for bad in ("51", "-1"):
+        with pytest.raises(ConfigError, match="PEERNET_GATEWAY_LINGER_MS"):
+            load_config({"PEERNET_GATEWAY_LINGER_MS": bad})

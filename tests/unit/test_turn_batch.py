@@ -1,0 +1,107 @@
+"""TurnBatch: the calls of one event-loop turn go to the backend as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.batching import TurnBatch
+
+
+class Backend:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[list[int]] = []
+        self.fail = fail
+
+    async def run(self, items: list[int]) -> list[int]:
+        self.calls.append(items)
+        await asyncio.sleep(0)
+        if self.fail:
+            raise RuntimeError("backend away")
+        return [i * 10 for i in items]
+
+
+async def test_the_calls_of_one_turn_are_one_batch_and_each_gets_its_answer() -> None:
+    backend = Backend()
+    batch: TurnBatch[int, int] = TurnBatch("t", backend.run)
+    answers = await asyncio.gather(*(batch.submit(i) for i in range(5)))
+    assert answers == [0, 10, 20, 30, 40]
+    assert backend.calls == [[0, 1, 2, 3, 4]]
+    # Calls of later turns are batches of their own.
+    assert await batch.submit(7) == 70
+    assert backend.calls[-1] == [7]
+
+
+async def test_tasks_woken_in_one_turn_share_a_batch() -> None:
+    backend = Backend()
+    batch: TurnBatch[int, int] = TurnBatch("t", backend.run)
+    go = asyncio.Event()
+
+    async def request(i: int) -> int:
+        await go.wait()  # like connections whose sockets were read in one epoll wake-up
+        return await batch.submit(i)
+
+    tasks = [asyncio.create_task(request(i)) for i in range(4)]
+    await asyncio.sleep(0)
+    go.set()
+    assert await asyncio.gather(*tasks) == [0, 10, 20, 30]
+    assert backend.calls == [[0, 1, 2, 3]]
+
+
+async def test_a_full_turn_is_split_at_max_size() -> None:
+    backend = Backend()
+    batch: TurnBatch[int, int] = TurnBatch("t", backend.run, max_size=3)
+    assert await asyncio.gather(*(batch.submit(i) for i in range(7))) == [i * 10 for i in range(7)]
+    assert backend.calls == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+async def test_a_failed_batch_fails_every_caller_and_a_cancelled_one_is_skipped() -> None:
+    backend = Backend(fail=True)
+    batch: TurnBatch[int, int] = TurnBatch("t", backend.run)
+    first, second = batch.submit(1), batch.submit(2)
+    second.cancel()
+    with pytest.raises(RuntimeError, match="backend away"):
+        await first
+    assert second.cancelled()
+    assert backend.calls == [[1, 2]]  # the cancelled caller's item still ran
+
+
+async def test_drain_waits_for_what_was_submitted() -> None:
+    backend = Backend()
+    batch: TurnBatch[int, int] = TurnBatch("t", backend.run)
+    fut = batch.submit(3)
+    await batch.drain()
+    assert fut.done() and fut.result() == 30
+
+
+async def test_a_turns_dms_with_cids_claim_and_mark_in_one_call_each() -> None:
+    from bus.memory import MemoryCache, MemoryEventLog
+    from bus.topics import peernet_topics
+    from peernet.config import load_config
+    from serve.messaging import Messenger
+
+    class Counting(MemoryCache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        async def set_many_if_absent(self, items, *, ttl_s=None):  # type: ignore[no-untyped-def]
+            self.calls.append(f"claim {len(items)}")
+            return await super().set_many_if_absent(items, ttl_s=ttl_s)
+
+        async def set_many(self, items, *, ttl_s=None):  # type: ignore[no-untyped-def]
+            self.calls.append(f"mark {len(items)}")
+            await super().set_many(items, ttl_s=ttl_s)
+
+    cache = Counting()
+    log = MemoryEventLog()
+    await log.start()
+    await log.ensure_topics(peernet_topics(load_config()))
+    messenger = Messenger(load_config(), log, cache)
+    sent = await asyncio.gather(*(messenger.send_dm(f"u{i}", "bob", "hi", f"c{i}") for i in range(6)))
+    assert cache.calls == ["claim 6", "mark 6"]
+    # The same cid again: the same message, not a second one.
+    again = await messenger.send_dm("u3", "bob", "hi", "c3")
+    assert again == sent[3]
+    assert len(log.records(load_config().topics.events)) == 6
