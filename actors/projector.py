@@ -1,9 +1,12 @@
 """Projections: the store of record (MongoDB) written from the event log by a consumer group:
 users, follows, posts, likes, notes and messages.
 
-Writes are upserts keyed by event id, so a replayed record changes nothing; offsets are committed
-only after the write. When MongoDB is slow or down, the projector waits and retries while
-delivery, which does not depend on it, goes on; it catches up from the log afterwards.
+Documents that never change once written (users, posts, notes, messages) are inserted, keyed by
+event id or user id, and one whose `_id` exists is left as it is; follows and likes, which an
+unfollow or unlike deletes, are upserts and deletions by natural key. Either way a replayed record
+changes nothing; offsets are committed only after the write. When MongoDB is slow or down, the
+projector waits and retries while delivery, which does not depend on it, goes on; it catches up
+from the log afterwards.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
@@ -26,6 +30,16 @@ PROJECTIONS_GROUP = "peernet.projections"
 
 # The collections of the store of record, each written only here (and by `peernet replay`).
 PROJECTIONS = ("users", "follows", "posts", "likes", "notes", "messages")
+
+# Those whose documents are made from one event alone and never change or go: written with
+# DocumentStore.insert_new, which costs SecantusDB a fraction of an upsert. A document that may
+# change (a follow's ts on a re-follow) or go (unfollow, unlike) must not be listed here.
+INSERTED = frozenset({"users", "posts", "notes", "messages"})
+
+# User ids the projector remembers having written, the most recently seen ones. Bounded because
+# the projector lives as long as the server and its users are not; forgetting one costs an insert
+# whose duplicate the server drops, remembering 50,000 a few MB.
+REMEMBERED_USERS = 50_000
 
 # An index for each query made of them: history pages of a conversation; a user's followers
 # and followees; an author's posts; a post's likes and a user's likes; a user's notes.
@@ -42,31 +56,37 @@ PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
 
 def project(event: Event, offset: int, writes: dict[str, dict[str, Document | None]]) -> None:
     """What one event does to the projections: documents keyed by event id or by a natural key
-    (follower:followee, post:user), so that applying an event twice changes nothing."""
+    (follower:followee, post:user), so that applying an event twice changes nothing.
+
+    Within a batch the last event for a follow or like wins (the log's order); for the INSERTED
+    collections the first does, as insert_new keeps the first across batches: a record the log
+    holds twice (a producer's retry, at another offset) keeps its first `pos` however the records
+    were batched."""
     d, actor = event.data, event.actor
     users = writes["users"]
-    users[actor] = {"_id": actor}
+    users.setdefault(actor, {"_id": actor})
     if event.type == "dm":
-        users[d["to"]] = {"_id": d["to"]}
+        users.setdefault(d["to"], {"_id": d["to"]})
         # `pos`, the record's offset in the conversation's partition, is the one order every
         # participant saw; history pages by it.
-        writes["messages"][event.id] = {"_id": event.id, "conv": d["conv"], "from": actor,
-                                        "to": d["to"], "body": d["body"], "ts": event.ts,
-                                        "pos": offset}
+        writes["messages"].setdefault(event.id, {
+            "_id": event.id, "conv": d["conv"], "from": actor, "to": d["to"], "body": d["body"],
+            "ts": event.ts, "pos": offset})
     elif event.type in ("follow", "unfollow"):
         target = str(d["user"])
-        users[target] = {"_id": target}
+        users.setdefault(target, {"_id": target})
         key = f"{actor}:{target}"
         if event.type == "follow":
             writes["follows"][key] = {"_id": key, "follower": actor, "followee": target,
                                       "ts": event.ts}
-            writes["notes"][event.id] = {"_id": event.id, "user": target, "kind": "follow",
-                                         "from": actor, "ts": event.ts}
+            writes["notes"].setdefault(event.id, {"_id": event.id, "user": target,
+                                                  "kind": "follow", "from": actor,
+                                                  "ts": event.ts})
         else:
             writes["follows"][key] = None
     elif event.type == "post":
-        writes["posts"][event.id] = {"_id": event.id, "author": actor, "body": str(d["body"]),
-                                     "ts": event.ts}
+        writes["posts"].setdefault(event.id, {"_id": event.id, "author": actor,
+                                              "body": str(d["body"]), "ts": event.ts})
     elif event.type in ("like", "unlike"):
         post = str(d["post"])
         key = f"{post}:{actor}"
@@ -74,10 +94,40 @@ def project(event: Event, offset: int, writes: dict[str, dict[str, Document | No
             writes["likes"][key] = {"_id": key, "post": post, "user": actor, "ts": event.ts}
             author = d.get("author")
             if isinstance(author, str) and author != actor:
-                writes["notes"][event.id] = {"_id": event.id, "user": author, "kind": "like",
-                                             "from": actor, "ts": event.ts, "post": post}
+                writes["notes"].setdefault(event.id, {"_id": event.id, "user": author,
+                                                      "kind": "like", "from": actor,
+                                                      "ts": event.ts, "post": post})
         else:
             writes["likes"][key] = None
+
+
+class WrittenUsers:
+    """The user ids known to be in the users collection, at most `capacity` of them: those most
+    recently seen are kept, the others forgotten (and written again, harmlessly, if they come
+    back)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must not be negative")
+        self._capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def seen(self, user: str) -> bool:
+        """Whether `user` is known to be written; a known one becomes the most recent."""
+        if user not in self._ids:
+            return False
+        self._ids.move_to_end(user)
+        return True
+
+    def add(self, users: Iterable[str]) -> None:
+        for user in users:
+            self._ids[user] = None
+            self._ids.move_to_end(user)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
 
 
 @dataclass
@@ -93,7 +143,8 @@ class ProjectorStats:
 class Projector:
     """Reads the events topic and keeps the MongoDB collections of the store of record."""
 
-    def __init__(self, cfg: PeerNetConfig, log_: EventLog, store: DocumentStore) -> None:
+    def __init__(self, cfg: PeerNetConfig, log_: EventLog, store: DocumentStore, *,
+                 remembered_users: int = REMEMBERED_USERS) -> None:
         self._cfg = cfg
         self._log = log_
         self._store = store
@@ -102,6 +153,9 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._queued = 0  # records the loop holds, gathered or being written (queue_depth)
+        # Every event names one or two users, nearly always known ones: they are written once
+        # per projector's life instead of once per event (three documents a DM otherwise).
+        self._users = WrittenUsers(remembered_users)
         self.stats = ProjectorStats()
 
     async def start(self) -> None:
@@ -187,7 +241,8 @@ class Projector:
 
     async def apply(self, records: Sequence[Record]) -> None:
         # _id -> document, or None for a deletion, per collection: within a batch the last
-        # event for an _id wins, which is the log's order (a pair's events share a partition).
+        # event for a follow or like wins, which is the log's order (a pair's events share a
+        # partition), so a follow then an unfollow in one batch ends deleted (see `project`).
         writes: dict[str, dict[str, Document | None]] = {c: {} for c in PROJECTIONS}
         self.stats.batches += 1
         for record in records:
@@ -201,7 +256,18 @@ class Projector:
                 project(event, record.offset, writes)
             except (KeyError, TypeError, ValueError) as exc:
                 self._count_error(f"malformed {event.type} event {event.id}", exc)
+        # Users already written are left out; the rest are inserted like any other document.
+        writes["users"] = {u: d for u, d in writes["users"].items() if not self._users.seen(u)}
         for collection, docs in writes.items():
+            if collection in INSERTED:
+                inserts = [d for d in docs.values() if d is not None]
+                if inserts:
+                    await self._store.insert_new(collection, inserts)
+                if collection == "users":
+                    # Only once written: a batch retried after a failure writes them again.
+                    self._users.add(docs)
+                self.stats.written += len(inserts)
+                continue
             upserts = [d for d in docs.values() if d is not None]
             deletes = [i for i, d in docs.items() if d is None]
             if upserts:
@@ -220,7 +286,7 @@ class Projector:
                 raise
             except Exception as exc:
                 # PeerNetError is a backend away; anything else is a bug. Either way the batch is
-                # retried (writes are idempotent upserts), counted and logged.
+                # retried (every write is idempotent), counted and logged.
                 if self._stopping:
                     raise
                 self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))

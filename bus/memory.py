@@ -852,6 +852,24 @@ class MemoryDocumentStore:
             self._check_unique(coll, collection, decoded, key)
             coll.docs[key] = raw
 
+    async def insert_new(self, collection: str, docs: Sequence[Document]) -> None:
+        coll = self._coll(collection)
+        if any("_id" not in doc for doc in docs):
+            raise ValueError("insert_new needs an _id in every document")
+        refused: list[str] = []
+        for doc in docs:  # unordered: a refused document does not stop the rest
+            key, raw, decoded = self._encode(doc)
+            if key in coll.docs:
+                continue
+            try:
+                self._check_unique(coll, collection, decoded, key)
+            except DuplicateKeyError as exc:
+                refused.append(str(exc))
+                continue
+            coll.docs[key] = raw
+        if refused:
+            raise DuplicateKeyError("; ".join(refused))
+
     async def find(self, collection: str, query: Mapping[str, Any], *,
                    sort: Sequence[tuple[str, int]] = (), limit: int = 0) -> list[Document]:
         coll = self._coll(collection)

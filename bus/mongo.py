@@ -26,6 +26,18 @@ def _unavailable(what: str, exc: BaseException) -> PeerNetError:
     return unavailable(f"mongo: {what}: {type(exc).__name__}: {str(exc)[:300]}")
 
 
+def _is_duplicate_id(error: Mapping[str, Any]) -> bool:
+    """Whether one of a bulk write's writeErrors is a duplicate `_id` (not another unique
+    index). Servers since MongoDB 4.4, SecantusDB among them, name the index in keyPattern;
+    older ones only in the message."""
+    if error.get("code") != _DUPLICATE_KEY:
+        return False
+    pattern = error.get("keyPattern")
+    if pattern is not None:
+        return list(pattern) == ["_id"]
+    return " index: _id_ " in str(error.get("errmsg", ""))
+
+
 def _is_duplicate(exc: pymongo.errors.PyMongoError) -> bool:
     if isinstance(exc, pymongo.errors.DuplicateKeyError):
         return True
@@ -138,6 +150,31 @@ class MongoDocumentStore:
             raise
         except _WIRE_ERRORS as exc:
             raise _unavailable(f"upsert into {collection}", exc) from exc
+
+    async def insert_new(self, collection: str, docs: Sequence[Document]) -> None:
+        """Unordered insert_many whose duplicate-`_id` errors are dropped: the server writes
+        every other document of the batch, and an existing document is not touched."""
+        if not docs:
+            return
+        if any("_id" not in doc for doc in docs):
+            raise ValueError("insert_new needs an _id in every document")
+        try:
+            # Copies: the driver would write into the caller's dicts.
+            await self._coll(collection).insert_many([dict(doc) for doc in docs], ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            details = exc.details
+            if details.get("writeConcernErrors"):
+                raise _unavailable(f"insert into {collection}", exc) from exc
+            others = [e for e in details.get("writeErrors", ()) if not _is_duplicate_id(e)]
+            if not others:
+                return
+            if all(e.get("code") == _DUPLICATE_KEY for e in others):
+                raise DuplicateKeyError(f"{collection}: {others}") from exc
+            # Any other refusal (a document too large, say) is a failed write like an outage to
+            # callers, which retry it and count the error, rather than a driver type leaking.
+            raise _unavailable(f"insert into {collection}", exc) from exc
+        except _WIRE_ERRORS as exc:
+            raise _unavailable(f"insert into {collection}", exc) from exc
 
     async def find(self, collection: str, query: Mapping[str, Any], *,
                    sort: Sequence[tuple[str, int]] = (), limit: int = 0) -> list[Document]:

@@ -94,6 +94,45 @@ async def test_upsert_many_is_idempotent(store_kit: StoreKit) -> None:
         await store.upsert_many("feed", [{"seq": 9}])
 
 
+async def test_insert_new_twice_changes_nothing_and_raises_nothing(store_kit: StoreKit) -> None:
+    """(done when) a document whose `_id` exists is left as it is, without an error."""
+    store = await store_kit.make()
+    docs = [{"_id": f"m{i}", "seq": i, "body": f"b{i}"} for i in range(5)]
+    await store.insert_new("messages", docs)
+    await store.insert_new("messages", docs)  # the same log records applied twice
+    await store.insert_new("messages", [])
+    assert await store.find("messages", {}, sort=[("seq", 1)]) == docs
+    # a later document with an existing _id does not replace the first
+    await store.insert_new("messages", [{"_id": "m1", "seq": 1, "body": "changed"}])
+    assert await store.find("messages", {"_id": "m1"}) == [docs[1]]
+    with pytest.raises(ValueError):
+        await store.insert_new("messages", [{"seq": 9}])
+
+
+async def test_insert_new_writes_the_new_documents_of_a_mixed_batch(store_kit: StoreKit) -> None:
+    """(done when) a batch that mixes new and existing ids inserts the new ones, including those
+    after an existing one (unordered)."""
+    store = await store_kit.make()
+    await store.insert_new("users", [{"_id": "b"}, {"_id": "d", "v": 1}])
+    await store.insert_new("users", [{"_id": "a"}, {"_id": "b", "v": 2}, {"_id": "c"},
+                                     {"_id": "d", "v": 2}, {"_id": "e"}])
+    assert await store.find("users", {}, sort=[("_id", 1)]) == [
+        {"_id": "a"}, {"_id": "b"}, {"_id": "c"}, {"_id": "d", "v": 1}, {"_id": "e"}]
+
+
+async def test_insert_new_refuses_a_duplicate_on_another_unique_index(
+        store_kit: StoreKit) -> None:
+    """Only an existing `_id` is passed over: a unique index on another key still raises, once
+    the rest of the batch is written."""
+    store = await store_kit.make()
+    await store.ensure_index("handles", [("handle", 1)], unique=True)
+    await store.insert_new("handles", [{"_id": "u1", "handle": "ada"}])
+    with pytest.raises(DuplicateKeyError):
+        await store.insert_new("handles", [{"_id": "u2", "handle": "ada"},
+                                           {"_id": "u3", "handle": "grace"}])
+    assert [d["_id"] for d in await store.find("handles", {}, sort=[("_id", 1)])] == ["u1", "u3"]
+
+
 async def test_find_queries_sort_limit_and_delete(store_kit: StoreKit) -> None:
     store = await store_kit.make()
     await store.upsert_many("msgs", [
@@ -133,7 +172,8 @@ async def test_unreachable_store_is_unavailable(store_kit: StoreKit) -> None:
     try:
         t0 = time.monotonic()
         for call in (store.ping(), store.insert("c", {"x": 1}), store.find("c", {}),
-                     store.upsert_many("c", [{"_id": 1}]), store.delete_many("c", {})):
+                     store.upsert_many("c", [{"_id": 1}]), store.insert_new("c", [{"_id": 1}]),
+                     store.delete_many("c", {})):
             with pytest.raises(PeerNetError) as caught:
                 await call
             assert caught.value.code is ErrorCode.UNAVAILABLE and caught.value.retriable

@@ -223,7 +223,7 @@ async def test_a_projector_whose_poll_and_write_raise_counts_both_and_writes_the
         assert projector._consumer is not None
         fail_next(projector._consumer, "poll", Bug("poll broke"))
         await eventually(lambda: projector.stats.errors == 1)
-        fail_next(store, "upsert_many", Bug("upsert broke"))
+        fail_next(store, "insert_new", Bug("insert broke"))
         event = await post(cfg, log, "alice", "hello")
         await eventually(lambda: projector.stats.written > 0)
         assert projector.stats.errors == 2 and projector.stats.last_error.startswith("write")

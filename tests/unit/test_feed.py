@@ -439,6 +439,11 @@ class GatedDocumentStore(MemoryDocumentStore):
         await self.gate.wait()
         await super().upsert_many(collection, docs)
 
+    async def insert_new(self, collection: str, docs: Sequence[Document]) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await super().insert_new(collection, docs)
+
 
 async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
         cfg: PeerNetConfig, log: MemoryEventLog) -> None:
