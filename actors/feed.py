@@ -17,21 +17,19 @@ A crash anywhere replays the batch, and replaying changes nothing: every write i
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from actors.consuming import ConsumerLoop, group_name
 from actors.session import user_channel
-from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
+from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.feeds import FeedFanout, FeedWrites, GraphChange, LikeChange, Lookup, Post
 from peernet.codec import pack
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
-from peernet.errors import PeerNetError
 
 log = logging.getLogger("peernet.feed")
 
@@ -45,7 +43,7 @@ def feeds_group(cfg: PeerNetConfig) -> str:
     """The FeedShards' one consumer group. Named after the events topic too: deployments and
     test runs on other topics of one Kafka must not share a group (they would rebalance
     together)."""
-    return f"{FEEDS_GROUP}@{cfg.topics.events}"
+    return group_name(FEEDS_GROUP, cfg.topics.events)
 
 
 def feed_frame(post: Post) -> dict[str, object]:
@@ -142,65 +140,36 @@ class FeedShard:
         self._feeds = feeds
         self._push = push
         self._threshold = cfg.feeds.celebrity_threshold
-        self._consumer: LogConsumer | None = None
-        self._group: str | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop: ConsumerLoop | None = None
         self._stopping = False
-        self._queued = 0  # records of the batch the loop holds (queue_depth)
         self.stats = FeedStats()
 
     async def start(self) -> None:
-        self._group = feeds_group(self._cfg)
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group,
-                                            linger_ms=self._cfg.shards.feed_linger_ms)
-        await self._retry("start consumer", self._consumer.start)
-        self._task = asyncio.create_task(self._run(), name=f"feed-shard-{self.index}")
+        # The event log only: DMs have a log of their own, so a FeedShard never fetches one.
+        self._loop = ConsumerLoop(
+            self._log, [self._cfg.topics.events], FEEDS_GROUP, self.process,
+            name=f"feed-shard-{self.index}", on_error=self._count_error,
+            max_records=self._cfg.shards.max_batch, linger_ms=self._cfg.shards.feed_linger_ms,
+            step="process")
+        await self._loop.start()
         self.stats.started = True
         log.info("feed shard %d/%d started", self.index, self.count)
 
-    async def lag(self) -> ConsumerLag | None:
-        """How far this shard's consumer trails the events topic (None before `start`)."""
-        if self._consumer is None or self._group is None:
-            return None
-        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+    async def lag(self) -> list[ConsumerLag]:
+        """How far this shard's consumer trails the events topic (empty before `start`)."""
+        return await self._loop.lag() if self._loop is not None else []
 
     def queue_depth(self) -> int:
         """Records fetched from the events topic and not yet handled: the batch the consumer
         loop holds, from its poll until the batch's feed writes are done. A batch is handled as
         one (one pipeline, retried whole while the feed store is away), so every record of it
         counts until then, social or not."""
-        return self._queued
+        return self._loop.queue_depth() if self._loop is not None else 0
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
-        while not self._stopping:
-            try:
-                records = await consumer.poll(max_records=self._cfg.shards.max_batch,
-                                              timeout_ms=200)
-            except Exception as exc:
-                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(0.5)
-                continue
-            if not records:
-                continue
-            self._queued = len(records)
-            try:
-                await self._retry("process", functools.partial(self.process, records))
-            finally:
-                self._queued = 0
-            await self._retry("commit", consumer.commit)
+        if self._loop is not None:
+            await self._loop.stop()
 
     async def process(self, records: Sequence[Record]) -> int:
         """Apply the social events of `records`; returns how many there were."""
@@ -241,23 +210,7 @@ class FeedShard:
         s.busy_s += time.perf_counter() - started
         return len(events)
 
-    async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.05
-        while True:
-            try:
-                return await action()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # PeerNetError is a backend away; anything else is a bug. Either way the batch
-                # is retried (never skipped), and the failure is counted and logged.
-                if self._stopping:
-                    raise
-                self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _count_error(self, what: str, exc: BaseException, *, trace: bool = False) -> None:
+    def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{what}: {exc}"[:300]
         log.warning("feed shard %d: %s failed: %s", self.index, what, exc, exc_info=trace)

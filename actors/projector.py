@@ -12,13 +12,13 @@ from the log afterwards.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
+from actors.consuming import ConsumerLoop
+from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.store import Document, DocumentStore
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
@@ -148,11 +148,8 @@ class Projector:
         self._cfg = cfg
         self._log = log_
         self._store = store
-        self._consumer: LogConsumer | None = None
-        self._group: str | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop: ConsumerLoop | None = None
         self._stopping = False
-        self._queued = 0  # records the loop holds, gathered or being written (queue_depth)
         # Every event names one or two users, nearly always known ones: they are written once
         # per projector's life instead of once per event (three documents a DM otherwise).
         self._users = WrittenUsers(remembered_users)
@@ -160,84 +157,37 @@ class Projector:
 
     async def start(self) -> None:
         await self._until_ok("indexes", self.ensure_indexes)
-        # One group per events topic: servers on other topics must not rebalance this one.
-        self._group = f"{PROJECTIONS_GROUP}@{self._cfg.topics.events}"
         # The broker gathers up to a linger's records into one fetch instead of a fetch per
-        # event; the loop's _gather (which the in-memory log needs) then waits up to another
-        # linger, so the store of record trails delivery by up to two lingers.
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group,
-                                            linger_ms=self._cfg.shards.projector_linger_ms)
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="projector")
+        # event; the loop then gathers for up to another linger (which the in-memory log needs),
+        # so the store of record trails delivery by up to two lingers. Both logs: the social
+        # events and the conversations' messages.
+        linger = self._cfg.shards.projector_linger_ms
+        self._loop = ConsumerLoop(
+            self._log, list(dict.fromkeys([self._cfg.topics.events, self._cfg.topics.messages])),
+            PROJECTIONS_GROUP, self.apply, name="projector", on_error=self._count_error,
+            max_records=self._cfg.shards.max_batch, linger_ms=linger, gather_ms=linger, step="write")
+        await self._loop.start()
         self.stats.started = True
 
-    async def lag(self) -> ConsumerLag | None:
-        """How far this projector's consumer trails the events topic (None before `start`)."""
-        if self._consumer is None or self._group is None:
-            return None
-        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+    async def lag(self) -> list[ConsumerLag]:
+        """How far this projector's consumers trail the logs (empty before `start`)."""
+        return await self._loop.lag() if self._loop is not None else []
 
     def queue_depth(self) -> int:
-        """Records fetched from the events topic and not yet handled: those the loop holds,
-        from their poll (the linger gathers more) until the batch's writes to the store are
-        done. A batch is written as one and retried whole while the store is away, so every
-        record of it counts until then."""
-        return self._queued
+        """Records fetched and not yet handled: those the loop holds, from their poll (the
+        linger gathers more) until the batch's writes to the store are done. A batch is written
+        as one and retried whole while the store is away, so every record of it counts until
+        then."""
+        return self._loop.queue_depth() if self._loop is not None else 0
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._loop is not None:
+            await self._loop.stop()
 
     async def ensure_indexes(self) -> None:
         for collection, keys in PROJECTION_INDEXES:
             await self._store.ensure_index(collection, keys)
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while not self._stopping:
-            try:
-                records = await self._consumer.poll(max_records=500, timeout_ms=500)
-            except Exception as exc:
-                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(0.5)
-                continue
-            if not records:
-                continue
-            self._queued = len(records)
-            try:
-                records = await self._gather(records)
-                await self._until_ok("write", functools.partial(self.apply, records))
-            finally:
-                self._queued = 0
-            await self._until_ok("commit", self._consumer.commit)
-
-    async def _gather(self, records: list[Record]) -> list[Record]:
-        """More records, for up to the linger after the first: MongoDB is written behind
-        delivery, and a write per batch instead of per event costs it (and the commits) far
-        less at low rates (docs/benchmarks.md, "Where the CPU goes per DM")."""
-        assert self._consumer is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._cfg.shards.projector_linger_ms / 1000
-        limit = self._cfg.shards.max_batch
-        while len(records) < limit:
-            left_ms = int((deadline - loop.time()) * 1000)
-            if left_ms <= 0:
-                break
-            try:
-                records.extend(await self._consumer.poll(max_records=limit - len(records),
-                                                         timeout_ms=left_ms))
-                self._queued = len(records)
-            except Exception as exc:  # write what we have; the loop's next poll retries
-                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
-                break
-        return records
 
     async def apply(self, records: Sequence[Record]) -> None:
         # _id -> document, or None for a deletion, per collection: within a batch the last
@@ -293,7 +243,7 @@ class Projector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _count_error(self, what: str, exc: BaseException, *, trace: bool = False) -> None:
+    def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{what}: {exc}"
         log.warning("projector: %s failed: %s", what, exc, exc_info=exc if trace else None)

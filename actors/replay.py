@@ -66,7 +66,8 @@ class Progress:
 async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: DocumentStore, *,
                  wipe: bool = False, out: TextIO | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ReplayResult:
-    """Rebuild feeds and projections from the events topic (see the module docstring)."""
+    """Rebuild feeds and projections from the event log and projections from the messages log
+    (see the module docstring)."""
     started = time.monotonic()
     result = ReplayResult()
     if wipe:
@@ -76,32 +77,42 @@ async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: D
     shard = FeedShard(0, 1, cfg, log_, feeds, push=False)
     projector = Projector(cfg, log_, store)
     await projector.ensure_indexes()
-    partitions = list(range(cfg.topics.events_partitions))
-    reader = log_.consumer(cfg.topics.events, partitions=partitions)
-    await reader.start()
+    # The event log rebuilds feeds and projections; the messages log (DMs), projections only.
+    logs = [(cfg.topics.events, cfg.topics.events_partitions, True)]
+    if cfg.topics.messages != cfg.topics.events:
+        logs.append((cfg.topics.messages, cfg.topics.messages_partitions, False))
+    readers = []
     try:
-        for p in partitions:
-            await reader.seek(p, 0)
-        ends = await reader.end_offsets()
-        progress = Progress(sum(ends.values()), out or sys.stderr)
-        while True:
-            positions = await reader.positions()
-            if all(positions.get(p, 0) >= ends.get(p, 0) for p in ends):
-                break
-            records = await reader.poll(max_records=BATCH, timeout_ms=500)
-            # Only up to the end as of the start: later records are the live consumers' own.
-            records = [r for r in records if r.offset < ends.get(r.partition, 0)]
-            if not records:
-                continue
-            result.social_events += await shard.process(records)
-            await projector.apply(records)
-            result.records += len(records)
-            progress.update(result.records)
-            if on_batch is not None:
-                on_batch(result.records)
+        for topic, count, social in logs:
+            partitions = list(range(count))
+            reader = log_.consumer(topic, partitions=partitions)
+            await reader.start()
+            readers.append((reader, social))
+            for p in partitions:
+                await reader.seek(p, 0)
+        ends = [await reader.end_offsets() for reader, _ in readers]
+        progress = Progress(sum(sum(e.values()) for e in ends), out or sys.stderr)
+        for (reader, social), end in zip(readers, ends, strict=True):
+            while True:
+                positions = await reader.positions()
+                if all(positions.get(p, 0) >= end.get(p, 0) for p in end):
+                    break
+                records = await reader.poll(max_records=BATCH, timeout_ms=500)
+                # Only up to the end as of the start: later records are the live consumers' own.
+                records = [r for r in records if r.offset < end.get(r.partition, 0)]
+                if not records:
+                    continue
+                if social:
+                    result.social_events += await shard.process(records)
+                await projector.apply(records)
+                result.records += len(records)
+                progress.update(result.records)
+                if on_batch is not None:
+                    on_batch(result.records)
         progress.update(result.records, final=True)
     finally:
-        await reader.stop()
+        for reader, _ in readers:
+            await reader.stop()
     result.feed_inserts = shard.stats.feed_inserts
     result.seconds = time.monotonic() - started
     return result
@@ -132,5 +143,6 @@ def run(cfg: PeerNetConfig, *, wipe: bool) -> int:
     wiped = (f"; wiped {r.keys_wiped:,} keys and {r.documents_wiped:,} documents first"
              if wipe else "")
     print(f"peernet replay: {r.records:,} records ({r.social_events:,} social events, "
-          f"{r.feed_inserts:,} feed entries) from {cfg.topics.events} in {r.seconds:.1f}s{wiped}")
+          f"{r.feed_inserts:,} feed entries) from {cfg.topics.events} and {cfg.topics.messages} "
+          f"in {r.seconds:.1f}s{wiped}")
     return 0

@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from actors.consuming import ConsumerLoop
 from actors.inbox_items import inbox_item, parse_recipients
-from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
+from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
@@ -37,6 +38,9 @@ from peernet.routing import session_group, shard_for
 log = logging.getLogger("peernet.session")
 
 T = TypeVar("T")
+
+# Where an inbox item came from: the partition, offset and log (topic) of its event.
+Source = tuple[int, int, str]
 
 # How many of a user's newest item ids a session remembers to drop redelivered events.
 RECENT_IDS = 256
@@ -107,11 +111,10 @@ class SessionShard:
         self._pubsub = pubsub
         self._sessions: dict[str, Session] = {}
         self._checkpoint: dict[int, int] = {}  # inbox-topic offsets the cache holds
-        self._events_pos: dict[int, int] = {}  # events-topic positions delivered, per partition
+        # Positions delivered (the events watermark), per log read and partition.
+        self._positions: dict[str, dict[int, int]] = {}
         self._version: int | None = None  # the cache checkpoint's version we last wrote
-        self._consumer: LogConsumer | None = None
-        self._group: str | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop: ConsumerLoop | None = None
         self._stopping = False
         self._queued = 0  # records of the batch in `process` not yet handled (queue_depth)
         self.stats = ShardStats()
@@ -124,7 +127,11 @@ class SessionShard:
 
     @property
     def watermark_name(self) -> str:
-        return f"{self.checkpoint_name}#{self._cfg.topics.events}"
+        return self.watermark_name_of(self._cfg.topics.events)
+
+    def watermark_name_of(self, topic: str) -> str:
+        """The cache name of the events watermark of `topic` (a log this shard reads)."""
+        return f"{self.checkpoint_name}#{topic}"
 
     def owns(self, user: str) -> bool:
         return shard_for(user, self.count) == self.index
@@ -136,65 +143,48 @@ class SessionShard:
 
     async def start(self) -> None:
         await self.recover()
-        self._group = (f"peernet.sessions.{self.index}-of-{self.count}"
-                       f"@{self._cfg.topics.events}")
-        self._consumer = self._log.consumer(self._cfg.topics.events, group=self._group)
-        await self._retry("start consumer", self._consumer.start)
-        self._task = asyncio.create_task(self._run(), name=f"session-shard-{self.index}")
-        self._task.add_done_callback(self._run_ended)
+        # The messages log carries DMs; the event log carries the social events that leave
+        # notes (and the DMs written before the messages log existed).
+        self._loop = ConsumerLoop(
+            self._log, self.topics, f"peernet.sessions.{self.index}-of-{self.count}",
+            lambda records: self.process(records), name=f"session-shard-{self.index}",
+            on_error=self._count_error, max_records=self._cfg.shards.max_batch,
+            # `process` retries its own steps with the seqs it assigned; run again after a
+            # failure that escaped it, it would drop its items as already admitted.
+            retry_handler=False, on_stopped=self._loop_stopped)
+        await self._loop.start()
         self.stats.started = True
         log.info("session shard %d/%d started: %d sessions restored", self.index, self.count,
                  len(self._sessions))
 
-    async def lag(self) -> ConsumerLag | None:
-        """How far this shard's consumer trails the events topic (None before `start`)."""
-        if self._consumer is None or self._group is None:
-            return None
-        return await consumer_lag(self._consumer, group=self._group, topic=self._cfg.topics.events)
+    @property
+    def topics(self) -> list[str]:
+        return list(dict.fromkeys([self._cfg.topics.events, self._cfg.topics.messages]))
+
+    async def lag(self) -> list[ConsumerLag]:
+        """How far this shard's consumers trail the logs it reads (empty before `start`)."""
+        return await self._loop.lag() if self._loop is not None else []
 
     def queue_depth(self) -> int:
-        """Records fetched from the events topic (the batch `process` holds) and not yet
-        handled. A record for none of this shard's users, or one delivered already, is handled
-        once examined; one with items for its users is handled once the batch's items are in the
-        inbox log, the cache and published (they go in one append), so a shard stuck retrying
-        that append reports them all. The catch-up on start is not counted."""
-        return self._queued
+        """Records fetched and not yet handled: those of a batch `process` holds, and those
+        fetched that wait for it. A record for none of this shard's users, or one delivered
+        already, is handled once examined; one with items for its users is handled once the
+        batch's items are in the inbox log, the cache and published (they go in one append), so
+        a shard stuck retrying that append reports them all. The catch-up on start is not
+        counted."""
+        return self._queued + (self._loop.waiting() if self._loop is not None else 0)
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._loop is not None:
+            await self._loop.stop()
 
     # -- the delivery loop -------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
-        while not self._stopping:
-            try:
-                records = await consumer.poll(max_records=self._cfg.shards.max_batch, timeout_ms=200)
-            except Exception as exc:
-                self._count_error("poll", exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(0.5)
-                continue
-            if not records:
-                continue
-            await self.process(records)
-            await self._retry("commit", consumer.commit)
-
-    def _run_ended(self, task: asyncio.Task[None]) -> None:
+    def _loop_stopped(self, exc: BaseException) -> None:
         # Every step of the loop catches its failures; one that still escapes has stopped the
         # delivery for good (retrying the batch could skip or renumber items), so the shard
         # says so: `started` goes false, which the gateways' health check reports.
-        exc = None if task.cancelled() else task.exception()
-        if exc is None:
-            return
         self.stats.started = False
         self.stats.errors += 1
         self.stats.last_error = f"delivery loop: {exc}"[:300]
@@ -202,7 +192,7 @@ class SessionShard:
 
     async def process(self, records: Sequence[Record]) -> None:
         """Deliver the events of `records` to the inboxes of the users this shard owns."""
-        pending: list[tuple[str, Item, tuple[int, int]]] = []
+        pending: list[tuple[str, Item, Source]] = []
         self._queued += len(records)
         handled = 0  # of `records`, counted off `_queued` already
         try:
@@ -210,7 +200,7 @@ class SessionShard:
                 self.stats.events_seen += 1
                 held = len(pending)
                 try:
-                    if record.offset < self._events_pos.get(record.partition, 0):
+                    if record.offset < self._position(record.topic).get(record.partition, 0):
                         # Delivered already (a redelivery after a crash before the commit).
                         self.stats.duplicates_dropped += sum(
                             1 for u in parse_recipients(record.headers) if self.owns(u))
@@ -218,21 +208,24 @@ class SessionShard:
                     await self._collect(record, pending)
                 except Exception as exc:  # one bad record must not stop every user's delivery
                     self.stats.records_skipped += 1
-                    self._count_error(f"event at {record.partition}/{record.offset}", exc)
+                    self._count_error(f"event at {record.topic}/{record.partition}/{record.offset}", exc)
                 finally:
                     if len(pending) == held:  # nothing of it waits for the append
                         self._queued -= 1
                         handled += 1
             for record in records:
-                self._events_pos[record.partition] = max(self._events_pos.get(record.partition, 0),
-                                                         record.offset + 1)
+                position = self._position(record.topic)
+                position[record.partition] = max(position.get(record.partition, 0), record.offset + 1)
             if pending:
                 await self._persist(pending)
         finally:
             self._queued -= len(records) - handled
 
-    async def _collect(self, record: Record,
-                       pending: list[tuple[str, Item, tuple[int, int]]]) -> None:
+    def _position(self, topic: str) -> dict[int, int]:
+        """The next position to deliver of each partition of `topic` (the events watermark)."""
+        return self._positions.setdefault(topic, {})
+
+    async def _collect(self, record: Record, pending: list[tuple[str, Item, Source]]) -> None:
         mine = [u for u in parse_recipients(record.headers) if self.owns(u)]
         if not mine:
             return
@@ -252,11 +245,17 @@ class SessionShard:
                 self.stats.duplicates_dropped += 1
                 continue
             item["seq"] = seq
-            pending.append((user, item, (record.partition, record.offset)))
+            pending.append((user, item, (record.partition, record.offset, record.topic)))
 
-    async def _persist(self, pending: list[tuple[str, Item, tuple[int, int]]]) -> None:
+    def _source(self, src: Source) -> list[object]:
+        # Records of the event log keep the two-field form every inbox record had before the
+        # messages log existed; others name their log.
+        p, o, topic = src
+        return [p, o] if topic == self._cfg.topics.events else [p, o, topic]
+
+    async def _persist(self, pending: list[tuple[str, Item, Source]]) -> None:
         topic = self._cfg.topics.inbox
-        entries = [(user.encode(), pack({"user": user, "item": item, "src": list(src)}), ())
+        entries = [(user.encode(), pack({"user": user, "item": item, "src": self._source(src)}), ())
                    for user, item, src in pending]
         # Until the log has them, nothing else happens; the same seqs are retried, so a failed
         # attempt can leave a duplicate in the log but never a gap or a second numbering.
@@ -284,7 +283,8 @@ class SessionShard:
     async def _write_cache(self, items: list[tuple[str, Item]]) -> None:
         self._version = await self._cache.append(
             items, checkpoint_name=self.checkpoint_name, checkpoint=self._checkpoint,
-            also={self.watermark_name: self._events_pos}, expect_version=self._version)
+            also={self.watermark_name_of(t): pos for t, pos in self._positions.items()},
+            expect_version=self._version)
 
     async def _publish(self, items: list[tuple[str, Item]]) -> None:
         # Best effort: a connection that misses a push sees the gap and the item stays in the
@@ -316,9 +316,11 @@ class SessionShard:
         self.stats.catch_ups += 1
         self._version = await self._cache.version(self.checkpoint_name)
         stored = await self._cache.checkpoint(self.checkpoint_name) or {}
-        stored_marks = await self._cache.checkpoint(self.watermark_name) or {}
-        for p, o in stored_marks.items():
-            self._events_pos[p] = max(self._events_pos.get(p, 0), o)
+        for topic in self.topics:
+            stored_marks = await self._cache.checkpoint(self.watermark_name_of(topic)) or {}
+            position = self._position(topic)
+            for p, o in stored_marks.items():
+                position[p] = max(position.get(p, 0), o)
         published_upto = dict(self._checkpoint) if behind else dict(stored)
         partitions = list(range(self._cfg.topics.inbox_partitions))
         reader = self._log.consumer(self._cfg.topics.inbox, partitions=partitions)
@@ -342,7 +344,8 @@ class SessionShard:
                         continue
                     src = entry.get("src")
                     if src:
-                        self._events_pos[src[0]] = max(self._events_pos.get(src[0], 0), src[1] + 1)
+                        position = self._position(str(src[2]) if len(src) > 2 else self._cfg.topics.events)
+                        position[src[0]] = max(position.get(src[0], 0), src[1] + 1)
                     session = self._sessions.get(user)
                     if session is None:
                         session = self._sessions[user] = Session(user, 0)
@@ -383,7 +386,7 @@ class SessionShard:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _count_error(self, what: str, exc: BaseException, *, trace: bool = False) -> None:
+    def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1
         self.stats.last_error = f"{what}: {exc}"
         log.warning("session shard %d: %s failed: %s", self.index, what, exc,

@@ -87,10 +87,9 @@ class SessionShardActor:
     async def stats(self) -> dict[str, Any]:
         return asdict(self._shard.stats) if self._shard else {"started": False}
 
-    async def lag(self) -> dict[str, Any] | None:
-        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
-        lag = await self._shard.lag() if self._shard else None
-        return asdict(lag) if lag else None
+    async def lag(self) -> list[dict[str, Any]]:
+        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
+        return [asdict(lag) for lag in await self._shard.lag()] if self._shard else []
 
     async def queue_depth(self) -> int:
         """Records fetched and not yet handled (SessionShard.queue_depth), for /metrics."""
@@ -121,10 +120,9 @@ class ProjectorActor:
     async def stats(self) -> dict[str, Any]:
         return asdict(self._projector.stats) if self._projector else {"started": False}
 
-    async def lag(self) -> dict[str, Any] | None:
-        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
-        lag = await self._projector.lag() if self._projector else None
-        return asdict(lag) if lag else None
+    async def lag(self) -> list[dict[str, Any]]:
+        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
+        return [asdict(lag) for lag in await self._projector.lag()] if self._projector else []
 
     async def queue_depth(self) -> int:
         """Records fetched and not yet handled (Projector.queue_depth), for /metrics."""
@@ -235,10 +233,9 @@ class FeedShardActor:
     async def stats(self) -> dict[str, Any]:
         return asdict(self._shard.stats) if self._shard else {"started": False}
 
-    async def lag(self) -> dict[str, Any] | None:
-        """Its consumer's lag (bus.eventlog.ConsumerLag as a dict), for the gateways' /metrics."""
-        lag = await self._shard.lag() if self._shard else None
-        return asdict(lag) if lag else None
+    async def lag(self) -> list[dict[str, Any]]:
+        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
+        return [asdict(lag) for lag in await self._shard.lag()] if self._shard else []
 
     async def queue_depth(self) -> int:
         """Records fetched and not yet handled (FeedShard.queue_depth), for /metrics."""

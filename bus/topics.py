@@ -15,6 +15,9 @@ def peernet_topics(cfg: PeerNetConfig) -> list[TopicSpec]:
         # The event log: kept for ever, so that any state can be rebuilt by replaying it.
         TopicSpec(t.events, t.events_partitions, rf,
                   (("retention.ms", "-1"), ("min.insync.replicas", isr))),
+        # The messages of conversations, keyed by conversation (one order each), kept for ever.
+        TopicSpec(t.messages, t.messages_partitions, rf,
+                  (("retention.ms", "-1"), ("min.insync.replicas", isr))),
         # Each user's durable inbox, keyed by user (one partition holds a user's items in seq
         # order). Kept for ever like the event log: never compacted, since compaction would keep
         # only each user's newest item. The Redis cache applies the retention of the protocol.

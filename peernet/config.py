@@ -45,6 +45,10 @@ class TopicsConfig:
 
     events: str = "peernet.events"
     events_partitions: int = 8
+    # The messages of conversations (DMs) have a log of their own, so that what reads only the
+    # social events (the FeedShards) never fetches one; kept for ever like the event log.
+    messages: str = "peernet.messages"
+    messages_partitions: int = 8
     inbox: str = "peernet.inbox"
     inbox_partitions: int = 8
     replication_factor: int = 1
@@ -254,6 +258,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_KAFKA_SSL_KEYFILE": ("services", "kafka_ssl_keyfile"),
     "PEERNET_EVENTS_TOPIC": ("topics", "events"),
     "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
+    "PEERNET_MESSAGES_TOPIC": ("topics", "messages"),
+    "PEERNET_MESSAGES_PARTITIONS": ("topics", "messages_partitions"),
     "PEERNET_INBOX_TOPIC": ("topics", "inbox"),
     "PEERNET_INBOX_PARTITIONS": ("topics", "inbox_partitions"),
     "PEERNET_KAFKA_REPLICATION": ("topics", "replication_factor"),

@@ -117,7 +117,7 @@ class Gateway:
         reports = await self._ask_each(consumer_actor_names(self._cfg), "lag")
         return [ConsumerLag(r["group"], r["topic"], {int(p): int(n) for p, n in r["partitions"].items()},
                             int(r.get("renewals", 0)))
-                for r in reports.values() if r]
+                for actor_reports in reports.values() for r in actor_reports or ()]
 
     async def _shard_queue_depth(self) -> dict[str, int]:
         """Each shard actor's queue depth, by actor name; actors that do not answer in time are

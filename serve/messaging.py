@@ -52,10 +52,12 @@ class Messenger:
         await self._cache.set_many(items, ttl_s=self._cfg.gateway.cid_ttl_s)
         return [None] * len(items)
 
-    async def append(self, event: Event, *, key: str, recipients: list[str]) -> None:
-        """Append `event` durably (acks=all) or raise PeerNetError(unavailable)."""
+    async def append(self, event: Event, *, key: str, recipients: list[str],
+                     topic: str | None = None) -> None:
+        """Append `event` durably (acks=all) to `topic` (the event log unless named) or raise
+        PeerNetError(unavailable)."""
         start = time.perf_counter()
-        await self._log.append(self._cfg.topics.events, event.encode(), key=key.encode(),
+        await self._log.append(topic or self._cfg.topics.events, event.encode(), key=key.encode(),
                                headers=(recipients_header(recipients),))
         metrics.APPEND_LATENCY.observe(time.perf_counter() - start)
 
@@ -63,7 +65,7 @@ class Messenger:
         conv = dm_conv(sender, to)
         event = Event("dm", sender, {"to": to, "body": body, "conv": conv})
         if cid is None:
-            await self.append(event, key=conv, recipients=[sender, to])
+            await self.append(event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages)
             return Sent(event.id, conv, event.ts)
 
         # The cid's claim: pending while an append is in flight, done once it is durable, failed
@@ -81,7 +83,7 @@ class Messenger:
                           id=earlier["id"], ts=earlier["ts"])
             await self._cache.set(key, _claim(event, "pending"), ttl_s=ttl_s)
         try:
-            await self.append(event, key=conv, recipients=[sender, to])
+            await self.append(event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages)
         except BaseException:
             await self._marks.submit((key, _claim(event, "failed")))
             raise

@@ -205,12 +205,14 @@ def server_env(cfg: PeerNetConfig) -> dict[str, str]:
     made small so the tests that reach them stay short."""
     run = uuid.uuid4().hex[:8]
     port = os.environ.get("PEERNET_TEST_PORT", "18080")
-    SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.inbox"])
+    SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.messages",
+                          f"peernet.test-{run}.inbox"])
     return {
         **os.environ,
         "PEERNET_PORT": port,
         "PEERNET_DEV_TOKENS": "1",
         "PEERNET_EVENTS_TOPIC": f"peernet.test-{run}.events",
+        "PEERNET_MESSAGES_TOPIC": f"peernet.test-{run}.messages",
         "PEERNET_INBOX_TOPIC": f"peernet.test-{run}.inbox",
         "PEERNET_MONGO_DB": f"peernet_test_{run}",
         "PEERNET_RAY_TMPDIR": f"/tmp/peernet-test-ray-{run}",

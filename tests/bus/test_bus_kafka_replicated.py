@@ -217,6 +217,8 @@ async def topics(cluster: Cluster) -> Topics:
         "PEERNET_KAFKA_REPLICATION": str(BROKERS),
         "PEERNET_EVENTS_TOPIC": unique("test.replicated.events"),
         "PEERNET_EVENTS_PARTITIONS": str(PARTITIONS),
+        "PEERNET_MESSAGES_TOPIC": unique("test.replicated.messages"),
+        "PEERNET_MESSAGES_PARTITIONS": str(PARTITIONS),
         "PEERNET_INBOX_TOPIC": unique("test.replicated.inbox"),
         "PEERNET_INBOX_PARTITIONS": str(PARTITIONS),
     })

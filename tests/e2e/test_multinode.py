@@ -103,6 +103,7 @@ def cluster_server_env(local_stack: PeerNetConfig, tag: str, gcs_port: int, home
         "PEERNET_PROXY_LOCATION": "HeadOnly",
         "PEERNET_PORT": port, "PEERNET_DEV_TOKENS": "1",
         "PEERNET_EVENTS_TOPIC": f"peernet.test-{tag}.events",
+        "PEERNET_MESSAGES_TOPIC": f"peernet.test-{tag}.messages",
         "PEERNET_INBOX_TOPIC": f"peernet.test-{tag}.inbox",
         "PEERNET_FEED_KEYSPACE": f"social-test-{tag}",
         "PEERNET_PRESENCE_KEYSPACE": f"presence-test-{tag}",
@@ -151,7 +152,8 @@ def every_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempP
             os.environ.get("PEERNET_TEST_EVERY_NODE_PORT", "18690"),
             PEERNET_GATEWAY_PLACEMENT="every_node", PEERNET_SESSION_SHARDS="1",
             PEERNET_FEED_SHARDS="1", PEERNET_PRESENCE_SHARDS="1")
-        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
+        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_MESSAGES_TOPIC"],
+                              env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("en-server") / "peernet-serve.log"
         with running_server(env, log_path, START_TIMEOUT_S) as server:
             yield EveryNodeCluster(server, gcs_port, ray_env)
@@ -287,7 +289,8 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
         env = cluster_server_env(local_stack, f"mn{run}", gcs_port,
                                  tmp_path_factory.mktemp("mn-home"),
                                  os.environ.get("PEERNET_TEST_MULTINODE_PORT", "18680"))
-        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_INBOX_TOPIC"]])
+        SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_MESSAGES_TOPIC"],
+                              env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"
         with running_server(env, log_path, START_TIMEOUT_S) as server:
             yield server

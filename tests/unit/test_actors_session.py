@@ -59,7 +59,8 @@ class Rig:
         return await self.messenger.send_dm(sender, to, body, None)
 
     def events(self) -> list[Record]:
-        return self.log.records(self.cfg.topics.events)
+        """The records of the logs a shard reads: the social events', then the messages'."""
+        return self.log.records(self.cfg.topics.events) + self.log.records(self.cfg.topics.messages)
 
     def inbox_log(self) -> list[tuple[str, Item]]:
         out = []
@@ -333,6 +334,30 @@ async def test_a_redelivered_batch_after_a_restart_adds_no_duplicate(rig: Rig) -
     assert seqs(await rig.items("bob")) == [1, 2, 3, 4, 5]
     assert again.stats.duplicates_dropped == 10
     assert len(rig.inbox_log()) == 10
+
+
+async def test_dms_of_the_event_log_and_of_the_messages_log_share_one_inbox_and_each_watermark(
+        rig: Rig) -> None:
+    """DMs written before the messages log existed are in the event log: a shard reads both,
+    numbers them in one inbox, and after a restart skips what it delivered from either log."""
+    old = Event("dm", "alice", {"to": "bob", "body": "old", "conv": "dm:alice:bob"})
+    await rig.log.append(rig.cfg.topics.events, old.encode(), key=b"dm:alice:bob",
+                         headers=(recipients_header(["alice", "bob"]),))
+    first = await rig.shard(start=True)
+    await eventually(lambda: first.stats.items_delivered == 2)
+    await rig.dm("alice", "bob", "new")
+    await eventually(lambda: first.stats.items_delivered == 4)
+    assert [i["body"] for i in await rig.items("bob")] == ["old", "new"]
+    assert seqs(await rig.items("bob")) == [1, 2]
+    sources = [unpack(r.value)["src"] for r in rig.log.records(rig.cfg.topics.inbox)]
+    assert sorted(len(src) for src in sources) == [2, 2, 3, 3]  # the messages log is named
+    assert {src[2] for src in sources if len(src) > 2} == {rig.cfg.topics.messages}
+    await first.stop()
+    again = await rig.shard()  # a new process: the watermarks come from the cache
+    await again.recover()
+    await again.process(rig.events())
+    assert again.stats.duplicates_dropped == 4
+    assert seqs(await rig.items("bob")) == [1, 2]
 
 
 async def test_a_failing_cache_append_is_retried_until_it_succeeds(rig: Rig) -> None:

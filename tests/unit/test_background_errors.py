@@ -113,8 +113,8 @@ async def test_a_session_shard_poll_that_raises_is_counted_and_the_loop_goes_on(
     cfg = unit_cfg()
     shard, inbox = await session_shard(log, MemoryPubSub())
     try:
-        assert shard._consumer is not None
-        fail_next(shard._consumer, "poll", Bug("poll broke"))
+        assert shard._loop is not None
+        fail_next(shard._loop.consumer(cfg.topics.events), "poll", Bug("poll broke"))
         await eventually(lambda: shard.stats.errors == 1)
         assert shard.stats.last_error.startswith("poll")
         await dm(cfg, log, "alice", "bob", "after")
@@ -203,8 +203,8 @@ async def test_a_feed_shard_poll_that_raises_is_counted_and_the_loop_goes_on(
     shard = FeedShard(0, 1, cfg, await client_of(log), MemoryFeedStore(cap=100))
     await shard.start()
     try:
-        assert shard._consumer is not None
-        fail_next(shard._consumer, "poll", Bug("poll broke"))
+        assert shard._loop is not None
+        fail_next(shard._loop.consumer(cfg.topics.events), "poll", Bug("poll broke"))
         await eventually(lambda: shard.stats.errors == 1)
         assert shard.stats.last_error.startswith("poll")
         await post(cfg, log, "alice", "hello")
@@ -220,8 +220,8 @@ async def test_a_projector_whose_poll_and_write_raise_counts_both_and_writes_the
     projector = Projector(cfg, await client_of(log), store)
     await projector.start()
     try:
-        assert projector._consumer is not None
-        fail_next(projector._consumer, "poll", Bug("poll broke"))
+        assert projector._loop is not None
+        fail_next(projector._loop.consumer(cfg.topics.events), "poll", Bug("poll broke"))
         await eventually(lambda: projector.stats.errors == 1)
         fail_next(store, "insert_new", Bug("insert broke"))
         event = await post(cfg, log, "alice", "hello")

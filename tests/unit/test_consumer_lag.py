@@ -100,12 +100,12 @@ async def test_a_feed_shard_reports_its_groups_lag_once_started() -> None:
     await log.start()
     await log.ensure_topics(peernet_topics(cfg))
     shard = FeedShard(0, 1, cfg, log, MemoryFeedStore(cap=10), push=False)
-    assert await shard.lag() is None
+    assert await shard.lag() == []
     await log.append(cfg.topics.events, b"not an event", key=_key_for(1, 2))
     await shard.start()
     try:
-        assert await shard.lag() == ConsumerLag(feeds_group(cfg), cfg.topics.events, {0: 0, 1: 1})
-        reads: list[ConsumerLag | None] = []
+        assert await shard.lag() == [ConsumerLag(feeds_group(cfg), cfg.topics.events, {0: 0, 1: 1})]
+        reads: list[list[ConsumerLag]] = []
 
         async def read() -> None:
             while True:
@@ -114,8 +114,8 @@ async def test_a_feed_shard_reports_its_groups_lag_once_started() -> None:
 
         reader = asyncio.create_task(read())
         try:
-            await eventually(lambda: reads and reads[-1] == ConsumerLag(
-                feeds_group(cfg), cfg.topics.events, {0: 0, 1: 0}))
+            await eventually(lambda: reads and reads[-1] == [ConsumerLag(
+                feeds_group(cfg), cfg.topics.events, {0: 0, 1: 0})])
         finally:
             reader.cancel()
     finally:

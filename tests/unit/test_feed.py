@@ -466,3 +466,23 @@ async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
         assert len(await docs.find("posts", {})) == 3
     finally:
         await projector.stop()
+
+
+async def test_a_feed_shard_reads_the_event_log_only_never_the_messages() -> None:
+    """DMs have a log of their own, so the FeedShards never fetch one."""
+    from actors.feed import FeedShard
+    from bus.feeds_memory import MemoryFeedStore
+    from bus.memory import MemoryEventLog
+    from bus.topics import peernet_topics
+
+    cfg = load_config()
+    log = MemoryEventLog()
+    await log.start()
+    await log.ensure_topics(peernet_topics(cfg))
+    shard = FeedShard(0, 1, cfg, log, MemoryFeedStore(cap=10))
+    await shard.start()
+    try:
+        assert shard._loop is not None and shard._loop.topics == [cfg.topics.events]
+        assert cfg.topics.messages != cfg.topics.events
+    finally:
+        await shard.stop()

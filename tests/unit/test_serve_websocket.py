@@ -40,8 +40,10 @@ def msg(seq: int, **extra: Any) -> Frame:
 
 
 def events_of(gw: Gateway, user: str) -> list[Any]:
-    """The records of the events topic that concern `user` (the app is shared by tests)."""
-    return [r for r in gw.log.records(gw.cfg.topics.events) if user in parse_recipients(r.headers)]
+    """The records of the logs that concern `user`: the events topic and the messages topic,
+    which carries DMs (the app is shared by tests)."""
+    return [r for topic in (gw.cfg.topics.events, gw.cfg.topics.messages)
+            for r in gw.log.records(topic) if user in parse_recipients(r.headers)]
 
 
 # -- handshake ---------------------------------------------------------------------------------

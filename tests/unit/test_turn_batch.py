@@ -104,4 +104,4 @@ async def test_a_turns_dms_with_cids_claim_and_mark_in_one_call_each() -> None:
     # The same cid again: the same message, not a second one.
     again = await messenger.send_dm("u3", "bob", "hi", "c3")
     assert again == sent[3]
-    assert len(log.records(load_config().topics.events)) == 6
+    assert len(log.records(load_config().topics.messages)) == 6
