@@ -24,12 +24,14 @@ class Outgoing:
 
     __slots__ = ("_encoded", "frame", "seq")
 
-    def __init__(self, frame: dict[str, Any]) -> None:
+    def __init__(self, frame: dict[str, Any], *, packed: bytes | None = None) -> None:
+        """`packed`: the frame's MessagePack bytes when the caller has them (a pub/sub push is
+        the frame as published), so binary connections are sent them as they came."""
         self.frame = frame
         # Only inbox items are sequenced; other frames (welcome) may carry a `seq` field too.
         seq = frame.get("seq") if frame.get("t") in INBOX_FRAME_TYPES else None
         self.seq: int | None = seq if isinstance(seq, int) else None
-        self._encoded: dict[bool, bytes | str] = {}
+        self._encoded: dict[bool, bytes | str] = {} if packed is None else {True: packed}
 
     def encoded(self, binary: bool) -> bytes | str:
         data = self._encoded.get(binary)
@@ -120,6 +122,8 @@ class Hub:
         except Exception:
             log.error("undecodable push on %s dropped", channel)
             return
-        out = Outgoing(frame)
+        # The payload is the frame packed by peernet.codec.pack, which is encode_frame's binary
+        # form: MessagePack connections get these bytes, not a second packing of them.
+        out = Outgoing(frame, packed=payload)
         for conn in list(conns):
             conn.push(out)

@@ -102,3 +102,12 @@ def test_an_event_lacking_a_field_is_refused() -> None:
     raw = pack({"v": SCHEMA_VERSION, "id": "x", "type": "dm", "ts": 1, "data": {}})
     with pytest.raises(EnvelopeError, match="actor"):
         Event.decode(raw)
+
+
+def test_a_pushed_payload_is_already_the_binary_frame() -> None:
+    """The hub sends a pub/sub payload (packed by `pack`) to MessagePack connections as it came:
+    that holds only while `pack` and encode_frame's binary form are the same bytes."""
+    from peernet.codec import encode_frame, pack
+
+    frame = {"t": "msg", "seq": 3, "id": "x", "body": "héllo", "raw": b"\x00\x01", "n": [1, 2.5]}
+    assert pack(frame) == encode_frame(frame, True)
