@@ -97,7 +97,7 @@ def install(say: Callable[[str], None], home: Path | None = None) -> Path:
     go = shutil.which("go")
     if go is None:
         raise SetupError(f"Centrifugo {VERSION} is built from source with the Go toolchain, and `go` is not "
-                         "on PATH: install Go (1.24 or newer) and run again")
+                         "on PATH: install Go (1.26 or newer, as its go.mod asks) and run again")
     binary.parent.mkdir(parents=True, exist_ok=True)
     with open(binary.parent / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
