@@ -175,10 +175,11 @@ class CentrifugoConnection(ReconnectingConnection):
         the server could not recover everything missed (history gone or too short)."""
         pos = self.subs.get(channel)
         offset = int(result.get("offset", 0))
-        if pos is None:
-            self.subs[channel] = Position(str(result.get("epoch", "")), offset, offset)
-        else:
-            pos.epoch = str(result.get("epoch", pos.epoch))
+        epoch = str(result.get("epoch", ""))
+        if pos is None or (epoch and epoch != pos.epoch):
+            # New, or a stream Redis lost (a new epoch): its offsets count from here. What the
+            # lost stream held shows up as losses in the accounting, not as offset gaps.
+            self.subs[channel] = Position(epoch, offset, offset)
         recv_us = now_us()
         for pub in result.get("publications") or ():
             self._publication(channel, pub, recv_us)
