@@ -17,11 +17,14 @@ from bench.chaos import parse_faults
 from bench.params import (
     DEFAULT_MIX,
     DEFAULT_SERVICE_PORTS,
+    PEER_SCENARIOS,
     SCENARIOS,
+    TARGETS,
     BenchParams,
     ParamError,
     parse_mix,
     parse_ports,
+    scenarios_phrase,
 )
 from bench.progress import ProgressLine
 
@@ -37,6 +40,8 @@ examples:
   python -m bench dm --find-max --rate 100 --step-factor 1.5 --bound-ms 100
   python -m bench dm --vs socketio --find-max --rate 100     # PeerNet, then the baseline
   python -m bench dm --target socketio                       # the baseline alone
+  python -m bench dm --vs centrifugo --find-max --rate 100   # PeerNet, then Centrifugo (built on first use)
+  python -m bench fanout --target centrifugo --clients 200   # Centrifugo alone
   python -m bench dm --chaos all --clients 200 --rate 50 --duration 60   # faults, one per phase
 """
 
@@ -52,12 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", action="append", dest="urls", metavar="URL",
                    help=f"PeerNet HTTP address, repeatable (clients spread over them); default {DEFAULT_URL} "
                         "(or $PEERNET_BENCH_URL)")
-    g.add_argument("--target", choices=("peernet", "socketio"), default="peernet",
-                   help="what to drive; socketio starts the baseline servers itself")
-    g.add_argument("--vs", choices=("socketio",), help="then run the same dm scenario against the baseline")
+    g.add_argument("--target", choices=TARGETS, default="peernet",
+                   help="what to drive; socketio and centrifugo start their servers themselves "
+                        "(centrifugo is built with `go install` into .peernet/ on first use)")
+    g.add_argument("--vs", choices=tuple(PEER_SCENARIOS),
+                   help="then run the same scenario against that peer (socketio: dm; centrifugo: dm, fanout)")
     g.add_argument("--baseline-ports", default="8101,8102",
                    help="ports of the baseline's server processes (default 8101,8102)")
-    g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the baseline's Redis")
+    g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                   help="Redis of the Socket.IO baseline and of Centrifugo's engine (default %(default)s)")
     g.add_argument("--service-ports", default=",".join(f"{k}={v}" for k, v in DEFAULT_SERVICE_PORTS.items()),
                    help="count only the service instances listening on these ports (default %(default)s)")
     g.add_argument("--json-frames", action="store_true", help="speak JSON text frames instead of MessagePack")
@@ -151,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = params_from_args(args)
-        if args.vs and params.scenario != "dm":
-            raise ParamError("--vs socketio compares the dm scenario only")
+        if args.vs and params.scenario not in PEER_SCENARIOS[args.vs]:
+            raise ParamError(f"--vs {args.vs} compares {scenarios_phrase(PEER_SCENARIOS[args.vs])} only")
         ports = tuple(int(p) for p in args.baseline_ports.split(",") if p.strip())
     except (ParamError, ValueError) as exc:
         parser.print_usage(sys.stderr)

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 SCENARIOS = ("dm", "fanout", "presence", "mixed")
-TARGETS = ("peernet", "socketio")
+TARGETS = ("peernet", "socketio", "centrifugo")
+# The scenarios each peer implements (PeerNet implements them all).
+PEER_SCENARIOS: dict[str, tuple[str, ...]] = {"socketio": ("dm",), "centrifugo": ("dm", "fanout")}
 
 # Rate shares of the `mixed` scenario when --mix is not given (clients split in the same shares).
 DEFAULT_MIX: dict[str, float] = {"dm": 0.7, "fanout": 0.1, "presence": 0.2}
@@ -63,6 +65,9 @@ class BenchParams:
     burst_s: float = 30.0
     fault_gap: float = 5.0
     ray_address: str = ""
+    # The HMAC secret of the Centrifugo nodes the harness started (tokens are signed in the load
+    # processes); a throwaway per run, left out of the written results.
+    token_secret: str = ""
 
     def validate(self) -> BenchParams:
         """Return self, or raise ParamError naming the first bad parameter."""
@@ -70,8 +75,9 @@ class BenchParams:
             raise ParamError(f"scenario must be one of {', '.join(SCENARIOS)}")
         if self.target not in TARGETS:
             raise ParamError(f"target must be one of {', '.join(TARGETS)}")
-        if self.target == "socketio" and self.scenario != "dm":
-            raise ParamError("the Socket.IO baseline implements the dm scenario only")
+        peer = PEER_SCENARIOS.get(self.target)
+        if peer is not None and self.scenario not in peer:
+            raise ParamError(f"the {self.target} target implements {scenarios_phrase(peer)} only")
         if not self.urls:
             raise ParamError("at least one --url is needed")
         checks: list[tuple[bool, str]] = [
@@ -141,6 +147,11 @@ class BenchParams:
         d["urls"] = tuple(d.get("urls", ()))
         d["chaos"] = tuple(d.get("chaos", ()))
         return cls(**d)
+
+
+def scenarios_phrase(names: tuple[str, ...]) -> str:
+    """`the dm scenario`, `the dm and fanout scenarios`."""
+    return f"the {' and '.join(names)} scenario" + ("s" if len(names) > 1 else "")
 
 
 def parse_ports(text: str) -> dict[str, int]:

@@ -25,13 +25,15 @@ PEERNET_CATEGORIES = (
     "peernet", "ray:worker", "ray:raylet", "ray:gcs", "ray:other", "haproxy", "kafka", "redis", "mongo",
 )
 SOCKETIO_CATEGORIES = ("socketio", "redis")
+CENTRIFUGO_CATEGORIES = ("centrifugo", "redis")
 SERVICE_CATEGORIES = frozenset({"kafka", "redis", "mongo"})
 LOAD_GENERATOR = "load_generator"
 
 
 def classify_process(name: str, cmdline: Sequence[str]) -> str | None:
     """The category of a process that belongs to a PeerNet deployment, its services, or the
-    Socket.IO baseline; None for anything else."""
+    Socket.IO baseline; None for anything else. (Centrifugo's nodes are counted by the pids the
+    harness started, so another Centrifugo on the machine is never counted.)"""
     first = cmdline[0] if cmdline else ""
     joined = " ".join(cmdline)
     if "bench.baseline_socketio" in joined:

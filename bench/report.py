@@ -20,15 +20,34 @@ from bench.probe import LOAD_GENERATOR
 from bench.runner import SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
 
 SCHEMA = 1
-DURABILITY = (
+PEERNET_DURABILITY = (
     "PeerNet acknowledges a DM only once it is durable in Kafka (written with acks from all "
-    "in-sync replicas) and delivers at least once, replaying from the inbox after a reconnect. "
-    "The Socket.IO baseline acknowledges after handing the message to Redis pub/sub: nothing is "
-    "stored, and a message whose recipient is disconnected, or a server that restarts, loses it. "
-    "The two paths do not give the same guarantee; the ratios compare cost, not equivalence."
+    "in-sync replicas) and delivers at least once, replaying from the inbox after a reconnect."
 )
+# What each peer's acknowledgement means, written beside its figures.
+PEER_DURABILITY = {
+    "socketio": (
+        "The Socket.IO baseline acknowledges after handing the message to Redis pub/sub: nothing is "
+        "stored, and a message whose recipient is disconnected, or a server that restarts, loses it."
+    ),
+    "centrifugo": (
+        "Centrifugo acknowledges a publication once the Redis engine has appended it to the channel's "
+        "history stream and published it, in Redis memory: no disk write is awaited (Redis persists "
+        "on its own schedule, e.g. an AOF fsync every second), and history lives for the configured "
+        "size and TTL. A client that reconnects recovers what it missed from that history."
+    ),
+}
+
+
+def durability(peer: str) -> str:
+    """PeerNet's guarantee beside the peer's, for a comparison's summary."""
+    return (f"{PEERNET_DURABILITY} {PEER_DURABILITY.get(peer, '')} The two paths do not give the same "
+            "guarantee; the ratios compare cost, not equivalence.")
+
+
+DURABILITY = durability("socketio")
 _PACKAGES = ("websockets", "msgpack", "hdrhistogram", "psutil", "httpx", "matplotlib", "python-socketio",
-             "python-engineio", "uvicorn", "uvloop", "redis", "peernet")
+             "python-engineio", "uvicorn", "uvloop", "redis", "pyjwt", "peernet")
 
 
 def versions() -> dict[str, Any]:
@@ -171,7 +190,7 @@ def comparison(run: BenchRun) -> dict[str, Any] | None:
     if not run.vs or len(run.targets) < 2:
         return None
     peer, base = run.targets[0], run.targets[1]
-    out: dict[str, Any] = {"durability": DURABILITY, "bound_ms": run.params.bound_ms,
+    out: dict[str, Any] = {"durability": durability(base.name), "bound_ms": run.params.bound_ms,
                            "target": peer.name, "baseline": base.name}
     if run.params.find_max:
         out["max_rate"] = {peer.name: peer.max_held_rate, base.name: base.max_held_rate,
@@ -205,7 +224,7 @@ def build_report(run: BenchRun, argv: list[str]) -> dict[str, Any]:
         "elapsed_s": round(run.ended - run.started, 1),
         "command": argv,
         "run_tag": run.run,
-        "params": run.params.to_dict(),
+        "params": {k: v for k, v in run.params.to_dict().items() if k != "token_secret"},
         "rates": rate_ladder(run.params),
         "losses": {"lost": lost, "acknowledged_deliveries": acked,
                    "by_target": {t["name"]: t["lost"] for t in targets}},
@@ -266,7 +285,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _fault_table(faults)
     comp = report.get("comparison")
     if comp:
-        lines += ["## PeerNet against the baseline", ""]
+        lines += [f"## {comp['target']} against {comp['baseline']}", ""]
         mr = comp["max_rate"]
         if "ratio" in mr:
             lines.append(f"- Largest rate with p99 <= {comp['bound_ms']:g} ms and nothing lost: "

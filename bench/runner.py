@@ -22,7 +22,13 @@ from bench.ledger import Accounting, Acked, Failed, PresenceSeen, Receipt, Trans
 from bench.params import BenchParams
 from bench.peernet_client import http_url
 from bench.plan import CHURN, DM, POST, Plan, build_plan, churn_interval_s, new_run_tag, per_sender_rate
-from bench.probe import LOAD_GENERATOR, PEERNET_CATEGORIES, SOCKETIO_CATEGORIES, ServerProbe
+from bench.probe import (
+    CENTRIFUGO_CATEGORIES,
+    LOAD_GENERATOR,
+    PEERNET_CATEGORIES,
+    SOCKETIO_CATEGORIES,
+    ServerProbe,
+)
 from bench.progress import ProgressLine
 from bench.worker import LoadWorker, WorkerSpec, process_main
 
@@ -450,10 +456,34 @@ async def peernet_health(url: str) -> dict[str, Any]:
     return {"http_status": resp.status_code, "body": body}
 
 
+async def _run_centrifugo(p: BenchParams, run: str, progress: ProgressLine, redis_url: str,
+                          log_dir: Any) -> TargetResult:
+    """Install Centrifugo if need be, start its nodes, drive them, and stop them (also on failure)."""
+    from bench.centrifugo import CentrifugoCluster
+
+    cluster = CentrifugoCluster(redis_url=redis_url, log_dir=log_dir, say=progress.say)
+    try:
+        progress.say("[centrifugo] starting 2 nodes")
+        await cluster.start()
+    except SetupError as exc:
+        progress.say(f"[centrifugo] failed to start: {exc}")
+        return TargetResult("centrifugo", cluster.urls, error=str(exc))
+    try:
+        p = p.with_(urls=tuple(cluster.urls), token_secret=cluster.secret)
+        redis_port = urlparse(redis_url).port or 6379
+        probe = ServerProbe(CENTRIFUGO_CATEGORIES, service_ports={"redis": redis_port},
+                            own_pids=dict.fromkeys(cluster.pids, "centrifugo"))
+        result = await Coordinator(p, run, progress).run_target(probe)
+        result.notes.append(f"peer: {cluster.describe()}")
+        return result
+    finally:
+        await cluster.stop()
+
+
 async def run_bench(params: BenchParams, *, vs: str | None = None, progress: ProgressLine | None = None,
                     baseline_ports: tuple[int, ...] = (8101, 8102),
                     redis_url: str = "redis://127.0.0.1:6379/0", log_dir: Any = None) -> BenchRun:
-    """Run the scenario against the target, then (with `vs`) the same against the baseline."""
+    """Run the scenario against the target, then (with `vs`) the same against that peer."""
     params.validate()
     progress = progress or ProgressLine(enabled=False)
     run = params.run_tag or new_run_tag()
@@ -482,6 +512,8 @@ async def run_bench(params: BenchParams, *, vs: str | None = None, progress: Pro
                     "messages are not stored anywhere (at-most-once)")
             finally:
                 await cluster.stop()
+        elif name == "centrifugo":
+            result = await _run_centrifugo(p, run, progress, redis_url, log_dir)
         else:
             health = await peernet_health(p.urls[0])
             if health.get("status") == "unreachable":

@@ -39,6 +39,11 @@ def make_target(name: str, urls: list[str], params: BenchParams) -> Target:
         from bench.socketio_client import SocketIOTarget
 
         return SocketIOTarget(urls, request_timeout=params.request_timeout)
+    if name == "centrifugo":
+        from bench.centrifugo_client import CentrifugoTarget
+
+        return CentrifugoTarget(urls, secret=params.token_secret, request_timeout=params.request_timeout,
+                                feeds=params.scenario in ("fanout", "mixed"))
     from bench.peernet_client import PeerNetTarget
 
     return PeerNetTarget(urls, binary=params.binary, request_timeout=params.request_timeout)
