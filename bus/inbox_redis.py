@@ -81,7 +81,8 @@ def session_slots(count: int) -> InboxSlots:
 # One atomic append: check the writer's version, store the items (a replayed (user, seq)
 # replaces itself), trim each touched inbox, merge the checkpoints, bump the version.
 # Trimming drops the oldest items while there are more than `keep` and the oldest is older than
-# `cutoff` (ms); it stops at the first young item, so it costs O(1) once an inbox is trimmed.
+# `cutoff` (ms); it stops at the first young item, reading the oldest 16 at a time, so it costs
+# O(1) once an inbox is trimmed and one small read while the excess is younger than the cutoff.
 # KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). The request is
 # one msgpack argument; returns the new version, or -1 when the version differs.
 _APPEND = """
@@ -100,16 +101,25 @@ for _, it in ipairs(req.items) do
 end
 for key, _ in pairs(touched) do
   local excess = redis.call('ZCARD', key) - req.keep
-  if excess > 0 then
-    local removed = 0
-    for _, m in ipairs(redis.call('ZRANGE', key, 0, excess - 1)) do
-      if tonumber(cmsgpack.unpack(m)['ts']) < req.cutoff then removed = removed + 1 else break end
+  local removed = 0
+  while removed < excess do
+    -- The oldest few at a time: trimming stops at the first young item, so an inbox over its
+    -- count but within its age reads one small chunk, not its whole excess.
+    local chunk = redis.call('ZRANGE', key, removed, math.min(removed + 15, excess - 1))
+    local old = 0
+    for _, m in ipairs(chunk) do
+      if tonumber(cmsgpack.unpack(m)['ts']) < req.cutoff then old = old + 1 else break end
     end
-    if removed > 0 then redis.call('ZREMRANGEBYRANK', key, 0, removed - 1) end
+    removed = removed + old
+    if old < #chunk or #chunk == 0 then break end
   end
+  if removed > 0 then redis.call('ZREMRANGEBYRANK', key, 0, removed - 1) end
 end
 for name, ckpt in pairs(req.ckpts) do
-  for p, o in pairs(ckpt) do redis.call('HSET', req.prefix .. 'ckpt:' .. name, tostring(p), o) end
+  -- One HSET per checkpoint with all its partitions.
+  local args = {}
+  for p, o in pairs(ckpt) do args[#args + 1] = tostring(p); args[#args + 1] = o end
+  if #args > 0 then redis.call('HSET', req.prefix .. 'ckpt:' .. name, unpack(args)) end
 end
 return redis.call('INCR', vkey)
 """

@@ -223,6 +223,22 @@ async def test_retention_stops_at_the_first_young_item(inbox_kit: InboxKit) -> N
     assert [i["seq"] for i in await cache.read(user, 0, 10)] == [3, 4, 5, 6, 7]
 
 
+async def test_retention_trims_an_excess_larger_than_one_read_of_the_oldest(
+        inbox_kit: InboxKit) -> None:
+    """The Redis script reads the oldest items a few at a time: an excess of many chunks goes in
+    one append, and it still stops at the first young item past the first chunk."""
+    cache, user = inbox_kit.cache, inbox_kit.user()
+    name = inbox_kit.checkpoint_name()
+    await cache.append([(user, inbox_item(s, ts=OLD)) for s in range(1, 41)], checkpoint_name=name,
+                       checkpoint={})
+    assert await cache.bounds(user) == Bounds(38, 40)
+    other = inbox_kit.user()
+    ts = {s: (now_ms() if s == 21 else OLD) for s in range(1, 41)}
+    await cache.append([(other, inbox_item(s, ts=t)) for s, t in ts.items()], checkpoint_name=name,
+                       checkpoint={})
+    assert await cache.bounds(other) == Bounds(21, 40)
+
+
 async def test_retention_applies_to_the_users_appended_to(inbox_kit: InboxKit) -> None:
     cache = inbox_kit.cache
     alice, bob = inbox_kit.user(), inbox_kit.user()
