@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bus.inbox import Bounds, CacheBehind, Item
+from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
 from peernet.errors import unavailable
 from peernet.ids import now_ms
@@ -33,16 +34,24 @@ class MemoryInboxCache:
     """
 
     def __init__(self, *, retention_items: int, retention_ms: int,
-                 clock: Callable[[], int] = now_ms, _server: _InboxServer | None = None) -> None:
+                 clock: Callable[[], int] = now_ms, pubsub: PubSub | None = None,
+                 _server: _InboxServer | None = None) -> None:
+        """`pubsub`: where `append` publishes (as the Redis cache publishes on its own
+        server); without it the cache does not publish."""
         self._retention_items = retention_items
         self._retention_ms = retention_ms
         self._clock = clock
+        self._pubsub = pubsub
         self._server = _server or _InboxServer()
+
+    @property
+    def publishes(self) -> bool:
+        return self._pubsub is not None
 
     def client(self) -> MemoryInboxCache:
         return MemoryInboxCache(retention_items=self._retention_items,
                                 retention_ms=self._retention_ms, clock=self._clock,
-                                _server=self._server)
+                                pubsub=self._pubsub, _server=self._server)
 
     def wipe(self) -> None:
         """Lose everything, as a Redis restart without persistence (or FLUSHALL) would."""
@@ -62,8 +71,11 @@ class MemoryInboxCache:
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
-                     expect_version: int | None = None) -> int:
+                     expect_version: int | None = None,
+                     publish: Sequence[tuple[str, bytes]] = ()) -> int:
         self._check()
+        if publish and self._pubsub is None:
+            raise ValueError("this inbox cache has no pub/sub to publish on")
         cutoff = self._clock() - self._retention_ms
         # Everything is prepared before anything is stored: the append is all or nothing.
         staged: list[tuple[str, int, bytes]] = [(user, int(item["seq"]), pack(item))
@@ -86,6 +98,8 @@ class MemoryInboxCache:
                 # Redis HSET: partitions not named keep their stored offsets.
                 self._server.checkpoints.setdefault(name, {}).update(ckpt)
         self._server.versions[checkpoint_name] = current + 1
+        if publish and self._pubsub is not None:
+            await self._pubsub.publish_many(publish)
         return current + 1
 
     async def version(self, name: str) -> int:

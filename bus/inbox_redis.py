@@ -83,8 +83,10 @@ def session_slots(count: int) -> InboxSlots:
 # Trimming drops the oldest items while there are more than `keep` and the oldest is older than
 # `cutoff` (ms); it stops at the first young item, reading the oldest 16 at a time, so it costs
 # O(1) once an inbox is trimmed and one small read while the excess is younger than the cutoff.
-# KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). The request is
-# one msgpack argument; returns the new version, or -1 when the version differs.
+# KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). ARGV[1] is the
+# request, one msgpack argument; ARGV[2..] channel, payload pairs to publish once stored (the
+# payloads are msgpack `bin`, which Lua's cmsgpack cannot read: they travel as plain arguments).
+# Returns the new version, or -1 when the version differs (nothing stored, nothing published).
 _APPEND = """
 local req = cmsgpack.unpack(ARGV[1])
 local vkey = KEYS[1]
@@ -121,7 +123,11 @@ for name, ckpt in pairs(req.ckpts) do
   for p, o in pairs(ckpt) do args[#args + 1] = tostring(p); args[#args + 1] = o end
   if #args > 0 then redis.call('HSET', req.prefix .. 'ckpt:' .. name, unpack(args)) end
 end
-return redis.call('INCR', vkey)
+local version = redis.call('INCR', vkey)
+-- Pushes go once everything is stored. PUBLISH names a channel, not a key: a cluster node
+-- runs it from a script and every node's subscribers get it.
+for i = 1, #ARGV - 1, 2 do redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2]) end
+return version
 """
 
 # Cumulative ack: keep the larger of the stored and the given seq.
@@ -165,10 +171,16 @@ class RedisInboxCache:
         prefix = self._prefix(self._slots.of_checkpoint(name))
         return f"{prefix}ckptv:{name}", f"{prefix}ckpt:{name}"
 
+    @property
+    def publishes(self) -> bool:
+        # The deployment's PubSub is on the same Redis (bus/backends.py builds both from one URL).
+        return True
+
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
-                     expect_version: int | None = None) -> int:
+                     expect_version: int | None = None,
+                     publish: Sequence[tuple[str, bytes]] = ()) -> int:
         group = self._slots.of_checkpoint(checkpoint_name)
         ckpts = {checkpoint_name: {int(p): int(o) for p, o in checkpoint.items()}}
         for name, extra in (also or {}).items():
@@ -189,7 +201,7 @@ class RedisInboxCache:
         }, use_bin_type=False)
         try:
             version = int(await self._append(keys=[self.checkpoint_keys(checkpoint_name)[0]],
-                                             args=[request]))
+                                             args=[request, *(x for m in publish for x in m)]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         if version < 0:

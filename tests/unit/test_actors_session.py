@@ -308,6 +308,33 @@ async def test_items_are_published_on_the_users_channel(rig: Rig) -> None:
     assert all(item["id"] == sent.id and item["seq"] == 1 for _, item in rig.pushed)
 
 
+async def test_a_cache_that_publishes_stores_and_pushes_a_batch_in_one_call(rig: Rig) -> None:
+    """With an inbox cache on the pub/sub's server (Redis in production), a batch's items,
+    checkpoints and pushes are one append call: the shard publishes nothing itself."""
+    await rig.watch("alice", "bob", "carol")
+    for to in ("bob", "carol"):
+        await rig.dm("alice", to)
+    calls: list[int] = []
+
+    class Counting(MemoryInboxCache):
+        async def append(self, items, **kw):  # type: ignore[no-untyped-def]
+            calls.append(len(kw.get("publish", ())))
+            return await super().append(items, **kw)
+
+    publisher = await rig.pubsub_client()
+    own_pubsub = await rig.pubsub_client()
+    cache = Counting(retention_items=100, retention_ms=10**9, pubsub=publisher)
+    log = rig.log.client()
+    await log.start()
+    shard = SessionShard(0, 1, rig.cfg, log, cache, own_pubsub)
+    await shard.process(rig.events())
+    assert calls == [4]  # alice twice, bob and carol: one call with four pushes
+    await eventually(lambda: len(rig.pushed) == 4)
+    await asyncio.sleep(0.1)  # nothing more comes: the shard did not publish them again
+    assert sorted(u for u, _ in rig.pushed) == ["alice", "alice", "bob", "carol"]
+    assert [i["seq"] for i in await cache.read("alice", 0, 10)] == [1, 2]
+
+
 async def test_a_redelivered_batch_adds_no_duplicate(rig: Rig) -> None:
     await rig.watch("alice", "bob")
     for i in range(5):

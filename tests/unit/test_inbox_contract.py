@@ -361,3 +361,63 @@ def test_spread_tags_put_each_group_in_its_own_share_of_the_slots(count: int) ->
     slots = [key_slot(spread_tag(f"g-{i}-of-{count}", i, count).encode()) for i in range(count)]
     assert [slot * count // 16384 for slot in slots] == list(range(count))
     assert spread_tag("g-0-of-3", 0, 3) == spread_tag("g-0-of-3", 0, 3)  # stable
+
+
+@pytest.mark.parametrize("kind", [REAL, CLUSTER, MEMORY])
+async def test_an_append_publishes_its_pushes_once_stored_and_none_when_it_stored_nothing(
+        request: pytest.FixtureRequest, kind: str) -> None:
+    """A cache that publishes sends an append's pushes in the same step: a subscriber that gets
+    one finds its item in the cache already, and an append refused as behind publishes none."""
+    import asyncio
+
+    from bus.inbox import CacheBehind
+    from bus.pubsub import PubSub
+    from peernet.codec import pack, unpack
+
+    pubsub: PubSub
+    cache: InboxCache
+    if kind == MEMORY:
+        from bus.memory import MemoryPubSub
+
+        memory_pubsub = MemoryPubSub()
+        pubsub = memory_pubsub
+        cache = MemoryInboxCache(retention_items=RETENTION_ITEMS, retention_ms=RETENTION_MS,
+                                 pubsub=memory_pubsub)
+        assert not MemoryInboxCache(retention_items=1, retention_ms=1).publishes
+    else:
+        from bus.inbox_redis import RedisInboxCache
+        from bus.redis import RedisPubSub, redis_client
+
+        url = cluster_url(request) if kind == "cluster" else load_config().services.redis_url
+        pubsub = RedisPubSub(url)
+        cache = RedisInboxCache(redis_client(url), retention_items=RETENTION_ITEMS,
+                                retention_ms=RETENTION_MS)
+    await pubsub.start()
+    user, name = unique_user("pub"), unique_user("ckpt")
+    channel = f"test-push:{user}"
+    got: list[tuple[dict[str, Any], list[Any]]] = []
+    seen = asyncio.Event()
+
+    def on_push(_channel: str, data: bytes) -> None:
+        got.append((unpack(data), []))
+        seen.set()
+
+    try:
+        assert cache.publishes
+        await pubsub.subscribe(channel, on_push)
+        item = inbox_item(1)
+        version = await cache.append([(user, item)], checkpoint_name=name, checkpoint={0: 1},
+                                     expect_version=0, publish=[(channel, pack(item))])
+        await asyncio.wait_for(seen.wait(), 5)
+        assert [g for g, _ in got] == [item]
+        assert await cache.read(user, 0, 10) == [item]
+        with pytest.raises(CacheBehind):
+            await cache.append([(user, inbox_item(2))], checkpoint_name=name, checkpoint={0: 2},
+                               expect_version=version + 5, publish=[(channel, pack(inbox_item(2)))])
+        await asyncio.sleep(0.3)
+        assert len(got) == 1 and await cache.bounds(user) == Bounds(1, 1)
+    finally:
+        await pubsub.stop()
+        if kind != MEMORY:
+            assert isinstance(cache, RedisInboxCache)
+            await cache._r.delete(cache.user_key(user), *cache.checkpoint_keys(name))
