@@ -1,10 +1,29 @@
-"""Connection deadlines (serve/liveness.py): the replica's one timing wheel on a fake clock."""
+"""Connection deadlines (serve/liveness.py): the replica's one timing wheel on a fake clock, and
+WebSocket pings counted as traffic by the replica's own uvicorn (serve/ws_server.py), served
+in-process to a real WebSocket client."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
-from serve.liveness import Liveness, tick_for
+import msgpack
+import uvicorn
+import websockets
+from gateway_harness import _presence_parts
+from unit_helpers import unique_user, unit_cfg
+
+from bus.inbox_memory import MemoryInboxCache
+from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
+from peernet.errors import CloseCode
+from peernet.tokens import issue_token
+from serve.app import build_app
+from serve.deps import GatewayDeps
+from serve.liveness import HEARD_EXTENSION, Liveness, tick_for
+from serve.ws_server import LeanWebSocketProtocol
 
 # -- the wheel, on a fake clock ----------------------------------------------------------------
 
@@ -135,3 +154,119 @@ async def test_the_sweeping_task_expires_connections_on_the_real_clock() -> None
         assert wheel.now() >= conn.heard_at + 0.1
     finally:
         await wheel.stop()
+
+
+# -- WebSocket pings through the replica's uvicorn ---------------------------------------------
+
+HEARTBEAT_MS = 400
+
+
+@contextlib.asynccontextmanager
+async def replica_server(env: dict[str, str] | None = None,
+                         **uvicorn_args: Any) -> AsyncIterator[tuple[str, Any]]:
+    """The gateway app on in-memory backends, served by uvicorn with the replica's WebSocket
+    protocol (as `use_server_settings` makes Serve's), on a free local port."""
+    cfg = unit_cfg({"PEERNET_HEARTBEAT_MS": str(HEARTBEAT_MS), "PEERNET_HELLO_TIMEOUT_S": "0.5",
+                    **(env or {})})
+    pubsub = MemoryPubSub()
+    deps = GatewayDeps(cfg=cfg, log=MemoryEventLog(), cache=MemoryCache(),
+                       inbox=MemoryInboxCache(retention_items=10, retention_ms=60_000),
+                       pubsub=pubsub, store=MemoryDocumentStore(), on_startup=[pubsub.start],
+                       on_shutdown=[pubsub.stop], **_presence_parts())
+    async with serving(build_app(deps), lifespan="on", **uvicorn_args) as port:
+        yield f"ws://127.0.0.1:{port}/v1/ws", cfg
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **uvicorn_args: Any) -> AsyncIterator[int]:
+    """`app` served by uvicorn with the replica's WebSocket protocol on a free local port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, ws=LeanWebSocketProtocol, log_level="warning",
+                                           **uvicorn_args))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(1000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+async def hello(url: str, cfg: Any) -> Any:
+    ws = await websockets.connect(url, ping_interval=None)
+    await ws.send(msgpack.packb({"t": "hello", "token": issue_token(unique_user(), cfg.gateway)}))
+    assert msgpack.unpackb(await ws.recv())["t"] == "welcome"
+    return ws
+
+
+async def close_code(ws: Any, within_s: float) -> int | None:
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async with asyncio.timeout(within_s):
+            while True:
+                await ws.recv()
+    return ws.close_code
+
+
+async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_it_4408() -> None:
+    heartbeat_s = HEARTBEAT_MS / 1000
+    async with replica_server() as (url, cfg):
+        pinging, silent = await hello(url, cfg), await hello(url, cfg)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3 * heartbeat_s + 0.3
+        while loop.time() < end:  # WebSocket pings every half heartbeat, not a single frame
+            await asyncio.wait_for(await pinging.ping(), 5)
+            await asyncio.sleep(heartbeat_s / 2)
+        assert pinging.close_code is None, pinging.close_code
+        assert await close_code(silent, 5) == CloseCode.TIMEOUT
+        # Once the pings stop, the pinging one goes the same way.
+        assert await close_code(pinging, 5) == CloseCode.TIMEOUT
+
+
+async def test_unsolicited_pongs_count_and_answers_to_the_servers_keepalive_pings_do_not() -> None:
+    heartbeat_s = HEARTBEAT_MS / 1000
+    # uvicorn pings every 0.1 s; the client's library answers each by itself.
+    async with replica_server(ws_ping_interval=0.1, ws_ping_timeout=5) as (url, cfg):
+        ponging, answering = await hello(url, cfg), await hello(url, cfg)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3 * heartbeat_s
+        while loop.time() < end:
+            await ponging.pong(b"beat")
+            await asyncio.sleep(heartbeat_s / 2)
+        assert ponging.close_code is None
+        assert await close_code(answering, 5) == CloseCode.TIMEOUT
+
+
+async def test_pings_before_the_hello_do_not_extend_the_hello_deadline() -> None:
+    async with replica_server() as (url, _):
+        ws = await websockets.connect(url, ping_interval=None)
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        for _ in range(20):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.ping()
+            await asyncio.sleep(0.05)
+            if ws.close_code is not None:
+                break
+        assert await close_code(ws, 5) == CloseCode.TIMEOUT
+        assert loop.time() - opened < 2.0
+
+
+async def test_the_socket_scope_carries_the_ping_record() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["extensions"][HEARD_EXTENSION])
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()  # until the client goes
+
+    async with serving(app, lifespan="off") as port, \
+            websockets.connect(f"ws://127.0.0.1:{port}/", ping_interval=None) as ws:
+        assert seen[0].heard_at == 0.0
+        await asyncio.wait_for(await ws.ping(), 5)
+        assert seen[0].heard_at > 0.0
