@@ -13,6 +13,10 @@ its received messages in a LeanQueue rather than an asyncio.Queue: four deques (
 connection for a queue that one reader drains (docs/benchmarks.md, memory per idle connection),
 and tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
 
+And it turns off uvicorn's own keepalive pings (every 20 s by default): two timers per socket
+rescheduled each time and a ping and pong on the wire, per idle connection, to find dead peers
+that the heartbeat (2 x heartbeat without a word: 4408, serve/liveness.py) finds anyway.
+
 docs/architecture.md, "The ingress", has the measurement. With the `proxy` ingress the sockets
 are Serve's proxy's, which this does not reach (docs/protocol.md, "Heartbeat").
 """
@@ -125,7 +129,7 @@ def use_server_settings(cfg: GatewayConfig) -> None:
     """Make `uvicorn.Config` in this process default to `cfg`'s WebSocket settings."""
     base: type[uvicorn.Config] = getattr(uvicorn.Config, "peernet_base", uvicorn.Config)
     defaults: dict[str, Any] = {"ws_per_message_deflate": cfg.ws_compression,
-                                "ws": LeanWebSocketProtocol}
+                                "ws": LeanWebSocketProtocol, "ws_ping_interval": None}
 
     class Config(base):  # type: ignore[misc, valid-type]
         peernet_base = base
