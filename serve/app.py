@@ -27,6 +27,7 @@ from serve.deps import GatewayDeps
 from serve.handlers import build_handlers
 from serve.hub import Hub
 from serve.limits import AddressLimiter, TrustedProxies, client_address
+from serve.liveness import Liveness, tick_for
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
 from serve.social import social_routes
@@ -84,6 +85,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
                         LeaseTiming(presence_lease_ms(deps.cfg)), deps.replica,
                         deps.cfg.gateway.max_watch)
     acks = AckBuffer(deps.inbox, deps.cfg.gateway.ack_flush_ms)
+    gw = deps.cfg.gateway
+    liveness = Liveness(tick_for(gw.hello_timeout_s, 2 * gw.heartbeat_ms / 1000))
     handlers = build_handlers(messenger, presence, acks)
     trusted = TrustedProxies(deps.cfg.gateway.trusted_proxies)
     per_address = AddressLimiter(deps.cfg.gateway.max_connections_per_address)
@@ -98,7 +101,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
             await refuse(ws, "address", ADDRESS_FULL)
             return
         try:
-            await Connection(ws, deps, hub, handlers, presence).run()
+            await Connection(ws, deps, hub, handlers, presence, liveness).run()
         finally:
             # Every way out of the connection, its errors and cancellation too.
             per_address.release(address)
@@ -247,6 +250,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         metrics.watch_gc()
         for start in deps.on_startup:
             await start()
+        liveness.start()
         await presence.start()
         await acks.start()
         await publisher.start()
@@ -254,6 +258,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await liveness.stop()
             with contextlib.suppress(Exception):
                 await presence.stop()
             with contextlib.suppress(Exception):
@@ -291,5 +297,6 @@ def build_app(deps: GatewayDeps) -> Starlette:
     app = GatewayApp(ws_endpoint=websocket_asgi, routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.presence = presence
+    app.state.liveness = liveness
     app.state.per_address = per_address
     return app

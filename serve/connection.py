@@ -9,6 +9,10 @@ Memory: an idle connection holds no writer task and no asyncio.Queue. The outbox
 deque and the writer is a task started when something is queued, which ends when the outbox is
 empty (an asyncio.Queue is four deques, ~3 KiB; a parked writer task with its frames ~1.5 KiB;
 per idle connection that is a tenth of the replica's share, docs/benchmarks.md).
+
+Liveness: no timer per socket. The connection notes when it last heard from its client (and the
+replica's WebSocket server notes WebSocket pings beside it); the replica's one `Liveness` wheel
+asks for the deadline once a tick and expires it when it passed (serve/liveness.py).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from peernet.tokens import TokenError, verify_token
 from serve import metrics
 from serve.hub import Hub, Outgoing
 from serve.limits import FloodDetector, TokenBucket
+from serve.liveness import HEARD_EXTENSION
 
 if TYPE_CHECKING:
     from serve.deps import GatewayDeps
     from serve.handlers import HandlerTable
+    from serve.liveness import HeardFrom, Liveness
     from serve.presence import Presence
 
 log = logging.getLogger("peernet.connection")
@@ -69,7 +75,7 @@ class _Closed(Exception):
 
 class Connection:
     def __init__(self, ws: WebSocket, deps: GatewayDeps, hub: Hub, handlers: HandlerTable,
-                 presence: Presence) -> None:
+                 presence: Presence, liveness: Liveness) -> None:
         self.ws = ws
         self.deps = deps
         self.cfg = deps.cfg.gateway
@@ -90,6 +96,14 @@ class Connection:
         self._closer: asyncio.Future[None] | None = None
         self._attached = False
         self._ended = False  # the read loop is over: nothing more is queued
+        # Liveness (serve/liveness.py): the wheel's clock, the hello's deadline, then silence.
+        self._liveness = liveness
+        self.liveness_tick: int | None = None
+        self.heard_at = 0.0  # the last frame read; the hello deadline runs from the open
+        self._live = False  # past the hello: the deadline is 2 x heartbeat after the last word
+        self._pings: HeardFrom | None = (ws.scope.get("extensions") or {}).get(HEARD_EXTENSION)
+        self._reading: asyncio.Timeout | None = None  # while the read loop waits for a frame
+        self._expired = False
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -241,9 +255,29 @@ class Connection:
 
     # -- inbound -----------------------------------------------------------------------------
 
+    def deadline(self) -> float:
+        if not self._live:
+            # WebSocket pings before the hello do not count: the hello must come in time.
+            return self.heard_at + self.cfg.hello_timeout_s
+        heard = self.heard_at
+        pings = self._pings
+        if pings is not None and pings.heard_at > heard:
+            heard = pings.heard_at
+        return heard + 2 * self.cfg.heartbeat_ms / 1000
+
+    def expire(self) -> None:
+        """The deadline passed (the wheel says so): the read loop closes with 4408, now if it
+        waits for a frame, else before it reads the next."""
+        self._expired = True
+        reading = self._reading
+        if reading is not None:
+            reading.reschedule(0)  # the wait ends at once with TimeoutError
+
     async def run(self) -> None:
         await self.ws.accept()
         metrics.CONNECTIONS.inc()
+        self.heard_at = self._liveness.now()
+        self._liveness.watch(self)
         try:
             await self._serve()
         except _Closed as closed:
@@ -251,6 +285,7 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
+            self._liveness.forget(self)
             metrics.CONNECTIONS.dec()
             if self._attached:
                 self.hub.detach_now(self)
@@ -274,13 +309,20 @@ class Connection:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._closer, 5)
 
-    async def _receive(self, timeout: float) -> bytes | str:
+    async def _receive(self) -> bytes | str:
+        if self._expired:
+            raise _Closed(CloseCode.TIMEOUT, "no frame in time")
         try:
-            # asyncio.timeout, not wait_for: no extra task per waiting connection.
-            async with asyncio.timeout(timeout):
-                message = await self.ws.receive()
+            # A timeout with no deadline (no timer): `expire` ends the wait when the wheel says.
+            async with asyncio.timeout(None) as reading:
+                self._reading = reading
+                try:
+                    message = await self.ws.receive()
+                finally:
+                    self._reading = None
         except TimeoutError:
             raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
+        self.heard_at = self._liveness.now()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         data: bytes | str | None = message.get("bytes")
@@ -292,7 +334,8 @@ class Connection:
         return data
 
     async def _serve(self) -> None:
-        first = await self._receive(self.cfg.hello_timeout_s)
+        first = await self._receive()
+        self._live = True
         self.binary = isinstance(first, bytes)
         try:
             hello = decode_frame(first)
@@ -308,9 +351,8 @@ class Connection:
 
         bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
         flood = FloodDetector(self.cfg.flood_close_after)
-        idle = 2 * self.cfg.heartbeat_ms / 1000
         while True:
-            data = await self._receive(idle)
+            data = await self._receive()
             if not bucket.take():
                 metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
                 if flood.refuse():

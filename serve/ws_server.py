@@ -10,22 +10,31 @@ server, which Serve does after the deployment's constructor returns.
 
 It also makes uvicorn's WebSocket protocol (websockets-sansio, what uvicorn's "auto" picks) hold
 its received messages in a LeanQueue rather than an asyncio.Queue: four deques (~3 KiB) on every
-connection for a queue that one reader drains (docs/benchmarks.md, memory per idle connection).
+connection for a queue that one reader drains (docs/benchmarks.md, memory per idle connection),
+and tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
+
+And it turns off uvicorn's own keepalive pings (every 20 s by default): two timers per socket
+rescheduled each time and a ping and pong on the wire, per idle connection, to find dead peers
+that the heartbeat (2 x heartbeat without a word: 4408, serve/liveness.py) finds anyway.
 
 docs/architecture.md, "The ingress", has the measurement. With the `proxy` ingress the sockets
-are Serve's proxy's, which this does not reach.
+are Serve's proxy's, which this does not reach (docs/protocol.md, "Heartbeat").
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import Any, Generic, TypeVar
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+from websockets.http11 import Request
 
 from peernet.config import GatewayConfig
+from serve.liveness import HEARD_EXTENSION
 
 T = TypeVar("T")
 
@@ -80,18 +89,47 @@ class LeanQueue(Generic[T]):
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol with its receive queue in a LeanQueue."""
+    """uvicorn's websockets-sansio protocol with its receive queue in a LeanQueue, which tells the
+    app when the client last sent a WebSocket ping.
+
+    uvicorn answers a ping itself and the app never hears of it, yet the contract counts pings
+    as traffic. So the protocol notes the time of each ping in `heard_at` and puts itself in the
+    socket's ASGI scope under HEARD_EXTENSION, where the connection's deadline reads it
+    (serve/liveness.py): an attribute write per ping, no message, no task woken. An unsolicited
+    pong (RFC 6455 5.5.3: a one-way heartbeat) counts too; a pong that answers uvicorn's own
+    keepalive ping does not, since any client's WebSocket library sends that one by itself."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = LeanQueue()  # type: ignore[assignment]
+        self.heard_at = 0.0
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The scope exists once the upgrade is accepted; the app's task has not run yet.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            extensions = scope.get("extensions")
+            if extensions is None:
+                scope["extensions"] = extensions = {}
+            extensions[HEARD_EXTENSION] = self
+
+    def handle_ping(self) -> None:
+        self.heard_at = time.monotonic()
+        super().handle_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        expected = self.pending_ping_payload
+        if expected is None or bytes(event.data) != expected:
+            self.heard_at = time.monotonic()
+        super().handle_pong(event)
 
 
 def use_server_settings(cfg: GatewayConfig) -> None:
     """Make `uvicorn.Config` in this process default to `cfg`'s WebSocket settings."""
     base: type[uvicorn.Config] = getattr(uvicorn.Config, "peernet_base", uvicorn.Config)
     defaults: dict[str, Any] = {"ws_per_message_deflate": cfg.ws_compression,
-                                "ws": LeanWebSocketProtocol}
+                                "ws": LeanWebSocketProtocol, "ws_ping_interval": None}
 
     class Config(base):  # type: ignore[misc, valid-type]
         peernet_base = base

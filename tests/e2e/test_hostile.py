@@ -139,6 +139,46 @@ async def test_no_hello_in_time_closes_with_4408(peernet_server: Server) -> None
     assert time.monotonic() - started >= peernet_server.cfg.gateway.hello_timeout_s - 0.5
 
 
+async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_it_with_4408(
+        peernet_server: Server) -> None:
+    """The contract counts WebSocket pings as traffic; uvicorn answers them, the app reads them
+    from the replica's protocol (serve/ws_server.py). Both connections disable the client
+    library's own keepalive and answer nothing but the server's pings (which do not count)."""
+    heartbeat_s = peernet_server.cfg.gateway.heartbeat_ms / 1000
+
+    async def hello() -> ClientConnection:
+        ws = await websockets.connect(peernet_server.ws_url, ping_interval=None)
+        token = await dev_token(peernet_server.url, unique_user("p"))
+        await ws.send(msgpack.packb({"t": "hello", "token": token}))
+        assert msgpack.unpackb(await ws.recv())["t"] == "welcome"
+        return ws
+
+    async def close_code(ws: ClientConnection, within_s: float) -> int | None:
+        try:
+            async with asyncio.timeout(within_s):
+                async for _ in ws:
+                    pass
+        except websockets.ConnectionClosed:
+            pass
+        return ws.close_code
+
+    pinging, silent = await hello(), await hello()
+    started = time.monotonic()
+    closed_after: list[float] = []
+    silent_closed = asyncio.create_task(close_code(silent, 2 * heartbeat_s + 10))
+    silent_closed.add_done_callback(lambda _: closed_after.append(time.monotonic() - started))
+    while time.monotonic() - started < 3 * heartbeat_s + 1:
+        await asyncio.wait_for(await pinging.ping(), 10)
+        await asyncio.sleep(heartbeat_s / 2)
+    assert pinging.close_code is None
+    assert await silent_closed == 4408
+    assert 2 * heartbeat_s - 1 <= closed_after[0] <= 2 * heartbeat_s + 5, closed_after
+    await pinging.send(msgpack.packb({"t": "ping", "rid": 1}))
+    pong = msgpack.unpackb(await asyncio.wait_for(pinging.recv(), 10))
+    assert pong == {"t": "pong", "rid": 1}
+    await pinging.close()
+
+
 async def test_a_flood_is_rate_limited_then_closed_and_others_are_unharmed(
         peernet_server: Server, bystander: Client) -> None:
     gw = peernet_server.cfg.gateway

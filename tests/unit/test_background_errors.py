@@ -306,6 +306,7 @@ class FakeSocket:
     def __init__(self, send_error: BaseException | None = None, *, closes: bool = False) -> None:
         self.send_error = send_error
         self.closes = closes
+        self.scope: dict[str, object] = {"type": "websocket"}
         self.application_state = WebSocketState.CONNECTED
         self.sent: list[bytes] = []
         self.closed: list[int] = []
@@ -328,7 +329,7 @@ class BrokenInbox(MemoryInboxCache):
 
 def connection(ws: FakeSocket, inbox: MemoryInboxCache | None = None) -> Connection:
     deps = SimpleNamespace(cfg=unit_cfg(), inbox=inbox, replica="unit")
-    conn = Connection(ws, deps, None, {}, None)  # type: ignore[arg-type]
+    conn = Connection(ws, deps, None, {}, None, None)  # type: ignore[arg-type]
     conn.user = "alice"
     conn._early = None
     return conn

@@ -51,6 +51,12 @@ def test_the_replica_serves_websockets_with_the_lean_receive_queue(restored_conf
     assert config.ws_protocol_class is LeanWebSocketProtocol
 
 
+def test_the_replica_sends_no_keepalive_pings_of_its_own(restored_config: None) -> None:
+    assert uvicorn.Config(app).ws_ping_interval == 20.0  # uvicorn's default: a timer per socket
+    use_server_settings(unit_cfg().gateway)
+    assert uvicorn.Config(app).ws_ping_interval is None
+
+
 async def test_lean_queue_gives_items_in_order_to_waiting_getters_first_come_first_served() -> None:
     queue: LeanQueue[int] = LeanQueue()
     assert queue.empty() and queue.qsize() == 0
