@@ -26,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -792,6 +793,7 @@ func (d *driver) setup() error {
 // schedule sends each DM at its due time on its sender's connection, whatever became of the
 // earlier ones (open loop), then reports once every one is acknowledged or failed.
 func (d *driver) schedule(ph *phase) {
+	cpu0 := cpuTime()
 	var buf bytes.Buffer
 	enc := msgpack.NewEncoder(&buf)
 	var body, cid []byte
@@ -842,7 +844,13 @@ func (d *driver) schedule(ph *phase) {
 	d.mu.Lock()
 	sent := map[string]any{"op": "sent", "sent": ph.sent, "acked_k": ph.ackK, "acked_us": ph.ackUs,
 		"failed_k": ph.failK, "failed_reason": ph.failReason, "lag_us": ph.lagUs}
+	n := ph.sent
 	d.mu.Unlock()
+	// Its own CPU alone, beside the load generator's in the summary (which adds the coordinator).
+	cpu, wall := cpuTime()-cpu0, time.Duration(nowUs()-ph.t0)*time.Microsecond
+	fmt.Fprintf(os.Stderr, "dmdriver: phase %d: %d DMs sent and resolved in %.1f s; own CPU %.3f s "+
+		"(%.1f%% of one core, %.3f ms per DM)\n", ph.n, n, wall.Seconds(), cpu.Seconds(),
+		100*cpu.Seconds()/max(wall.Seconds(), 1e-9), cpu.Seconds()*1e3/float64(max(n, 1)))
 	d.ctl.send(sent)
 	// Then the deliveries still owed, until each acknowledged DM reached both participants or
 	// the drain deadline passed.
@@ -953,6 +961,12 @@ func (d *driver) connStats() (int, map[string]any) {
 		"unknown_frames": 0, "resumes": s.resumes, "resumes_incomplete": s.resumesIncomplete,
 		"errors": maps(d.errs), "close_codes": maps(d.closeCodes),
 	}
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func maps(m map[string]int) map[string]int {
