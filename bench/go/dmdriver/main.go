@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -1073,7 +1074,14 @@ func main() {
 			"its orders on stdin)")
 		os.Exit(2)
 	}
+	// A CPU profile of the whole run, for whoever works on the driver's own cost.
+	if path := os.Getenv("DMDRIVER_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil && pprof.StartCPUProfile(f) == nil {
+			defer pprof.StopCPUProfile()
+		}
+	}
 	if err := run(); err != nil {
+		pprof.StopCPUProfile()
 		fatal(err)
 	}
 }
