@@ -17,6 +17,7 @@ from bench.chaos import parse_faults
 from bench.params import (
     DEFAULT_MIX,
     DEFAULT_SERVICE_PORTS,
+    DRIVERS,
     PEER_SCENARIOS,
     SCENARIOS,
     TARGETS,
@@ -38,6 +39,7 @@ examples:
   python -m bench presence --clients 200 --churners 100 --watch 20 --rate 40
   python -m bench mixed --clients 300 --rate 300 --mix dm=0.7,fanout=0.1,presence=0.2
   python -m bench dm --find-max --rate 100 --step-factor 1.5 --bound-ms 100
+  python -m bench dm --driver go --clients 1000 --rate 2000   # the Go load driver (built on first use)
   python -m bench dm --vs socketio --find-max --rate 100     # PeerNet, then the baseline
   python -m bench dm --target socketio                       # the baseline alone
   python -m bench dm --vs centrifugo --find-max --rate 100   # PeerNet, then Centrifugo (built on first use)
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed: shares of rate and clients (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the plan and schedule (default 1)")
     g.add_argument("--procs", type=int, default=d.procs, help="load processes (default 1)")
+    g.add_argument("--driver", choices=DRIVERS, default=d.driver,
+                   help="the load processes: python (bench/worker.py) or go (bench/go/dmdriver: dm on "
+                        "PeerNet, one process, built with the machine's Go on first use); default python")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds before an unacknowledged request counts as failed "
                         f"(default {d.request_timeout:g})")
@@ -143,6 +148,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         clients=args.clients, rate=args.rate, duration=args.duration, warmup=args.warmup, drain=args.drain,
         size=args.size, group_size=args.group_size, authors=args.authors, followers=args.followers,
         churners=args.churners, watch=args.watch, mix=parse_mix(args.mix), seed=args.seed, procs=args.procs,
+        driver=args.driver,
         request_timeout=args.request_timeout, connect_concurrency=args.connect_concurrency,
         binary=not args.json_frames, run_tag=args.run_tag, service_ports=parse_ports(args.service_ports),
         find_max=args.find_max, bound_ms=args.bound_ms,

@@ -8,6 +8,8 @@ from typing import Any
 
 SCENARIOS = ("dm", "fanout", "presence", "mixed")
 TARGETS = ("peernet", "socketio", "centrifugo")
+# The load processes: bench/worker.py's, or the Go driver (bench/go/dmdriver; dm on PeerNet).
+DRIVERS = ("python", "go")
 # The scenarios each peer implements (PeerNet implements them all).
 PEER_SCENARIOS: dict[str, tuple[str, ...]] = {"socketio": ("dm",), "centrifugo": ("dm", "fanout")}
 
@@ -46,6 +48,7 @@ class BenchParams:
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     seed: int = 1
     procs: int = 1
+    driver: str = "python"
     request_timeout: float = 15.0
     connect_concurrency: int = 64
     binary: bool = True
@@ -104,6 +107,10 @@ class BenchParams:
         for ok, message in checks:
             if not ok:
                 raise ParamError(message)
+        if self.driver not in DRIVERS:
+            raise ParamError(f"driver must be one of {', '.join(DRIVERS)}")
+        if self.driver == "go":
+            self._validate_go()
         if self.chaos:
             self._validate_chaos()
         if self.scenario == "mixed":
@@ -112,6 +119,18 @@ class BenchParams:
             if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
                 raise ParamError("--mix shares must be non-negative and not all zero")
         return self
+
+    def _validate_go(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.scenario == "dm", "--driver go runs the dm scenario only"),
+            (self.target == "peernet",
+             "--driver go drives PeerNet (a --vs peer runs with the Python driver)"),
+            (self.binary, "--driver go speaks MessagePack frames only: drop --json-frames"),
+            (self.procs == 1, "--driver go is one process on every core: leave --procs at 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParamError(message)
 
     def _validate_chaos(self) -> None:
         phase = self.warmup + self.duration

@@ -177,6 +177,15 @@ class WorkerHandle:
             await self.reader
 
 
+async def start_go_worker(params: BenchParams, plan: Plan, say: Any) -> WorkerHandle:
+    """The Go driver as the one load process (built first if need be: not part of the setup time)."""
+    from bench.go_driver import ensure_built, start_go_driver
+
+    binary = await ensure_built(say)
+    channel, process = await start_go_driver(params, plan, binary)
+    return WorkerHandle(channel, process=process)
+
+
 def start_workers(params: BenchParams, run: str) -> list[WorkerHandle]:
     """One worker in this process when --procs is 1, else that many spawned load processes."""
     if params.procs == 1:
@@ -236,14 +245,21 @@ class Coordinator:
         result = TargetResult(p.target, list(p.urls))
         await probe.start()
         handles: list[WorkerHandle] = []
+        # The Go driver speaks PeerNet's protocol only: a --vs peer runs with the Python workers.
+        go = p.driver == "go" and p.target == "peernet"
         try:
             injector = self._injector() if p.chaos else None
             before = probe.samples[-1]
             started = time.monotonic()
             self.progress.say(f"[{p.target}] connecting {p.clients} clients "
                               f"({len(self.plan.always_connected)} stay connected) "
-                              f"with {p.procs} load process(es)")
-            handles = start_workers(p, self.run)
+                              + ("with the Go driver" if go else f"with {p.procs} load process(es)"))
+            if go:
+                handles = [await start_go_worker(p, self.plan, self.progress.say)]
+                result.notes.append("load generator: the Go driver (bench/go/dmdriver), one process, "
+                                    "and this coordinator")
+            else:
+                handles = start_workers(p, self.run)
             probe.add_load_pids(h.pid for h in handles if h.pid is not None)
             ready_timeout = 60 + p.clients / 20
             readies = await asyncio.gather(*(h.expect("ready", ready_timeout) for h in handles))
