@@ -97,7 +97,11 @@ class GatewayConfig:
     # A Serve config file for the gateway (replicas or autoscaling, environment): see
     # serve/serve_config.py and deploy/serve-config.yaml. Empty: none.
     serve_config: str = ""
-    max_connections_per_replica: int = 10_000
+    max_connections_per_replica: int = 25_000
+    # Sockets one node should hold: `peernet serve` raises the open-files limit for it (HAProxy
+    # needs ~2.5 files per connection) and says at start when the machine refuses
+    # (serve/os_limits.py).
+    connections_per_node: int = 50_000
     # Connections one client address may hold open on one replica; over it a new one is closed
     # with 4429 (0: no limit). IPv6 addresses count by /64. See serve/limits.py, client_address.
     max_connections_per_address: int = 1_000
@@ -283,6 +287,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_GATEWAY_PLACEMENT": ("gateway", "placement"),
     "PEERNET_SERVE_CONFIG": ("gateway", "serve_config"),
     "PEERNET_MAX_CONNECTIONS_PER_REPLICA": ("gateway", "max_connections_per_replica"),
+    "PEERNET_CONNECTIONS_PER_NODE": ("gateway", "connections_per_node"),
     "PEERNET_MAX_CONNECTIONS_PER_ADDRESS": ("gateway", "max_connections_per_address"),
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),
     "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),

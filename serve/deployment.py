@@ -37,6 +37,7 @@ from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
+from serve.os_limits import files_for, listen_backlog, raise_open_files
 from serve.placement import ReplicaTarget, count_conflicts, gateway_nodes, wanted_replicas
 from serve.serve_config import DEPLOYMENT_NAME, GatewayServeConfig, apply_env, load_serve_config
 from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record, update_state
@@ -156,6 +157,10 @@ def free_port_in(low: int, high: int, tries: int = 50) -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+# The listen backlog below which `peernet serve` warns (connect bursts of 1,000 a second).
+MIN_BACKLOG = 1024
 
 
 def _haproxy_maxconn(cfg: PeerNetConfig) -> int:
@@ -387,6 +392,18 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
                           "them (docs/deploy.md, \"Gateway on every node\")")
     os.environ["RAY_AUTH_MODE"] = cfg.ray.auth_mode
     TrustedProxies(cfg.gateway.trusted_proxies)  # a bad setting stops here, not in each replica
+    if not cfg.ray.address:
+        # Our own head: Ray, HAProxy and the replicas are this process's children and inherit
+        # the limit, and HAProxy's maxconn follows it. Nodes that `ray start` joined to a
+        # cluster keep their own (cluster.yaml asks for 131,072), which HAProxy on each of them
+        # must carry: there the limit this process had is the one maxconn is computed from.
+        node_sockets = cfg.gateway.connections_per_node
+        print(raise_open_files(files_for(node_sockets)).line(node_sockets), flush=True)
+    backlog = listen_backlog()
+    if backlog is not None and backlog < MIN_BACKLOG:
+        print(f"peernet: WARNING: the kernel caps listen backlogs at {backlog} "
+              f"(net.core.somaxconn); bursts of connects beyond it are dropped and retried by "
+              f"the clients' TCP: set it to {MIN_BACKLOG} or more", flush=True)
     serve_env = replica_env(cfg)
     os.environ.update(serve_env)
     env = {**_peernet_env(cfg), **serve_env}
