@@ -25,11 +25,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from bus.eventlog import ConsumerLag, EventLog, LogConsumer, Record, consumer_lag
 from peernet.errors import PeerNetError
 
 log = logging.getLogger("peernet.consumer")
+
+T = TypeVar("T")
 
 Handler = Callable[[Sequence[Record]], Awaitable[object]]
 OnError = Callable[[str, BaseException, bool], None]  # what, exception, whether to log a trace
@@ -43,6 +46,26 @@ RETRY_CAP_S = 2.0
 
 def group_name(group: str, topic: str) -> str:
     return f"{group}@{topic}"
+
+
+async def until_ok(what: str, action: Callable[[], Awaitable[T]], *, on_error: OnError,
+                   stopping: Callable[[], bool]) -> T:
+    """Run `action` until it succeeds, counting and logging each failure through `on_error`
+    (a PeerNetError is a backend away; anything else is a bug, logged with its trace: either
+    way the step is retried, never skipped), 50 ms apart doubling to 2 s; raises only once
+    `stopping()` says so. The one retry policy of the log consumers."""
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            return await action()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if stopping():
+                raise
+            on_error(what, exc, not isinstance(exc, PeerNetError))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_CAP_S)
 
 
 class ConsumerLoop:
@@ -172,21 +195,8 @@ class ConsumerLoop:
         return records
 
     async def retry(self, what: str, action: Callable[[], Awaitable[object]]) -> None:
-        """Run `action` until it succeeds (a backend away, or a bug: either way retried, never
-        skipped), counting and logging each failure; raises only while stopping."""
-        delay = RETRY_FIRST_S
-        while True:
-            try:
-                await action()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._stopping:
-                    raise
-                self._on_error(what, exc, not isinstance(exc, PeerNetError))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_CAP_S)
+        """`until_ok` with this loop's error report, stopping when the loop stops."""
+        await until_ok(what, action, on_error=self._on_error, stopping=lambda: self._stopping)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         # Every step catches its failures; one that still escapes has stopped this topic's

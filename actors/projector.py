@@ -11,18 +11,16 @@ from the log afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from actors.consuming import ConsumerLoop
+from actors.consuming import ConsumerLoop, until_ok
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.store import Document, DocumentStore
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
-from peernet.errors import PeerNetError
 
 log = logging.getLogger("peernet.projector")
 
@@ -156,7 +154,8 @@ class Projector:
         self.stats = ProjectorStats()
 
     async def start(self) -> None:
-        await self._until_ok("indexes", self.ensure_indexes)
+        await until_ok("indexes", self.ensure_indexes, on_error=self._count_error,
+                       stopping=lambda: self._stopping)
         # The broker gathers up to a linger's records into one fetch instead of a fetch per
         # event; the loop then gathers for up to another linger (which the in-memory log needs),
         # so the store of record trails delivery by up to two lingers. Both logs: the social
@@ -225,23 +224,6 @@ class Projector:
             if deletes:
                 await self._store.delete_many(collection, {"_id": {"$in": deletes}})
             self.stats.written += len(upserts) + len(deletes)
-
-    async def _until_ok(self, what: str, action: Callable[[], Awaitable[object]]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await action()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # PeerNetError is a backend away; anything else is a bug. Either way the batch is
-                # retried (every write is idempotent), counted and logged.
-                if self._stopping:
-                    raise
-                self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1

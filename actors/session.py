@@ -17,14 +17,13 @@ exactly-once across restarts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from actors.consuming import ConsumerLoop
+from actors.consuming import ConsumerLoop, until_ok
 from actors.inbox_items import inbox_item, parse_recipients
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
@@ -378,20 +377,9 @@ class SessionShard:
             await reader.stop()
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.05
-        while True:
-            try:
-                return await action()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # PeerNetError is a backend away; anything else is a bug. Either way the step is
-                # retried (never skipped: the same seqs go again), counted and logged.
-                if self._stopping:
-                    raise
-                self._count_error(what, exc, trace=not isinstance(exc, PeerNetError))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        # Retried, never skipped: the same seqs go again.
+        return await until_ok(what, action, on_error=self._count_error,
+                              stopping=lambda: self._stopping)
 
     def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1
