@@ -91,7 +91,8 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _redis_reachable(url: str) -> bool:
+def redis_reachable(url: str) -> bool:
+    """Whether the Redis at `url` answers PING (a raw socket: no client library needed)."""
     from urllib.parse import urlparse
 
     u = urlparse(url)
@@ -141,7 +142,7 @@ class BaselineCluster:
             self.procs.append(proc)
 
     async def start(self, within_s: float = 20.0) -> None:
-        if not _redis_reachable(self.redis_url):
+        if not redis_reachable(self.redis_url):
             raise SetupError(f"the baseline needs Redis at {self.redis_url}, which does not answer PING")
         busy = [p for p in self.ports if not _port_free(p)]
         if busy:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from bench.baseline_socketio import redis_reachable
 from bench.client import SetupError
 
 VERSION = "6.9.1"
@@ -214,16 +215,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _redis_reachable(url: str) -> bool:
-    u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 class CentrifugoCluster:
     """Two Centrifugo nodes (or `nodes`) on free ports of 127.0.0.1, one Redis engine. Use as
     `async with`, or `start()` then `stop()`; `stop()` also removes the keys of this run."""
@@ -259,7 +250,7 @@ class CentrifugoCluster:
                 "publications are acknowledged once Redis holds them in memory (no disk write awaited)")
 
     async def start(self, within_s: float = 30.0) -> None:
-        if not _redis_reachable(self.redis_url):
+        if not redis_reachable(self.redis_url):
             raise SetupError(f"Centrifugo's engine needs Redis at {self.redis_url}, "
                              "which does not answer PING")
         self.binary = await ensure_installed(self.say, self.home)

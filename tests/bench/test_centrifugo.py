@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import psutil
 import pytest
 from bench_fake_peernet import serve_fake
 
 from bench.__main__ import main
+from bench.baseline_socketio import redis_reachable
 from bench.centrifugo import (
     HISTORY_SIZE,
     CentrifugoCluster,
@@ -65,23 +64,13 @@ def test_vs_centrifugo_refuses_presence(capsys: pytest.CaptureFixture[str]) -> N
     assert "--vs centrifugo compares the dm and fanout" in capsys.readouterr().err
 
 
-def _redis_answers(url: str) -> bool:
-    u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def redis_url(request: pytest.FixtureRequest) -> str:
     """The stack's Redis; brought up by the shared `local_stack` fixture when it is not running."""
     from peernet.config import load_config
 
     url = load_config().services.redis_url
-    if not _redis_answers(url):
+    if not redis_reachable(url):
         request.getfixturevalue("local_stack")
     return url
 
