@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
+import ray._private.state as ray_state
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -98,6 +100,9 @@ class SessionShardActor:
     async def ping(self) -> str:
         return "pong"
 
+    async def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
 
 @ray.remote(**_ACTOR_OPTIONS)
 class ProjectorActor:
@@ -130,6 +135,9 @@ class ProjectorActor:
 
     async def ping(self) -> str:
         return "pong"
+
+    async def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
 
 
 @ray.remote(**_ACTOR_OPTIONS)
@@ -174,6 +182,9 @@ class PresenceShardActor:
 
     async def ping(self) -> str:
         return "pong"
+
+    async def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
 
 
 class PresenceShardClient:
@@ -244,6 +255,9 @@ class FeedShardActor:
     async def ping(self) -> str:
         return "pong"
 
+    async def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
 
 def actor_names(cfg: PeerNetConfig) -> list[str]:
     """Every named actor of PeerNet: the shards of each kind and the projector (each answers
@@ -276,20 +290,59 @@ def live_nodes() -> list[str]:
     return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
 
 
-def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
-    """Create (or find) every named actor of PeerNet, each pinned softly to a node chosen by
-    `place_on_nodes` over the live nodes (soft: a restart after that node died goes to another).
-    An actor that exists already stays where it is."""
+# How long `schedulable_nodes` waits for a node that has just joined to reach the scheduler.
+SCHEDULER_VIEW_WAIT_S = 15.0
+
+
+def schedulable_nodes(wait_s: float = SCHEDULER_VIEW_WAIT_S) -> list[str]:
+    """The live nodes that the scheduler's view of the cluster holds, waiting up to `wait_s` for
+    all of them. A node that has just joined is in the node table a moment before the GCS
+    scheduler knows its resources, and a soft affinity to a node it does not know falls back to
+    another node (seen on CI: a worker started just before `peernet serve` got one actor of the
+    three placed on it). A node still unknown after the wait is left out of the placement."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = live_nodes()
+        known = set(ray_state.state.total_resources_per_node())
+        if set(alive) <= known:
+            return alive
+        if time.monotonic() >= deadline:
+            missing = sorted(set(alive) - known)
+            log.warning("placement: node(s) %s not yet known to the scheduler after %.0f s; "
+                        "placing the actors on the others", missing, wait_s)
+            return [n for n in alive if n in known] or alive
+        time.sleep(0.2)
+
+
+def _wanted(cfg: PeerNetConfig) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """Every named actor of PeerNet: its name, class and constructor arguments, each kind's
+    shards one after another (the order `place_on_nodes` spreads)."""
     n, p, f = cfg.shards.session_shards, cfg.shards.presence_shards, cfg.shards.feed_shards
-    wanted: list[tuple[str, Any, tuple[int, ...]]] = [
+    return [
         *((session_shard_name(i, n), SessionShardActor, (i, n)) for i in range(n)),
         *((presence_shard_name(i, p), PresenceShardActor, (i, p)) for i in range(p)),
         *((feed_shard_name(i, f), FeedShardActor, (i, f)) for i in range(f)),
         (PROJECTOR_NAME, ProjectorActor, ()),
     ]
-    placement = place_on_nodes([name for name, _, _ in wanted], live_nodes())
+
+
+def _exists(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def create_actors(cfg: PeerNetConfig, placement: dict[str, str],
+                  only: Sequence[str] | None = None) -> dict[str, ActorHandle]:
+    """Create (or find) the named actors of PeerNet (`only` those, if given), each pinned softly
+    to its node in `placement` (soft: a restart after that node died goes to another). An actor
+    that exists already stays where it is."""
     handles: dict[str, ActorHandle] = {}
-    for name, actor_class, args in wanted:
+    for name, actor_class, args in _wanted(cfg):
+        if only is not None and name not in only:
+            continue
         node = placement.get(name)
         strategy: Any = ("SPREAD" if node is None
                          else NodeAffinitySchedulingStrategy(node_id=node, soft=True))
@@ -297,6 +350,70 @@ def create_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:
             name=name, namespace=NAMESPACE, get_if_exists=True,
             scheduling_strategy=strategy).remote(*args)
     return handles
+
+
+@dataclass(frozen=True)
+class StartedActors:
+    handles: dict[str, ActorHandle]
+    # ensure_started's answer (the actor's stats) or why it failed, per actor.
+    results: dict[str, Any]
+    # The id of the node each actor runs on, or why it did not say.
+    nodes: dict[str, str]
+    # Actors this start created on another node than `place_on_nodes` chose, though that node
+    # was alive (after the one attempt to place them again).
+    misplaced: list[str]
+
+
+async def _kill_and_free(handle: ActorHandle, name: str, timeout_s: float) -> None:
+    ray.kill(handle, no_restart=True)
+    for _ in range(int(timeout_s / 0.1)):  # until Ray has freed the name
+        if not _exists(name):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def start_actors(cfg: PeerNetConfig, timeout_s: float) -> StartedActors:
+    """Create every named actor on the nodes `place_on_nodes` chooses and start it. An actor
+    this start created elsewhere than on its chosen node while that node is alive (a soft
+    affinity falls back when the scheduling raylet does not yet know a node that has just
+    joined: seen on CI, one actor of three on the new node) is stopped and created once more;
+    actors found running stay where they are."""
+    placement = place_on_nodes([name for name, _, _ in _wanted(cfg)], schedulable_nodes())
+    fresh = {name for name, _, _ in _wanted(cfg) if not _exists(name)}
+    handles = create_actors(cfg, placement)
+    results = await ensure_started(handles, timeout_s)
+    nodes = await actor_nodes(handles, timeout_s)
+
+    def off(names: set[str]) -> list[str]:
+        alive = set(live_nodes())
+        return sorted(n for n in names if placement.get(n) in alive and nodes[n] != placement[n]
+                      and isinstance(results[n], dict))
+
+    again = off(fresh)
+    if again:
+        log.warning("placement: %s started off their chosen nodes; placing them again", again)
+        await asyncio.gather(*(_kill_and_free(handles[n], n, timeout_s) for n in again))
+        handles.update(create_actors(cfg, placement, only=again))
+        redone = {n: handles[n] for n in again}
+        results.update(await ensure_started(redone, timeout_s))
+        nodes.update(await actor_nodes(redone, timeout_s))
+    misplaced = off(set(again))
+    if misplaced:
+        log.warning("placement: %s still off their chosen nodes", misplaced)
+    return StartedActors(handles, results, nodes, misplaced)
+
+
+async def actor_nodes(handles: dict[str, ActorHandle], timeout_s: float) -> dict[str, str]:
+    """The node each actor runs on (its id), or why it did not answer, per actor."""
+
+    async def one(handle: ActorHandle) -> str:
+        try:
+            return str(await asyncio.wait_for(handle.node.remote(), timeout_s))
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+
+    names = list(handles)
+    return dict(zip(names, await asyncio.gather(*(one(handles[n]) for n in names)), strict=True))
 
 
 def lookup_actors(cfg: PeerNetConfig) -> dict[str, ActorHandle]:

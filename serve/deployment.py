@@ -26,8 +26,8 @@ from actors.wiring import (
     PresenceShardClient,
     actor_names,
     consumer_actor_names,
-    create_actors,
     ensure_started,
+    start_actors,
 )
 from bus.backends import backends, event_log
 from bus.eventlog import ConsumerLag
@@ -433,11 +433,15 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
                           f"the {GATEWAY_RESOURCE} resource: start the nodes that take traffic "
                           f"with `ray start --resources='{{\"{GATEWAY_RESOURCE}\": 1}}'` "
                           "(docs/deploy.md, \"Gateway on every node\")")
-    handles = create_actors(cfg)
-    results = asyncio.run(ensure_started(handles, timeout_s=120))
-    for name, result in results.items():
-        outcome = "started" if isinstance(result, dict) else f"FAILED: {result}"
+    started = asyncio.run(start_actors(cfg, timeout_s=120))
+    handles = started.handles
+    for name, result in started.results.items():
+        outcome = (f"started on node {started.nodes[name][:12]}" if isinstance(result, dict)
+                   else f"FAILED: {result}")
         print(f"peernet: actor {name} {outcome}", flush=True)
+    if started.misplaced:
+        print(f"peernet: warning: {', '.join(started.misplaced)} not on the node chosen for them "
+              "(Ray's soft affinity fell back); they stay where they are", flush=True)
     serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port,
                               "location": cfg.gateway.proxy_location},
                 detached=False)

@@ -312,7 +312,8 @@ async def test_a_killed_worker_node_loses_nothing_acknowledged(two_node_server: 
     server = two_node_server
     placed = on_worker_node(server.gcs_address)
     # SPREAD placement: the node about to die holds shards (else the test would prove little).
-    assert sum(n for k, n in placed.items() if k != "replica") >= 2, placed
+    started = [line for line in server.log_tail(400).splitlines() if "peernet: actor " in line]
+    assert sum(n for k, n in placed.items() if k != "replica") >= 2, (placed, started)
     # max_replicas_per_node (replicas - 1 on two nodes): the node never holds every replica.
     assert placed["replica"] == 1, placed
 
