@@ -38,7 +38,7 @@ from serve.liveness import HEARD_EXTENSION
 if TYPE_CHECKING:
     from serve.deps import GatewayDeps
     from serve.handlers import HandlerTable
-    from serve.liveness import HeardFrom, Liveness
+    from serve.liveness import DirectSocket, HeardFrom, Liveness
     from serve.presence import Presence
 
 log = logging.getLogger("peernet.connection")
@@ -102,6 +102,9 @@ class Connection:
         self.heard_at = 0.0  # the last frame read; the hello deadline runs from the open
         self._live = False  # past the hello: the deadline is 2 x heartbeat after the last word
         self._pings: HeardFrom | None = (ws.scope.get("extensions") or {}).get(HEARD_EXTENSION)
+        # The server's own socket when it can take a frame without ASGI (serve/ws_server.py).
+        self._direct: DirectSocket | None = (
+            self._pings if callable(getattr(self._pings, "write_now", None)) else None)
         self._reading: asyncio.Timeout | None = None  # while the read loop waits for a frame
         self._expired = False
 
@@ -124,11 +127,35 @@ class Connection:
     def _enqueue(self, item: Outgoing | Replay | CatchUp | None) -> None:
         if self._close_code is not None or self._ended:
             return
+        if (self._direct is not None and not self._outbox and type(item) is Outgoing
+                and (self._writer is None or self._writer.done()) and self._write_now(item)):
+            return
         if len(self._outbox) >= self.cfg.outbound_queue:
             self.close(CloseCode.SLOW_OR_FLOODING, "slow consumer")
             return
         self._outbox.append(item)
         self._wake_writer()
+
+    def _write_now(self, out: Outgoing) -> bool:
+        """The writer's work for one frame, done at once when nothing waits before it and the
+        server can write it without waiting (`DirectSocket.write_now`): no task, no ASGI hop.
+        False when the writer must do it (a gap to fill from the inbox, or a full buffer)."""
+        seq = out.seq
+        if seq is not None:
+            if seq <= self.last_seq:
+                return True  # already sent, as the writer would drop it
+            if seq > self.last_seq + 1:
+                return False
+        assert self._direct is not None
+        if not self._direct.write_now(out.encoded(self.binary)):
+            return False
+        if seq is not None:
+            self.last_seq = seq
+            ts = out.frame.get("ts")
+            if isinstance(ts, int):
+                metrics.DELIVERY_LATENCY.observe(max(0, now_ms() - ts) / 1000)
+        metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
+        return True
 
     def _wake_writer(self) -> None:
         """Start the writer unless it runs: it sends the outbox in order and ends once the

@@ -42,6 +42,17 @@ class HeardFrom(Protocol):
     heard_at: float
 
 
+class DirectSocket(HeardFrom, Protocol):
+    """The replica's WebSocket server's own socket, found under HEARD_EXTENSION when the server
+    offers it (serve/ws_server.py)."""
+
+    def write_now(self, data: bytes | str) -> bool:
+        """Write one message frame now, in order after every frame written before, without
+        waiting; False, with nothing written, when that cannot be done at once (the socket is
+        not open, or its buffer is full): the caller then sends through ASGI, which waits."""
+        ...
+
+
 class Deadlined(Protocol):
     """A connection as the wheel sees it. `liveness_tick` is the wheel's own (the tick it is
     filed under, None when it is not filed)."""

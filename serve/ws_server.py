@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 from websockets.http11 import Request
 
@@ -37,6 +38,11 @@ from peernet.config import GatewayConfig
 from serve.liveness import HEARD_EXTENSION
 
 T = TypeVar("T")
+
+
+# Serve's header (ray.serve._private.constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER) that
+# asks the replica not to watch the request for the client's disconnect.
+DISCONNECT_WATCH_OFF = (b"x-request-disconnect-disabled", b"?1")
 
 
 class LeanQueue(Generic[T]):
@@ -113,6 +119,30 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             if extensions is None:
                 scope["extensions"] = extensions = {}
             extensions[HEARD_EXTENSION] = self
+            # Serve's replica otherwise runs a task per socket that moves every received
+            # message from this protocol's queue into a second queue, only to cancel the app
+            # when the client leaves; the app sees the disconnect itself (serve/connection.py).
+            scope["headers"].append(DISCONNECT_WATCH_OFF)
+
+    def write_now(self, data: bytes | str) -> bool:
+        """Write one message frame now, in order after every frame written before, without
+        waiting; False, with nothing written, when that cannot be done at once (the handshake
+        is not complete, the socket is closing or closed, or the transport's buffer is full:
+        the caller then sends through ASGI, which waits for the buffer)."""
+        if (not self.handshake_complete or self.close_sent or self.disconnected
+                or self.initial_response is not None or not self.writable.is_set()
+                or self.transport.is_closing()):
+            return False
+        try:
+            if isinstance(data, bytes):
+                self.conn.send_binary(data)
+            else:
+                self.conn.send_text(data.encode())
+        except InvalidState:
+            return False
+        out = self.conn.data_to_send()
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        return True
 
     def handle_ping(self) -> None:
         self.heard_at = time.monotonic()

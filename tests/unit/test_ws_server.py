@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
-from unit_helpers import unit_cfg
+from unit_helpers import eventually, unit_cfg
 
 from serve.ws_server import LeanQueue, LeanWebSocketProtocol, use_server_settings
 
@@ -90,3 +92,49 @@ async def test_a_cancelled_get_takes_nothing_and_passes_its_wake_up_on() -> None
         await idle
     queue.put_nowait("b")
     assert await asyncio.wait_for(queue.get(), 1) == "b"
+
+
+async def test_write_now_puts_frames_on_the_socket_in_order_with_the_asgi_sends(
+        restored_config: None) -> None:
+    """A real uvicorn server with the replica's settings and a real client: `write_now` frames
+    and ASGI sends reach the client in the order they were made; `write_now` declines before
+    the handshake and after the close; Serve is asked not to watch the socket for the
+    disconnect (the app reads it itself)."""
+    import websockets
+
+    from serve.liveness import HEARD_EXTENSION
+    from serve.ws_server import DISCONNECT_WATCH_OFF
+
+    seen: dict[str, object] = {}
+
+    async def ws_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        sock = scope["extensions"][HEARD_EXTENSION]
+        seen["header"] = DISCONNECT_WATCH_OFF in scope["headers"]
+        assert (await receive())["type"] == "websocket.connect"
+        seen["before_accept"] = sock.write_now(b"too early")
+        await send({"type": "websocket.accept"})
+        sock.write_now(b"1")
+        await send({"type": "websocket.send", "bytes": b"2"})
+        sock.write_now("3")
+        await send({"type": "websocket.close", "code": 1000})
+        seen["after_close"] = sock.write_now(b"too late")
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    use_server_settings(unit_cfg().gateway)
+    config = uvicorn.Config(ws_app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        got: list[bytes | str] = []
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    got.append(await asyncio.wait_for(client.recv(), 5))
+        assert got == [b"1", b"2", "3"]
+        assert seen == {"header": True, "before_accept": False, "after_close": False}
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
