@@ -264,18 +264,19 @@ class SessionShard:
                                                    meta.offset + 1)
         items = [(user, item) for user, item, _ in pending]
         if self._cache.publishes:
-            # One Redis call for the batch: items, checkpoints and the pushes together.
-            pushes = [(user_channel(user), pack(item)) for user, item in items]
-            await self._retry("cache inbox", lambda: self._cache_append(items, pushes))
+            # One Redis call for the batch: items, checkpoints and the pushes (each item as
+            # stored, on its user's channel) together.
+            channels = [user_channel(user) for user, _ in items]
+            await self._retry("cache inbox", lambda: self._cache_append(items, channels))
         else:
             await self._retry("cache inbox", lambda: self._cache_append(items))
             await self._publish(items)
         self.stats.items_delivered += len(items)
 
     async def _cache_append(self, items: list[tuple[str, Item]],
-                            pushes: Sequence[tuple[str, bytes]] = ()) -> None:
+                            channels: Sequence[str] = ()) -> None:
         try:
-            await self._write_cache(items, pushes)
+            await self._write_cache(items, channels)
         except CacheBehind as exc:
             # The cache was wiped or lost its latest writes: rebuild it from the inbox log (which
             # already holds `items`), then write them again (a harmless replace).
@@ -283,14 +284,14 @@ class SessionShard:
                         self.index, exc)
             self.stats.cache_rebuilds += 1
             await self._catch_up(behind=True)
-            await self._write_cache(items, pushes)
+            await self._write_cache(items, channels)
 
     async def _write_cache(self, items: list[tuple[str, Item]],
-                           pushes: Sequence[tuple[str, bytes]] = ()) -> None:
+                           channels: Sequence[str] = ()) -> None:
         self._version = await self._cache.append(
             items, checkpoint_name=self.checkpoint_name, checkpoint=self._checkpoint,
             also={self.watermark_name_of(t): pos for t, pos in self._positions.items()},
-            expect_version=self._version, publish=pushes)
+            expect_version=self._version, publish=channels)
 
     async def _publish(self, items: list[tuple[str, Item]]) -> None:
         # Best effort: a connection that misses a push sees the gap and the item stays in the

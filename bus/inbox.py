@@ -40,25 +40,27 @@ class InboxCache(Protocol):
       not among the newest `retention_items`.
     - Everything may be lost (Redis wiped): `checkpoint` then answers None, `version` 0.
     - A cache that `publishes` shares its server with the PubSub of the deployment: `append`
-      then also publishes messages, in the same step as the items are stored, so a push never
-      precedes its item in the cache, and an append that stored nothing published nothing (an
-      append retried after a lost reply may publish twice: pushes are at-least-once). Delivery
-      to subscribers is the PubSub's (at most once).
+      then also publishes each item, as stored (its MessagePack bytes), on a channel named for
+      it, in the same step as the items are stored, so a push never precedes its item in the
+      cache, and an append that stored nothing published nothing (an append retried after a
+      lost reply may publish twice: pushes are at-least-once). Delivery to subscribers is the
+      PubSub's (at most once).
     """
 
     @property
     def publishes(self) -> bool:
-        """Whether `append` can publish (it raises ValueError for messages otherwise)."""
+        """Whether `append` can publish (it raises ValueError for channels otherwise)."""
 
     async def append(self, items: Sequence[tuple[str, Item]], *, checkpoint_name: str,
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[tuple[str, bytes]] = ()) -> int:
+                     publish: Sequence[str] = ()) -> int:
         """Store `items`, `checkpoint` under `checkpoint_name` and the `also` checkpoints
-        (merged per partition) atomically, then publish each (channel, payload) of `publish`;
-        returns the new version of `checkpoint_name`. Nothing is published when it raises
-        CacheBehind."""
+        (merged per partition) atomically, then publish item i, packed as stored, on channel
+        `publish[i]` (`publish` empty: nothing, else one channel per item; ValueError
+        otherwise); returns the new version of `checkpoint_name`. Nothing is published when it
+        raises CacheBehind."""
 
     async def version(self, name: str) -> int:
         """The version of checkpoint `name` (0 when the cache has none)."""

@@ -72,10 +72,12 @@ class MemoryInboxCache:
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[tuple[str, bytes]] = ()) -> int:
+                     publish: Sequence[str] = ()) -> int:
         self._check()
         if publish and self._pubsub is None:
             raise ValueError("this inbox cache has no pub/sub to publish on")
+        if publish and len(publish) != len(items):
+            raise ValueError(f"{len(publish)} channels for {len(items)} items")
         cutoff = self._clock() - self._retention_ms
         # Everything is prepared before anything is stored: the append is all or nothing.
         staged: list[tuple[str, int, bytes]] = [(user, int(item["seq"]), pack(item))
@@ -99,7 +101,8 @@ class MemoryInboxCache:
                 self._server.checkpoints.setdefault(name, {}).update(ckpt)
         self._server.versions[checkpoint_name] = current + 1
         if publish and self._pubsub is not None:
-            await self._pubsub.publish_many(publish)
+            await self._pubsub.publish_many([(channel, raw) for channel, (_, _, raw)
+                                             in zip(publish, staged, strict=True)])
         return current + 1
 
     async def version(self, name: str) -> int:

@@ -84,8 +84,8 @@ def session_slots(count: int) -> InboxSlots:
 # `cutoff` (ms); it stops at the first young item, reading the oldest 16 at a time, so it costs
 # O(1) once an inbox is trimmed and one small read while the excess is younger than the cutoff.
 # KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). ARGV[1] is the
-# request, one msgpack argument; ARGV[2..] channel, payload pairs to publish once stored (the
-# payloads are msgpack `bin`, which Lua's cmsgpack cannot read: they travel as plain arguments).
+# request, one msgpack argument; ARGV[2..] one channel per item (none: publish nothing), on
+# which the item is published, as stored, once everything is stored.
 # Returns the new version, or -1 when the version differs (nothing stored, nothing published).
 _APPEND = """
 local req = cmsgpack.unpack(ARGV[1])
@@ -126,7 +126,9 @@ end
 local version = redis.call('INCR', vkey)
 -- Pushes go once everything is stored. PUBLISH names a channel, not a key: a cluster node
 -- runs it from a script and every node's subscribers get it.
-for i = 1, #ARGV - 1, 2 do redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2]) end
+if #ARGV > 1 then
+  for i, it in ipairs(req.items) do redis.call('PUBLISH', ARGV[i + 1], it[3]) end
+end
 return version
 """
 
@@ -180,7 +182,9 @@ class RedisInboxCache:
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[tuple[str, bytes]] = ()) -> int:
+                     publish: Sequence[str] = ()) -> int:
+        if publish and len(publish) != len(items):
+            raise ValueError(f"{len(publish)} channels for {len(items)} items")
         group = self._slots.of_checkpoint(checkpoint_name)
         ckpts = {checkpoint_name: {int(p): int(o) for p, o in checkpoint.items()}}
         for name, extra in (also or {}).items():
@@ -201,7 +205,7 @@ class RedisInboxCache:
         }, use_bin_type=False)
         try:
             version = int(await self._append(keys=[self.checkpoint_keys(checkpoint_name)[0]],
-                                             args=[request, *(x for m in publish for x in m)]))
+                                             args=[request, *publish]))
         except (RedisError, OSError, TimeoutError) as exc:
             raise unavailable(f"inbox cache: {exc}") from exc
         if version < 0:

@@ -372,7 +372,7 @@ async def test_an_append_publishes_its_pushes_once_stored_and_none_when_it_store
 
     from bus.inbox import CacheBehind
     from bus.pubsub import PubSub
-    from peernet.codec import pack, unpack
+    from peernet.codec import unpack
 
     pubsub: PubSub
     cache: InboxCache
@@ -407,13 +407,16 @@ async def test_an_append_publishes_its_pushes_once_stored_and_none_when_it_store
         await pubsub.subscribe(channel, on_push)
         item = inbox_item(1)
         version = await cache.append([(user, item)], checkpoint_name=name, checkpoint={0: 1},
-                                     expect_version=0, publish=[(channel, pack(item))])
+                                     expect_version=0, publish=[channel])
         await asyncio.wait_for(seen.wait(), 5)
         assert [g for g, _ in got] == [item]
         assert await cache.read(user, 0, 10) == [item]
         with pytest.raises(CacheBehind):
             await cache.append([(user, inbox_item(2))], checkpoint_name=name, checkpoint={0: 2},
-                               expect_version=version + 5, publish=[(channel, pack(inbox_item(2)))])
+                               expect_version=version + 5, publish=[channel])
+        with pytest.raises(ValueError):  # a channel for each item, or none
+            await cache.append([(user, inbox_item(2)), (user, inbox_item(3))], checkpoint_name=name,
+                               checkpoint={0: 2}, expect_version=version, publish=[channel])
         await asyncio.sleep(0.3)
         assert len(got) == 1 and await cache.bounds(user) == Bounds(1, 1)
     finally:
