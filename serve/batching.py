@@ -77,9 +77,3 @@ class TurnBatch(Generic[T, R]):
         for (_, fut), answer in zip(batch, answers, strict=True):
             if not fut.done():
                 fut.set_result(answer)
-
-    async def drain(self) -> None:
-        """Wait for every batch submitted so far to be answered (a stopping gateway)."""
-        self._flush()
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)

@@ -67,14 +67,6 @@ async def test_a_failed_batch_fails_every_caller_and_a_cancelled_one_is_skipped(
     assert backend.calls == [[1, 2]]  # the cancelled caller's item still ran
 
 
-async def test_drain_waits_for_what_was_submitted() -> None:
-    backend = Backend()
-    batch: TurnBatch[int, int] = TurnBatch("t", backend.run)
-    fut = batch.submit(3)
-    await batch.drain()
-    assert fut.done() and fut.result() == 30
-
-
 async def test_a_turns_dms_with_cids_claim_and_mark_in_one_call_each() -> None:
     from bus.memory import MemoryCache, MemoryEventLog
     from bus.topics import peernet_topics
