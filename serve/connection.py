@@ -150,12 +150,16 @@ class Connection:
         if not self._direct.write_now(out.encoded(self.binary)):
             return False
         if seq is not None:
-            self.last_seq = seq
-            ts = out.frame.get("ts")
-            if isinstance(ts, int):
-                metrics.DELIVERY_LATENCY.observe(max(0, now_ms() - ts) / 1000)
+            self._delivered(out, seq)
         metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
         return True
+
+    def _delivered(self, out: Outgoing, seq: int) -> None:
+        """Inbox item `seq` is on its way to the socket: the next one expected is seq + 1."""
+        self.last_seq = seq
+        ts = out.frame.get("ts")
+        if isinstance(ts, int):
+            metrics.DELIVERY_LATENCY.observe(max(0, now_ms() - ts) / 1000)
 
     def _wake_writer(self) -> None:
         """Start the writer unless it runs: it sends the outbox in order and ends once the
@@ -224,10 +228,7 @@ class Connection:
                     continue  # already sent (a replay overlapped a push, or a republish)
                 if seq > self.last_seq + 1:
                     await self._fill(seq - 1)
-                self.last_seq = seq
-                ts = item.frame.get("ts")
-                if isinstance(ts, int):
-                    metrics.DELIVERY_LATENCY.observe(max(0, now_ms() - ts) / 1000)
+                self._delivered(item, seq)
             await self._send(item)
 
     async def _send(self, out: Outgoing) -> None:
