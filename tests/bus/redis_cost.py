@@ -10,9 +10,8 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
-
 from bus_helpers import unique
+from redis.asyncio.connection import AbstractConnection
 
 T = TypeVar("T")
 

@@ -11,7 +11,8 @@ from bus_helpers import unique
 from redis_cluster_fixture import CLUSTER, cluster_url
 from redis_cost import redis_cost
 
-from bus.feeds import FeedWrites, GraphChange, LikeChange, Post
+from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, Post
+from bus.feeds_memory import MemoryFeedStore
 from bus.feeds_redis import RedisFeedStore
 from bus.redis import redis_client, redis_target
 
@@ -21,14 +22,10 @@ FOLLOWED = [f"pal{i}" for i in range(10)]
 CELEBRITIES = ["star0", "star1"]
 
 
-@pytest.fixture(params=[REAL, CLUSTER])
-async def page_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisFeedStore, str]]:
+async def fill(store: RedisFeedStore | MemoryFeedStore) -> None:
     """A reader who follows 10 authors (5 posts each in the home feed), 2 celebrities (10 posts
-    each, never fanned out) and no longer follows a third author whose posts are still in the
-    feed; a third of the posts have likes."""
-    url = (cluster_url(request) if request.param == "cluster"
-           else request.getfixturevalue("services").redis_url)
-    store = RedisFeedStore(redis_client(url), keyspace=unique("test-page-cost"), cap=800)
+    each, never fanned out) and no longer follows an author whose posts are still in the feed;
+    a third of the posts have likes."""
     posts = [Post(f"{a}-{k}", a, f"post {k} of {a}", 1000 + 37 * i + 3 * k)
              for i, a in enumerate([*FOLLOWED, "gone"]) for k in range(5)]
     stars = [Post(f"{c}-{k}", c, f"post {k} of {c}", 1010 + 41 * k + j)
@@ -39,6 +36,14 @@ async def page_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Redi
     await store.write(FeedWrites(celebrities=CELEBRITIES,
                                  adds=[("reader", p.id, p.ts) for p in posts]))
     await store.record([GraphChange("reader", "gone", False)], [], [])
+
+
+@pytest.fixture(params=[REAL, CLUSTER])
+async def page_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisFeedStore, str]]:
+    url = (cluster_url(request) if request.param == "cluster"
+           else request.getfixturevalue("services").redis_url)
+    store = RedisFeedStore(redis_client(url), keyspace=unique("test-page-cost"), cap=800)
+    await fill(store)
     try:
         yield store, url
     finally:
@@ -64,3 +69,28 @@ async def test_a_page_of_20_costs_at_most_two_round_trips(
         # Commands are counted, not bounded here: a script's calls cost Redis CPU, not a trip.
         print(f"page before={before}: {cost.round_trips} round trip(s), "
               f"{len(cost.commands)} Redis commands {cost.by_name()}")
+
+
+async def pages(store: RedisFeedStore | MemoryFeedStore, user: str, limit: int) -> list[FeedPage]:
+    out: list[FeedPage] = []
+    cursor: Cursor | None = None
+    while not out or cursor is not None:
+        out.append(await store.page(user, limit, cursor))
+        cursor = out[-1].next
+    return out
+
+
+async def test_pages_are_those_of_the_memory_double(page_store: tuple[RedisFeedStore, str]) -> None:
+    # Many entries of an author no longer followed above the reader's own posts: the page reads
+    # on past them, as the in-memory store does.
+    store, _ = page_store
+    memory = MemoryFeedStore(cap=800)
+    await fill(memory)
+    for s in (store, memory):
+        await s.record([GraphChange("reader", "gone2", True)], [],
+                       [Post(f"gone2-{k}", "gone2", "x", 5000 + k) for k in range(150)])
+        await s.write(FeedWrites(adds=[("reader", f"gone2-{k}", 5000 + k) for k in range(150)]))
+        await s.record([GraphChange("reader", "gone2", False)], [], [])
+    for limit in (1, 3, 20, 100):
+        assert await pages(store, "reader", limit) == await pages(memory, "reader", limit)
+    assert len([p for page in await pages(store, "reader", 7) for p in page.items]) == 70
