@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
 from bus.redis import RedisClient, hash_tag, redis_client
@@ -278,7 +278,7 @@ class RedisFeedStore:
 
     async def page(self, user: str, limit: int, before: Cursor | None) -> FeedPage:
         async def run() -> FeedPage:
-            reply = await self._page(keys=[self._celebs], args=[
+            reply = await self._run(self._page, [self._celebs], [
                 self.prefix, user, limit, "" if before is None else before.ts,
                 "" if before is None else before.id, MAX_SCAN])
             nxt = Cursor(int(reply[0]), _s(reply[1])) if reply[0] not in (b"", "") else None
@@ -287,6 +287,15 @@ class RedisFeedStore:
             return FeedPage(items, nxt)
 
         return await self._guard("page", run)
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """`script` by EVALSHA, one round trip; when Redis does not know it (restarted, or its
+        scripts flushed), by EVAL, which runs it and caches it again: two round trips, where
+        redis-py's own fallback (SCRIPT LOAD, then EVALSHA again) takes three."""
+        try:
+            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._r.eval(script.script, len(keys), *keys, *args)
 
     # -- FeedFanout --------------------------------------------------------------------------
 

@@ -71,6 +71,25 @@ async def test_a_page_of_20_costs_at_most_two_round_trips(
               f"{len(cost.commands)} Redis commands {cost.by_name()}")
 
 
+async def test_a_page_after_redis_forgot_its_scripts_costs_two_round_trips(
+        page_store: tuple[RedisFeedStore, str]) -> None:
+    store, url = page_store
+    first = await store.page("reader", PAGE, None)
+    admin = redis_client(url)
+    try:
+        await admin.script_flush()  # what a restarted Redis looks like to a cached script
+    finally:
+        await admin.aclose()
+    page, cost = await redis_cost(partial(store.page, "reader", PAGE, None),
+                                  redis_target(url).node_urls, store.prefix)
+    assert page == first
+    assert cost.round_trips == 2, cost  # EVALSHA answered NOSCRIPT, then EVAL
+    assert cost.commands[:2] == ["evalsha", "eval"], cost
+    _, again = await redis_cost(partial(store.page, "reader", PAGE, None),
+                                redis_target(url).node_urls, store.prefix)
+    assert again.round_trips == 1 and again.commands[0] == "evalsha", again
+
+
 async def pages(store: RedisFeedStore | MemoryFeedStore, user: str, limit: int) -> list[FeedPage]:
     out: list[FeedPage] = []
     cursor: Cursor | None = None
