@@ -8,34 +8,16 @@ from functools import partial
 
 import pytest
 from bus_helpers import unique
+from feed_page_cost import CELEBRITIES, PAGE, fill
 from redis_cluster_fixture import CLUSTER, cluster_url
 from redis_cost import redis_cost
 
-from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, Post
+from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, Post
 from bus.feeds_memory import MemoryFeedStore
 from bus.feeds_redis import RedisFeedStore
 from bus.redis import redis_client, redis_target
 
 REAL = pytest.param("real", marks=pytest.mark.stack)
-PAGE = 20
-FOLLOWED = [f"pal{i}" for i in range(10)]
-CELEBRITIES = ["star0", "star1"]
-
-
-async def fill(store: RedisFeedStore | MemoryFeedStore) -> None:
-    """A reader who follows 10 authors (5 posts each in the home feed), 2 celebrities (10 posts
-    each, never fanned out) and no longer follows an author whose posts are still in the feed;
-    a third of the posts have likes."""
-    posts = [Post(f"{a}-{k}", a, f"post {k} of {a}", 1000 + 37 * i + 3 * k)
-             for i, a in enumerate([*FOLLOWED, "gone"]) for k in range(5)]
-    stars = [Post(f"{c}-{k}", c, f"post {k} of {c}", 1010 + 41 * k + j)
-             for j, c in enumerate(CELEBRITIES) for k in range(10)]
-    likes = [LikeChange(f"fan{u}", p.id, True) for p in (posts + stars)[::3] for u in range(3)]
-    await store.record([GraphChange("reader", a, True) for a in [*FOLLOWED, *CELEBRITIES, "gone"]],
-                       likes, posts + stars)
-    await store.write(FeedWrites(celebrities=CELEBRITIES,
-                                 adds=[("reader", p.id, p.ts) for p in posts]))
-    await store.record([GraphChange("reader", "gone", False)], [], [])
 
 
 @pytest.fixture(params=[REAL, CLUSTER])
