@@ -30,7 +30,8 @@ from peernet.errors import unavailable
 
 T = TypeVar("T")
 
-# Feed entries one page read may examine (entries of unfollowed authors are skipped).
+# Feed entries one page read may examine (entries of unfollowed authors are skipped): the
+# script stops at MAX_SCAN + limit + 17 entries of each list it reads, as bus/feeds_memory.py.
 MAX_SCAN = 2_000
 # Commands sent in one pipeline round trip; bigger batches are split.
 PIPELINE_CHUNK = 10_000
