@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
 from bus.redis import RedisClient, hash_tag, redis_client
@@ -30,7 +30,8 @@ from peernet.errors import unavailable
 
 T = TypeVar("T")
 
-# Feed entries one page read may examine (entries of unfollowed authors are skipped).
+# Feed entries one page read may examine (entries of unfollowed authors are skipped): the
+# script stops at MAX_SCAN + limit + 17 entries of each list it reads, as bus/feeds_memory.py.
 MAX_SCAN = 2_000
 # Commands sent in one pipeline round trip; bigger batches are split.
 PIPELINE_CHUNK = 10_000
@@ -41,6 +42,12 @@ ADD_CHUNK = 2_000
 
 # ARGV: keyspace, user, limit, cursor ts ('' for none), cursor id, max scan.
 # Returns {next_ts|'', next_id|'', id, author, body, ts, likes, id, ...}.
+#
+# One call, so one round trip, whatever the page holds; what it costs Redis is its calls, so it
+# makes as few as the page needs: the celebrities' recent ids are read first (no hashes), then
+# the home feed and those lists are merged newest first and a post's hash is read only when the
+# merge reaches it, so a celebrity post that makes the page spares a feed entry's reads; and
+# whether the reader follows an author is asked once per author, not once per entry.
 _PAGE = """
 local ks, user, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local has_cursor = ARGV[4] ~= ''
@@ -49,59 +56,93 @@ local cid = ARGV[5]
 local max_scan = tonumber(ARGV[6])
 local top = has_cursor and ARGV[4] or '+inf'
 local following = ks .. ':following:' .. user
+local want = limit + 1
+-- Entries a stream examines at most (bus/feeds_memory.py examines as many).
+local scan_bound = max_scan + want + 16
 
--- Up to `want` entries of zset `key` older than the cursor, newest first, as
--- {id, ts, author, body, raw score}. With `author` given (a celebrity's own posts) the post
--- hashes are read later, for the entries that make the page only.
-local function collect(key, want, author)
-  local out = {}
-  local offset = 0
-  local chunk = want + 16
-  while #out < want and offset < max_scan do
-    local batch = redis.call('ZREVRANGEBYSCORE', key, top, '-inf', 'WITHSCORES', 'LIMIT', offset, chunk)
+-- A zset's entries older than the cursor, newest first, read as the merge asks (at most
+-- `scan_bound` examined): a stream with a head {id, ts, raw score}. The first read is
+-- `want` entries, as many as a page can take; each later one (entries skipped: authors no longer
+-- followed) four times bigger. Every entry read costs Redis (its score is formatted), so a read
+-- of more than the page can use is not free.
+local function stream(key, author)
+  return {key = key, author = author, buf = {}, pos = 1, offset = 0, chunk = want, done = false}
+end
+
+local function head(s)
+  while s.buf[s.pos] == nil do
+    if s.done then return nil end
+    s.buf, s.pos = {}, 1
+    local chunk = math.min(s.chunk, scan_bound - s.offset)
+    s.chunk = math.min(4 * s.chunk, 1024)
+    local batch = redis.call('ZREVRANGEBYSCORE', s.key, top, '-inf', 'WITHSCORES', 'LIMIT',
+                             s.offset, chunk)
     local n = #batch / 2
     for i = 1, #batch, 2 do
       local id, ts = batch[i], tonumber(batch[i + 1])
       if (not has_cursor) or ts < cts or id < cid then
-        if author then
-          out[#out + 1] = {id, ts, author, false, batch[i + 1]}
-        else
-          local meta = redis.call('HMGET', ks .. ':post:' .. id, 'a', 'b')
-          local a = meta[1]
-          if a and (a == user or redis.call('SISMEMBER', following, a) == 1) then
-            out[#out + 1] = {id, ts, a, meta[2], batch[i + 1]}
-          end
-        end
-        if #out >= want then break end
+        s.buf[#s.buf + 1] = {id, ts, batch[i + 1]}
       end
     end
-    if n < chunk then break end
-    offset = offset + n
+    s.offset = s.offset + n
+    if n < chunk or s.offset >= scan_bound then s.done = true end
   end
-  return out
+  return s.buf[s.pos]
 end
 
-local want = limit + 1
-local items = collect(ks .. ':feed:' .. user, want, false)
-local celebs = redis.call('SINTER', following, ks .. ':celebs')
-if #celebs > 0 then
-  for _, c in ipairs(celebs) do
-    for _, it in ipairs(collect(ks .. ':posts:' .. c, want, c)) do items[#items + 1] = it end
+local followed = {}
+local function follows(author)
+  if author == user then return true end
+  local f = followed[author]
+  if f == nil then
+    f = redis.call('SISMEMBER', following, author) == 1
+    followed[author] = f
   end
-  table.sort(items, function(x, y)
-    if x[2] ~= y[2] then return x[2] > y[2] end
-    return x[1] > y[1]
-  end)
-  local seen, unique = {}, {}
-  for _, it in ipairs(items) do
-    if #unique > limit then break end
-    if not seen[it[1]] then
-      seen[it[1]] = true
-      if not it[4] then it[4] = redis.call('HGET', ks .. ':post:' .. it[1], 'b') end
-      if it[4] then unique[#unique + 1] = it end
+  return f
+end
+
+local streams = {stream(ks .. ':feed:' .. user, false)}
+for _, c in ipairs(redis.call('SINTER', following, ks .. ':celebs')) do
+  local s = stream(ks .. ':posts:' .. c, c)
+  -- A celebrity's list stops at `want` entries, as many as can make the page.
+  local first = {}
+  while #first < want and head(s) do
+    first[#first + 1] = s.buf[s.pos]
+    s.pos = s.pos + 1
+  end
+  s.buf, s.pos, s.done = first, 1, true
+  streams[#streams + 1] = s
+end
+
+-- Merge newest first (ts, then id, as the zsets order equal scores), without duplicates.
+local items, seen = {}, {}
+while #items < want do
+  local best, from = nil, nil
+  for _, s in ipairs(streams) do
+    local h = head(s)
+    if h and (best == nil or h[2] > best[2] or (h[2] == best[2] and h[1] > best[1])) then
+      best, from = h, s
     end
   end
-  items = unique
+  if best == nil then break end
+  from.pos = from.pos + 1
+  local id = best[1]
+  if not seen[id] then
+    if from.author then
+      local body = redis.call('HGET', ks .. ':post:' .. id, 'b')
+      if body then
+        seen[id] = true
+        items[#items + 1] = {id, best[2], from.author, body, best[3]}
+      end
+    else
+      local meta = redis.call('HMGET', ks .. ':post:' .. id, 'a', 'b')
+      local a = meta[1]
+      if a and follows(a) then
+        seen[id] = true
+        items[#items + 1] = {id, best[2], a, meta[2], best[3]}
+      end
+    end
+  end
 end
 
 local out = {'', ''}
@@ -238,7 +279,7 @@ class RedisFeedStore:
 
     async def page(self, user: str, limit: int, before: Cursor | None) -> FeedPage:
         async def run() -> FeedPage:
-            reply = await self._page(keys=[self._celebs], args=[
+            reply = await self._run(self._page, [self._celebs], [
                 self.prefix, user, limit, "" if before is None else before.ts,
                 "" if before is None else before.id, MAX_SCAN])
             nxt = Cursor(int(reply[0]), _s(reply[1])) if reply[0] not in (b"", "") else None
@@ -247,6 +288,15 @@ class RedisFeedStore:
             return FeedPage(items, nxt)
 
         return await self._guard("page", run)
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """`script` by EVALSHA, one round trip; when Redis does not know it (restarted, or its
+        scripts flushed), by EVAL, which runs it and caches it again: two round trips, where
+        redis-py's own fallback (SCRIPT LOAD, then EVALSHA again) takes three."""
+        try:
+            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._r.eval(script.script, len(keys), *keys, *args)
 
     # -- FeedFanout --------------------------------------------------------------------------
 
