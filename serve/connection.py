@@ -105,7 +105,9 @@ class Connection:
         # The server's own socket when it can take a frame without ASGI (serve/ws_server.py).
         self._direct: DirectSocket | None = (
             self._pings if callable(getattr(self._pings, "write_now", None)) else None)
-        self._reading: asyncio.Timeout | None = None  # while the read loop waits for a frame
+        # The read loop's task, and whether it waits for a frame now: `expire` cancels that wait.
+        self._task: asyncio.Task[Any] | None = None
+        self._reading = False
         self._expired = False
 
     # -- outbound ----------------------------------------------------------------------------
@@ -151,7 +153,7 @@ class Connection:
             return False
         if seq is not None:
             self._delivered(out, seq)
-        metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
+        metrics.frame_out(out.frame.get("t", "?"))
         return True
 
     def _delivered(self, out: Outgoing, seq: int) -> None:
@@ -237,7 +239,7 @@ class Connection:
             await self.ws.send_bytes(data)
         else:
             await self.ws.send_text(data)
-        metrics.FRAMES_OUT.labels(out.frame.get("t", "?")).inc()
+        metrics.frame_out(out.frame.get("t", "?"))
 
     async def _fill(self, upto: int | None) -> None:
         """Send the inbox items after `last_seq` up to `upto` (None: all there are) from the
@@ -296,12 +298,14 @@ class Connection:
     def expire(self) -> None:
         """The deadline passed (the wheel says so): the read loop closes with 4408, now if it
         waits for a frame, else before it reads the next."""
+        if self._expired:
+            return
         self._expired = True
-        reading = self._reading
-        if reading is not None:
-            reading.reschedule(0)  # the wait ends at once with TimeoutError
+        if self._reading and self._task is not None:
+            self._task.cancel()  # the wait ends at once; `_receive` turns it into the close
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         await self.ws.accept()
         metrics.CONNECTIONS.inc()
         self.heard_at = self._liveness.now()
@@ -340,16 +344,18 @@ class Connection:
     async def _receive(self) -> bytes | str:
         if self._expired:
             raise _Closed(CloseCode.TIMEOUT, "no frame in time")
+        # No timer and no timeout context per frame: `expire` cancels this wait when the wheel
+        # says, which is told from any other cancellation as asyncio.timeout does (uncancel).
+        self._reading = True
         try:
-            # A timeout with no deadline (no timer): `expire` ends the wait when the wheel says.
-            async with asyncio.timeout(None) as reading:
-                self._reading = reading
-                try:
-                    message = await self.ws.receive()
-                finally:
-                    self._reading = None
-        except TimeoutError:
-            raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
+            message = await self.ws.receive()
+        except asyncio.CancelledError:
+            task = self._task
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
+            raise
+        finally:
+            self._reading = False
         self.heard_at = self._liveness.now()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
@@ -424,7 +430,7 @@ class Connection:
         try:
             frame = decode_frame(data)
             t = frame["t"]
-            metrics.FRAMES_IN.labels(t if t in self.handlers else "unknown").inc()
+            metrics.frame_in(t if t in self.handlers else "unknown")
             rid = frame.get("rid")
             if rid is not None and not _valid_rid(rid):
                 rid = None
