@@ -16,14 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from bus.inbox import Bounds, CacheBehind, Item
 from bus.redis import RedisClient, hash_tag
-from peernet.codec import pack, unpack
+from peernet.codec import pack, pack_raw, unpack
 from peernet.errors import unavailable
 from peernet.ids import now_ms
 from peernet.routing import session_group, shard_for
@@ -195,14 +194,14 @@ class RedisInboxCache:
             raise ValueError(f"inbox append under {checkpoint_name!r} (group {group!r}) names "
                              f"users or checkpoints of another group: {strays[:5]}")
         # Redis's Lua cmsgpack reads no msgpack `bin`: the members travel as raw strings.
-        request = msgpack.packb({
+        request = pack_raw({
             "prefix": self._prefix(group),
             "expect": False if expect_version is None else expect_version,
             "items": [[user, int(item["seq"]), pack(item)] for user, item in items],
             "keep": self._retention_items,
             "cutoff": now_ms() - self._retention_ms,
             "ckpts": ckpts,
-        }, use_bin_type=False)
+        })
         try:
             version = int(await self._append(keys=[self.checkpoint_keys(checkpoint_name)[0]],
                                              args=[request, *publish]))

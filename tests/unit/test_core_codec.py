@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from peernet.codec import decode_frame, encode_frame, pack, unpack
+from peernet.codec import decode_frame, encode_frame, pack, pack_raw, unpack
 from peernet.envelope import SCHEMA_VERSION, EnvelopeError, Event
 from peernet.errors import ErrorCode, PeerNetError
 
@@ -111,3 +111,27 @@ def test_a_pushed_payload_is_already_the_binary_frame() -> None:
 
     frame = {"t": "msg", "seq": 3, "id": "x", "body": "héllo", "raw": b"\x00\x01", "n": [1, 2.5]}
     assert pack(frame) == encode_frame(frame, True)
+
+
+@pytest.mark.parametrize("obj", [
+    {"t": "msg", "seq": 3, "body": "héllo", "raw": b"\x00\xff", "n": None, "f": 1.5, "l": [1, "a"]},
+    [], "", 0, 2**63 - 1, -(2**63), {"deep": {"er": [{"x": b"y"}]}},
+])
+def test_the_kept_packers_write_what_packb_writes(obj: Any) -> None:
+    assert pack(obj) == msgpack.packb(obj, use_bin_type=True)
+    assert pack_raw(obj) == msgpack.packb(obj, use_bin_type=False)
+
+
+def test_a_pack_that_raised_leaves_nothing_behind_for_the_next() -> None:
+    with pytest.raises(TypeError):
+        pack({"a": object()})
+    assert pack({"b": 1}) == msgpack.packb({"b": 1}, use_bin_type=True)
+
+
+def test_threads_pack_with_packers_of_their_own() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    objs = [{"i": i, "s": "x" * (i % 50), "b": bytes(i % 7)} for i in range(2000)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(pack, objs))
+    assert got == [msgpack.packb(o, use_bin_type=True) for o in objs]
