@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from bench.chaos import parse_faults
 from bench.params import (
     DEFAULT_MIX,
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", action="append", dest="urls", metavar="URL",
                    help=f"PeerNet HTTP address, repeatable (clients spread over them); default {DEFAULT_URL} "
                         "(or $PEERNET_BENCH_URL)")
+    g.add_argument("--direct", action="store_true",
+                   help="connect straight to the gateway replicas that GET /v1/endpoints at the "
+                        "(first) --url lists, past HAProxy; clients spread over them")
     g.add_argument("--target", choices=TARGETS, default="peernet",
                    help="what to drive; socketio and centrifugo start their servers themselves "
                         "(centrifugo is built with `go install` into .peernet/ on first use)")
@@ -159,6 +164,18 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
     ).validate()
 
 
+def with_direct_urls(params: BenchParams) -> BenchParams:
+    """`params` aimed at the replicas' own addresses (--direct)."""
+    from bench.peernet_client import direct_urls
+
+    if params.target != "peernet":
+        raise ParamError("--direct drives PeerNet only")
+    if params.chaos:
+        raise ParamError("--direct cannot go with --chaos: a client of a replica that is killed "
+                         "must come back through the ingress")
+    return params.with_(urls=tuple(direct_urls(params.urls[0]))).validate()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -168,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.vs and params.scenario not in PEER_SCENARIOS[args.vs]:
             raise ParamError(f"--vs {args.vs} compares {scenarios_phrase(PEER_SCENARIOS[args.vs])} only")
         ports = tuple(int(p) for p in args.baseline_ports.split(",") if p.strip())
-    except (ParamError, ValueError) as exc:
+        if args.direct:
+            params = with_direct_urls(params)
+    except (ParamError, ValueError, httpx.HTTPError) as exc:
         parser.print_usage(sys.stderr)
         print(f"peernet bench: error: {exc}", file=sys.stderr)
         return 2

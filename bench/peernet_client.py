@@ -52,6 +52,18 @@ def http_url(url: str) -> str:
     return base if "://" in base else "http://" + base
 
 
+def direct_urls(url: str, timeout_s: float = 10.0) -> list[str]:
+    """The replicas' own base URLs that `GET /v1/endpoints` at `url` lists (docs/protocol.md),
+    for connecting to them straight, past the ingress. ValueError when it lists none."""
+    resp = httpx.get(http_url(url) + "/v1/endpoints", timeout=timeout_s)
+    resp.raise_for_status()
+    urls = [str(e["url"]) for e in resp.json().get("endpoints", [])]
+    if not urls:
+        raise ValueError(f"{http_url(url)}/v1/endpoints lists no replica (PEERNET_DIRECT_ENDPOINTS=0, "
+                         "the proxy ingress, or the replicas have not published yet)")
+    return urls
+
+
 class PeerNetTarget:
     """A running PeerNet at one or more addresses; user i connects to address i mod n."""
 

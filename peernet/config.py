@@ -127,6 +127,8 @@ class GatewayConfig:
     token_secret: str = "peernet-development-secret-change-me-in-production"
     token_ttl_s: int = 24 * 3600
     dev_tokens: bool = False
+    # Each replica publishes its own address for GET /v1/endpoints (serve/endpoints.py).
+    direct_endpoints: bool = True
     cid_ttl_s: int = 24 * 3600
     # How long the gateway's Kafka producer waits for more records before it sends a produce
     # request (aiokafka's linger_ms): the DMs of one such window go to the broker as one request
@@ -303,6 +305,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_TOKEN_SECRET": ("gateway", "token_secret"),
     "PEERNET_TOKEN_TTL_S": ("gateway", "token_ttl_s"),
     "PEERNET_DEV_TOKENS": ("gateway", "dev_tokens"),
+    "PEERNET_DIRECT_ENDPOINTS": ("gateway", "direct_endpoints"),
     "PEERNET_CID_TTL_S": ("gateway", "cid_ttl_s"),
     "PEERNET_GATEWAY_LINGER_MS": ("gateway", "kafka_linger_ms"),
     "PEERNET_MAX_WATCH": ("gateway", "max_watch"),

@@ -24,6 +24,7 @@ from serve import cluster_metrics, metrics
 from serve.acks import AckBuffer
 from serve.connection import Connection
 from serve.deps import GatewayDeps
+from serve.endpoints import endpoint_publisher, endpoint_routes
 from serve.handlers import build_handlers
 from serve.hub import Hub
 from serve.limits import AddressLimiter, TrustedProxies, client_address
@@ -93,6 +94,11 @@ def build_app(deps: GatewayDeps) -> Starlette:
     metrics_group = cluster_metrics.metrics_group(deps.cfg.metrics.keyspace)
     publisher = cluster_metrics.MetricsPublisher(deps.cache, metrics_group, deps.replica,
                                                  deps.cfg.metrics.publish_ms)
+    direct_url = deps.direct_url
+    endpoint = endpoint_publisher(
+        deps.cache, deps.cfg.metrics.keyspace, deps.replica,
+        deps.cfg.metrics.publish_ms if deps.cfg.gateway.direct_endpoints else 0,
+        direct_url if direct_url is not None else (lambda: None), lambda: hub.connections)
 
     async def websocket(ws: WebSocket) -> None:
         peer = ws.client.host if ws.client else None
@@ -254,6 +260,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         await presence.start()
         await acks.start()
         await publisher.start()
+        await endpoint.start()
         log.info("gateway %s ready", deps.replica)
         try:
             yield
@@ -266,6 +273,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
                 await acks.stop()
             with contextlib.suppress(Exception):
                 await publisher.stop()
+            with contextlib.suppress(Exception):
+                await endpoint.stop()
             for stop in deps.on_shutdown:
                 with contextlib.suppress(Exception):
                     await stop()
@@ -282,6 +291,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         Route("/v1/conversations/{conv}/messages", conversation_messages),
         *social_routes(deps),
         Route("/v1/presence", presence_states),
+        *endpoint_routes(deps.cache, deps.cfg.metrics.keyspace, WS_PATH),
     ]
     if (WEB_DIST / "index.html").is_file():
         # Last, so that every route above wins; a build made later is served after a restart.

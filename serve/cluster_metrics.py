@@ -41,18 +41,22 @@ def metrics_group(keyspace: str) -> str:
 
 
 class MetricsPublisher:
-    """Puts this replica's exposition into the Cache group every `every_ms` (0: never), under
-    its replica id, live for ENTRY_TTL_INTERVALS intervals. A failed publish is logged and
-    counted (peernet_background_errors_total{loop="metrics_publish"}) and the next one is tried
-    on time; `stop` takes the entry out at once."""
+    """Puts what `render` returns into the Cache group every `every_ms` (0: never), under its
+    replica id, live for ENTRY_TTL_INTERVALS intervals (nothing when `render` returns None: not
+    known yet). A failed publish is logged and counted
+    (peernet_background_errors_total{loop=`loop`}) and the next one is tried on time; `stop`
+    takes the entry out at once. The gateway's metrics use it, and its direct endpoint
+    (serve/endpoints.py)."""
 
     def __init__(self, cache: Cache, group: str, replica: str, every_ms: int,
-                 render: Callable[[], bytes] = metrics.render) -> None:
+                 render: Callable[[], bytes | None] = metrics.render,
+                 loop: str = "metrics_publish") -> None:
         self._cache = cache
         self._group = group
         self.replica = replica
         self._every_s = max(0, every_ms) / 1000
         self._render = render
+        self._loop = loop
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -65,7 +69,7 @@ class MetricsPublisher:
         if self._every_s <= 0 or self._task is not None:
             return
         await self._publish()
-        self._task = asyncio.create_task(self._publish_forever(), name="metrics-publish")
+        self._task = asyncio.create_task(self._publish_forever(), name=self._loop)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -85,14 +89,16 @@ class MetricsPublisher:
 
     async def _publish(self) -> None:
         try:
-            await self._cache.put_member(self._group, self.replica, self._render(),
-                                         ttl_s=self.ttl_s)
+            value = self._render()
+            if value is None:
+                return
+            await self._cache.put_member(self._group, self.replica, value, ttl_s=self.ttl_s)
         except PeerNetError as exc:  # Redis away: the message says so, no traceback
-            metrics.BACKGROUND_ERRORS.labels("metrics_publish").inc()
-            log.warning("metrics of replica %s not published: %s", self.replica, exc)
+            metrics.BACKGROUND_ERRORS.labels(self._loop).inc()
+            log.warning("%s of replica %s not published: %s", self._loop, self.replica, exc)
         except Exception:
-            metrics.BACKGROUND_ERRORS.labels("metrics_publish").inc()
-            log.exception("metrics of replica %s not published", self.replica)
+            metrics.BACKGROUND_ERRORS.labels(self._loop).inc()
+            log.exception("%s of replica %s not published", self._loop, self.replica)
 
 
 class _Families(Collector):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray import serve
 from starlette.applications import Starlette
@@ -56,6 +57,23 @@ NODE_WATCH_EVERY_S = 2.0
 NODE_WATCH_TIMEOUT_S = 30.0
 
 
+# The ports Serve gives the replicas' own HTTP servers (ray.serve._private.constants, read from
+# the same variables Serve reads).
+DIRECT_INGRESS_HTTP_PORTS = range(
+    int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000")),
+    int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000")) + 1)
+
+
+def own_listening_port(ports: range) -> int | None:
+    """The lowest TCP port in `ports` this process listens on, or None."""
+    try:
+        found = [c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports]
+    except psutil.Error:
+        return None
+    return min(found) if found else None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
                   graceful_shutdown_timeout_s=5)
 @serve.ingress()
@@ -68,6 +86,7 @@ class Gateway:
         use_server_settings(self._cfg.gateway)  # before Serve starts this replica's server
         self._handles: dict[str, Any] = {}
         self._metric_handles: dict[str, Any] = {}  # the actors /metrics asks, by name
+        self._direct: str | None = None  # this replica's own base URL, once found
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         cfg = self._cfg
@@ -82,8 +101,25 @@ class Gateway:
                            checks={"ray": self._ray_check}, replica=replica,
                            consumer_lag=self._consumer_lag,
                            shard_queue_depth=self._shard_queue_depth,
+                           direct_url=self._direct_url,
                            on_startup=[b.start], on_shutdown=[b.stop])
         return build_app(deps)
+
+    def _direct_url(self) -> str | None:
+        """This replica's own base URL: with the `haproxy` ingress Serve starts a server in each
+        replica on a port of its direct-ingress range, after this class's constructor; found
+        among the process's listening sockets once it is there. The host is the one it binds,
+        or the node's address when it binds every interface."""
+        if self._direct is not None or self._cfg.gateway.ingress != "haproxy":
+            return self._direct
+        port = own_listening_port(DIRECT_INGRESS_HTTP_PORTS)
+        if port is None:
+            return None
+        host = self._cfg.gateway.host
+        if host in ("", "0.0.0.0", "::"):
+            host = ray.util.get_node_ip_address()
+        self._direct = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return self._direct
 
     async def _ray_check(self) -> None:
         if not self._handles:

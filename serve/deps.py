@@ -44,3 +44,6 @@ class GatewayDeps:
     consumer_lag: LagSource | None = None
     # The shard actors' queue depths for /metrics (bounded likewise); None: not exported.
     shard_queue_depth: QueueDepthSource | None = None
+    # This replica's own base URL ("http://host:port") where clients may connect to it directly,
+    # None while it is not known (or there is none: the `proxy` ingress). serve/endpoints.py.
+    direct_url: Callable[[], str | None] | None = None

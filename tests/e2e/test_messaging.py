@@ -430,3 +430,43 @@ async def test_a_compression_offer_is_declined_and_the_connection_serves(
         assert msgpack.unpackb(await ws.recv())["t"] == "welcome"
         await ws.send(msgpack.packb({"t": "ping", "rid": 1}))
         assert msgpack.unpackb(await ws.recv())["t"] == "pong"
+
+
+async def test_clients_straight_on_the_replicas_endpoints_exchange_dms(peernet_server: Server) -> None:
+    """GET /v1/endpoints lists every replica's own address (each publishes it once its server
+    listens); clients that connect there, past HAProxy, land on that replica and DMs between
+    two replicas arrive as through the ingress. (A replica killed by an earlier test may still
+    be listed for up to three publish intervals: a client goes on to the next address, as
+    docs/protocol.md says.)"""
+
+    async def answers(http: httpx.AsyncClient, url: str) -> bool:
+        try:
+            await http.get(f"{url}/healthz")
+        except httpx.HTTPError:
+            return False
+        return True
+
+    deadline = asyncio.get_running_loop().time() + 60
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            listed = (await http.get(f"{peernet_server.url}/v1/endpoints")).json()["endpoints"]
+            assert len({e["url"] for e in listed}) == len(listed), listed
+            live = [e for e in listed if await answers(http, e["url"])]
+            if len(live) >= 2:
+                break
+            assert asyncio.get_running_loop().time() < deadline, listed
+            await asyncio.sleep(1)
+    first, second = live[0], live[1]
+    alice_name, bob_name = unique_user("alice"), unique_user("bob")
+    alice = await Client.connect(first["ws"], first["url"], alice_name)
+    bob = await Client.connect(second["ws"], second["url"], bob_name)
+    try:
+        assert alice.welcome["replica"] == first["replica"]
+        assert bob.welcome["replica"] == second["replica"]
+        ok = await alice.request({"t": "dm", "to": bob_name, "body": "straight"})
+        assert ok["t"] == "ok"
+        (got,) = await bob.items(1)
+        assert got["id"] == ok["id"] and got["body"] == "straight"
+    finally:
+        await alice.close()
+        await bob.close()

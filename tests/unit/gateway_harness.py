@@ -192,7 +192,8 @@ class Gateway:
 def gateway(env: dict[str, str] | None = None, *,
             checks: dict[str, HealthCheck] | None = None,
             inbox: MemoryInboxCache | None = None,
-            peer: tuple[str, int] = ("testclient", 50000)) -> Iterator[Gateway]:
+            peer: tuple[str, int] = ("testclient", 50000),
+            direct_url: Callable[[], str | None] | None = None) -> Iterator[Gateway]:
     """The app on fresh in-memory backends, started (lifespan) and stopped around the block.
     Every connection comes from `peer` (the client address the server sees)."""
     from unit_helpers import unit_cfg
@@ -217,6 +218,6 @@ def gateway(env: dict[str, str] | None = None, *,
 
     deps = GatewayDeps(cfg=cfg, log=log, cache=cache, inbox=inbox, pubsub=pubsub, store=store,
                        checks=dict(checks or {}), replica="unit", on_startup=[start],
-                       on_shutdown=[stop], **_presence_parts())
+                       on_shutdown=[stop], direct_url=direct_url, **_presence_parts())
     with TestClient(build_app(deps), client=peer) as client:
         yield Gateway(cfg, client, deps, log, cache, inbox, pubsub, publisher, store)
