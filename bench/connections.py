@@ -144,8 +144,8 @@ class ConnectionsCoordinator(Coordinator):
             msgs = [h.latest for h in handles if h.latest is not None and "online" in h.latest]
             online = sum(int(m["online"]) for m in msgs)
             refused = sum(int(m.get("refused", 0)) for m in msgs)
-            self.progress.update(f"[connections {what}] {time.monotonic() - started:6.1f}s  "
-                                 f"online {online:,}  refused {refused:,}")
+            line = f"[connections {what}] {time.monotonic() - started:6.1f}s  online {online:,}"
+            self.progress.update(line + (f"  refused {refused:,}" if what == "opening" else ""))
 
     async def _cuts(self, handles: list[WorkerHandle], since_us: int) -> list[dict[str, Any]]:
         for h in handles:

@@ -7,12 +7,17 @@ test-artifacts/bench-connections/."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
+import websockets
 from replicas import until_two_replicas
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 from wsclient import Server
 
+from bench.client import SetupError, refusal_reason
 from bench.connections import merge_opened, storm_figures
 from bench.latency import LatencyHistogram
 from bench.params import BenchParams, ParamError, check_open_files, default_procs
@@ -53,6 +58,16 @@ def test_load_processes_are_sized_to_the_open_files_limit() -> None:
     with pytest.raises(ParamError, match="--procs 4"):
         check_open_files(p, 20_000)
     check_open_files(p.with_(procs=2), 20_000)
+
+
+def test_a_refused_connection_is_counted_by_why() -> None:
+    assert refusal_reason(TimeoutError()) == "timeout"
+    assert refusal_reason(websockets.InvalidStatus(Response(503, "Service Unavailable", Headers()))) \
+        == "http_503"
+    assert refusal_reason(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) == "connection_refused"
+    assert refusal_reason(OSError(errno.EMFILE, "Too many open files")) == "client_out_of_files"
+    assert refusal_reason(SetupError("u: handshake closed with 4401", "closed_4401")) == "closed_4401"
+    assert refusal_reason(ValueError("?")) == "ValueError"
 
 
 def _opened(count: int, refused: dict[str, int], replicas: dict[str, int]) -> dict[str, object]:
