@@ -21,7 +21,15 @@ from bench.chaos import Injector
 from bench.client import CLIENT_SIDE_REFUSALS, SetupError, now_us
 from bench.latency import LatencyHistogram
 from bench.probe import LOAD_GENERATOR, ServerProbe
-from bench.runner import OPEN_GRACE_S, PHASE_LEAD_S, Coordinator, TargetResult, WorkerHandle, start_workers
+from bench.runner import (
+    GENERATOR_LAG_MS,
+    OPEN_GRACE_S,
+    PHASE_LEAD_S,
+    Coordinator,
+    TargetResult,
+    WorkerHandle,
+    start_workers,
+)
 
 # The storm's phase number (the DM phase after the hold is 0).
 STORM_PHASE = 1
@@ -194,6 +202,7 @@ def merge_opened(msgs: list[dict[str, Any]], span_s: float) -> dict[str, Any]:
     by_server = {r: n for r, n in refused.items() if r not in CLIENT_SIDE_REFUSALS}
     by_client = {r: n for r, n in refused.items() if r in CLIENT_SIDE_REFUSALS}
     welcome = hists["welcome"]
+    lag_p99 = hists["start_lag"].percentile_ms(99.0)
     return {
         "opened": welcome.count,
         "refused": dict(refused),
@@ -206,6 +215,9 @@ def merge_opened(msgs: list[dict[str, Any]], span_s: float) -> dict[str, Any]:
         "welcome_ms": welcome.summary(),
         "handshake_ms": hists["handshake"].summary(),
         "start_lag_ms": hists["start_lag"].summary(),
+        # The load generator started connects late: their latencies hold its own delay, and a
+        # `timeout` may be its own event loop too busy to finish the handshake in time.
+        "generator_behind": lag_p99 > GENERATOR_LAG_MS,
         "histograms": {name: h.encode() for name, h in hists.items()},
     }
 

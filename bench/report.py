@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import __version__
 from bench.probe import LOAD_GENERATOR
-from bench.runner import SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
+from bench.runner import GENERATOR_LAG_MS, SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
 
 SCHEMA = 1
 PEERNET_DURABILITY = (
@@ -170,9 +170,14 @@ def connections_verdict(c: dict[str, Any]) -> dict[str, Any]:
     DMs acknowledged before the cut not delivered."""
     problems = []
     o = c.get("open", {})
+    behind = ""
+    if o.get("generator_behind"):
+        behind = (f" (load generator behind schedule: connects started up to "
+                  f"{o['start_lag_ms']['p99']:,.0f} ms late at p99, so timeouts may be its own)")
     if o.get("refused_by_server"):
         problems.append(f"{o['refused_by_server']:,} connections refused by the server "
-                        f"({', '.join(f'{r} {n:,}' for r, n in sorted(o['refused'].items()))})")
+                        f"({', '.join(f'{r} {n:,}' for r, n in sorted(o['refused'].items()))})"
+                        + behind)
     if o.get("refused_in_load_generator"):
         problems.append(f"{o['refused_in_load_generator']:,} connections failed in the load generator "
                         "(out of files: raise --procs)")
@@ -390,6 +395,12 @@ def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
              f"generator {o.get('refused_in_load_generator', 0):,}"
              + (f" ({', '.join(f'{r} {n:,}' for r, n in sorted(o['refused'].items()))})"
                 if o.get("refused") else "")]
+    if o.get("generator_behind"):
+        lines.append(f"- **The load generator was behind schedule**: connect calls up to "
+                     f"{o['start_lag_ms']['p99']:,.1f} ms late at p99 (more than "
+                     f"{GENERATOR_LAG_MS:g} ms); the latencies from the scheduled open include that "
+                     "delay, and a `timeout` may be its own busy event loop (more --procs, a lower "
+                     "--connect-rate, or the load on another machine)")
     for sample in o.get("refused_sample", [])[:3]:
         lines.append(f"  - e.g. `{sample}`")
     if o.get("replicas"):

@@ -85,6 +85,7 @@ def test_the_open_merges_every_process_and_tells_server_refusals_from_the_genera
     assert out["refused"] == {"http_503": 2, "client_out_of_files": 1}
     assert out["refused_by_server"] == 2 and out["refused_in_load_generator"] == 1
     assert out["replicas"] == {"r1": 4, "r2": 3}
+    assert out["generator_behind"] is False     # every connect started on time
     verdict = connections_verdict({"open": out, "hold": {"closed": 0}})
     assert not verdict["ok"]
     assert any("refused by the server" in p for p in verdict["problems"])
