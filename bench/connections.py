@@ -64,6 +64,7 @@ class ConnectionsCoordinator(Coordinator):
 
             open_from = now_us()
             out["open"] = await self._open(handles)
+            out["open"]["cpu"] = open_cpu(probe.window(open_from, now_us()))
             opened = out["open"]["opened"]
             result.connections = opened
             await asyncio.sleep(1.0)  # the server's allocations settle
@@ -250,6 +251,19 @@ def cpu_above_idle(idle: dict[str, Any], hold: dict[str, Any], connections: int)
         "system_cpu_hold_pct": hold.get("system_cpu_mean_pct"),
         "by_category": rows,
     }
+
+
+def open_cpu(window: dict[str, Any]) -> dict[str, Any]:
+    """CPU during the open (% of one core): the server's, and the load generator's per process,
+    which tells whether the generator or the server was the one short of CPU."""
+    per = window.get("by_category") or {}
+    gen = per.get(LOAD_GENERATOR, {})
+    procs = max(1, int(gen.get("processes", 1)))
+    return {"samples": window.get("samples", 0),
+            "server_pct": round(sum(v["cpu_mean_pct"] for c, v in per.items() if c != LOAD_GENERATOR), 1),
+            "load_generator_pct": gen.get("cpu_mean_pct"),
+            "load_generator_per_process_pct": (round(gen["cpu_mean_pct"] / procs, 1) if gen else None),
+            "system_cpu_pct": window.get("system_cpu_mean_pct")}
 
 
 def memory_after_hold(probe: ServerProbe, before: Any, held: Any, connections: int) -> dict[str, Any]:

@@ -403,6 +403,12 @@ def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
                      "--connect-rate, or the load on another machine)")
     for sample in o.get("refused_sample", [])[:3]:
         lines.append(f"  - e.g. `{sample}`")
+    oc = o.get("cpu") or {}
+    if oc.get("samples"):
+        lines.append(f"- CPU during the open (% of one core, mean): server {_fmt(oc['server_pct'])}, "
+                     f"load generator {_fmt(oc['load_generator_pct'])} "
+                     f"({_fmt(oc['load_generator_per_process_pct'])} per process); the machine "
+                     f"{_fmt(oc['system_cpu_pct'])}% of all cores")
     if o.get("replicas"):
         lines.append("- Connections per gateway replica (from `welcome`): "
                      + ", ".join(f"{r} {n:,}" for r, n in o["replicas"].items()))
