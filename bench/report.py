@@ -357,6 +357,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
                          f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
                          f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
+            if "server_rss_after_hold_mib" in mem:
+                lines.append(f"- After the hold: {_fmt(mem['server_rss_after_hold_mib'])} MiB; "
+                             "per connection "
+                             f"{_fmt(mem.get('per_connection_kib_after_hold'))} KiB (services included), "
+                             f"{_fmt(mem.get('per_connection_kib_after_hold_without_services'))} KiB "
+                             "(without)")
         if ((t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos")
                 and p["scenario"] != "connections"):
             lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
