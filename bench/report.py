@@ -425,7 +425,7 @@ def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
               _ms_row("connect call after its time (load generator lag)", o.get("start_lag_ms", {})), ""]
     codes = ", ".join(f"{k} x{n}" for k, n in h.get("codes", {}).items())
     lines.append(f"- Held {h.get('seconds', 0):g} s with keep-alive `{p['keepalive']}` "
-                 f"({_fmt(h.get('keepalives'))} keep-alives sent in all): **closed by the server "
+                 f"({_fmt(h.get('keepalives'))} keep-alives sent since the first open): **closed by the server "
                  f"{h.get('closed', 0):,}** from the first open to the end of the hold"
                  + (f" ({codes})" if codes else "") + f"; online at the end {_fmt(h.get('online_after'))}")
     if cpu:
