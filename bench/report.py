@@ -425,8 +425,9 @@ def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
               _ms_row("connect call after its time (load generator lag)", o.get("start_lag_ms", {})), ""]
     codes = ", ".join(f"{k} x{n}" for k, n in h.get("codes", {}).items())
     lines.append(f"- Held {h.get('seconds', 0):g} s with keep-alive `{p['keepalive']}` "
-                 f"({_fmt(h.get('keepalives'))} keep-alives sent since the first open): **closed by the server "
-                 f"{h.get('closed', 0):,}** from the first open to the end of the hold"
+                 f"({_fmt(h.get('keepalives'))} keep-alives sent since the first open): "
+                 f"**closed by the server {h.get('closed', 0):,}** from the first open to the end of "
+                 "the hold"
                  + (f" ({codes})" if codes else "") + f"; online at the end {_fmt(h.get('online_after'))}")
     if cpu:
         lines.append(f"- CPU, % of one core (mean over the hold, beside the idle stack over "
