@@ -20,11 +20,16 @@ from bench.params import (
     DEFAULT_MIX,
     DEFAULT_SERVICE_PORTS,
     DRIVERS,
+    KEEPALIVES,
     PEER_SCENARIOS,
     SCENARIOS,
+    STORMS,
     TARGETS,
     BenchParams,
     ParamError,
+    check_open_files,
+    default_procs,
+    open_files_limit,
     parse_mix,
     parse_ports,
     scenarios_phrase,
@@ -47,6 +52,8 @@ examples:
   python -m bench dm --vs centrifugo --find-max --rate 100   # PeerNet, then Centrifugo (built on first use)
   python -m bench fanout --target centrifugo --clients 200   # Centrifugo alone
   python -m bench dm --chaos all --clients 200 --rate 50 --duration 60   # faults, one per phase
+  python -m bench connections --clients 5000 --connect-rate 500 --hold 300 --keepalive ws-ping
+  python -m bench connections --clients 2000 --hold 30 --rate 100 --storm replica  # DMs, a replica killed
 """
 
 
@@ -56,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario", nargs="?", default="dm", choices=SCENARIOS,
                     help="dm: pairs/small groups chatting; fanout: authors posting to followers; "
-                         "presence: connect/disconnect churn seen by watchers; mixed: all three")
+                         "presence: connect/disconnect churn seen by watchers; mixed: all three; "
+                         "connections: many idle connections opened at a rate and held, then "
+                         "optionally DMs and a reconnect storm")
     g = ap.add_argument_group("target")
     g.add_argument("--url", action="append", dest="urls", metavar="URL",
                    help=f"PeerNet HTTP address, repeatable (clients spread over them); default {DEFAULT_URL} "
@@ -79,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = ap.add_argument_group("load")
     g.add_argument("--clients", type=int, default=d.clients, help=f"simulated users (default {d.clients})")
-    g.add_argument("--rate", type=float, default=d.rate,
+    g.add_argument("--rate", type=float, default=None,
                    help=f"actions per second in total: DMs, posts or presence changes (default {d.rate:g}); "
-                        "with --find-max the first step")
+                        "with --find-max the first step; connections: DMs per second after the hold "
+                        "(default none)")
     g.add_argument("--duration", type=float, default=d.duration,
                    help=f"measured seconds per rate, after the warm-up (default {d.duration:g})")
     g.add_argument("--warmup", type=float, default=d.warmup,
@@ -102,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_MIX.items()),
                    help="mixed: shares of rate and clients (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the plan and schedule (default 1)")
-    g.add_argument("--procs", type=int, default=d.procs, help="load processes (default 1)")
+    g.add_argument("--procs", type=int, default=None,
+                   help="load processes (default 1; connections: one per "
+                        "5,000 connections, more when the open-files limit holds fewer)")
     g.add_argument("--driver", choices=DRIVERS, default=d.driver,
                    help="the load processes: python (bench/worker.py) or go (bench/go/dmdriver: dm on "
                         "PeerNet, one process, built with the machine's Go on first use); default python")
@@ -112,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connect-concurrency", type=int, default=d.connect_concurrency,
                    help=f"handshakes in flight at once while connecting (default {d.connect_concurrency})")
     g.add_argument("--run-tag", default="", help="name this run's users b<TAG>_<n> (default: random)")
+
+    g = ap.add_argument_group("connections (many idle sockets; see docs/benchmarks.md)")
+    g.add_argument("--connect-rate", type=float, default=d.connect_rate,
+                   help=f"connections opened per second, open loop (default {d.connect_rate:g})")
+    g.add_argument("--hold", type=float, default=d.hold,
+                   help=f"seconds the connections are held idle (default {d.hold:g})")
+    g.add_argument("--keepalive", choices=KEEPALIVES, default=d.keepalive,
+                   help="how an idle connection keeps alive, after half a heartbeat without a send: "
+                        "`ping` frames or WebSocket pings (default frame; every scenario)")
+    g.add_argument("--idle-baseline", type=float, default=d.idle_baseline,
+                   help=f"seconds the stack is sampled with no clients first (default {d.idle_baseline:g})")
+    g.add_argument("--storm", choices=STORMS,
+                   help="after the hold (and the DMs), kill one gateway replica --fault-at s into "
+                        "DMs at --rate: every connection on it cut, all back with resume")
 
     g = ap.add_argument_group("find the maximum rate")
     g.add_argument("--find-max", action="store_true",
@@ -148,11 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def params_from_args(args: argparse.Namespace) -> BenchParams:
+    d = BenchParams()
+    connections = args.scenario == "connections"
+    rate = args.rate if args.rate is not None else (0.0 if connections else d.rate)
+    procs = args.procs or (default_procs(args.clients, open_files_limit()) if connections else d.procs)
     return BenchParams(
         scenario=args.scenario, target=args.target, urls=tuple(args.urls or [DEFAULT_URL]),
-        clients=args.clients, rate=args.rate, duration=args.duration, warmup=args.warmup, drain=args.drain,
+        clients=args.clients, rate=rate, duration=args.duration, warmup=args.warmup, drain=args.drain,
         size=args.size, group_size=args.group_size, authors=args.authors, followers=args.followers,
-        churners=args.churners, watch=args.watch, mix=parse_mix(args.mix), seed=args.seed, procs=args.procs,
+        churners=args.churners, watch=args.watch, mix=parse_mix(args.mix), seed=args.seed, procs=procs,
         driver=args.driver,
         request_timeout=args.request_timeout, connect_concurrency=args.connect_concurrency,
         binary=not args.json_frames, run_tag=args.run_tag, service_ports=parse_ports(args.service_ports),
@@ -161,6 +191,8 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         chaos=parse_faults(args.chaos) if args.chaos else (), fault_at=args.fault_at,
         mongo_down=args.mongo_down, burst_factor=args.burst_factor, burst_s=args.burst_s,
         fault_gap=args.fault_gap, ray_address=args.ray_address,
+        connect_rate=args.connect_rate, hold=args.hold, keepalive=args.keepalive,
+        idle_baseline=args.idle_baseline, storm=args.storm or "",
     ).validate()
 
 
@@ -170,9 +202,9 @@ def with_direct_urls(params: BenchParams) -> BenchParams:
 
     if params.target != "peernet":
         raise ParamError("--direct drives PeerNet only")
-    if params.chaos:
-        raise ParamError("--direct cannot go with --chaos: a client of a replica that is killed "
-                         "must come back through the ingress")
+    if params.chaos or params.storm:
+        raise ParamError("--direct cannot go with --chaos or --storm: a client of a replica that "
+                         "is killed must come back through the ingress")
     return params.with_(urls=tuple(direct_urls(params.urls[0]))).validate()
 
 
@@ -185,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vs and params.scenario not in PEER_SCENARIOS[args.vs]:
             raise ParamError(f"--vs {args.vs} compares {scenarios_phrase(PEER_SCENARIOS[args.vs])} only")
         ports = tuple(int(p) for p in args.baseline_ports.split(",") if p.strip())
+        if params.scenario == "connections":
+            check_open_files(params, open_files_limit())
         if args.direct:
             params = with_direct_urls(params)
     except (ParamError, ValueError, httpx.HTTPError) as exc:
@@ -213,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t['name']}: largest rate held {held if held is not None else 'none'}/s")
         for ph in t["phases"]:
             print(f"  {t['name']} {ph['rate_target']:g}/s: {ph['verdict']}")
+        conns = t.get("connections_scenario")
+        if conns:
+            print(f"  {t['name']} connections: {conns['verdict']}")
     if any(t["error"] for t in report["targets"]):
+        return 1
+    if any(not (t.get("connections_scenario") or {}).get("ok", True) for t in report["targets"]):
         return 1
     if losses["lost"] and not params.find_max:
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,7 +45,50 @@ class RequestFailed(Exception):
 
 
 class SetupError(Exception):
-    """The target cannot be driven (unreachable, dev tokens disabled, handshake refused)."""
+    """The target cannot be driven (unreachable, dev tokens disabled, handshake refused).
+    `reason` is a short code for counting refusals (`refusal_reason`), or empty."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# Refusals that happen in the load generator itself, not in the server: it ran out of files.
+CLIENT_SIDE_REFUSALS = frozenset({"client_out_of_files"})
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """A short code for why a connection could not be opened: `timeout`, `http_<status>` (the
+    upgrade refused, e.g. HAProxy's 503), `closed_<code>` (closed before `welcome`),
+    `connection_refused`, `connection_reset`, `client_out_of_files` (EMFILE/ENFILE in the load
+    process), or the exception's type."""
+    if isinstance(exc, SetupError) and exc.reason:
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, websockets.InvalidStatus):
+        return f"http_{exc.response.status_code}"
+    if isinstance(exc, websockets.ConnectionClosed):
+        return f"closed_{exc.rcvd.code if exc.rcvd is not None else 'abnormally'}"
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return "client_out_of_files"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection_refused"
+        if isinstance(exc, ConnectionResetError):
+            return "connection_reset"
+    return type(exc).__name__
+
+
+@dataclass
+class Cut:
+    """A connection the server (or the network) closed while the client wanted it open: when,
+    with which code, and when it was back (the next `welcome`) and resumed (`resumed`)."""
+
+    closed_us: int
+    code: int | None
+    back_us: int = 0
+    resumed_us: int = 0
 
 
 @dataclass
@@ -61,6 +105,7 @@ class ConnStats:
     unknown_frames: int = 0
     resumes: int = 0
     resumes_incomplete: int = 0
+    keepalives: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     close_codes: Counter[str] = field(default_factory=Counter)
 
@@ -70,7 +115,7 @@ class ConnStats:
             "retried": self.retried, "frames_in": self.frames_in, "frames_out": self.frames_out,
             "bad_frames": self.bad_frames, "unknown_frames": self.unknown_frames,
             "resumes": self.resumes, "resumes_incomplete": self.resumes_incomplete,
-            "errors": dict(self.errors), "close_codes": dict(self.close_codes),
+            "keepalives": self.keepalives, "errors": dict(self.errors), "close_codes": dict(self.close_codes),
         }
 
     @staticmethod
@@ -149,6 +194,8 @@ class ReconnectingConnection:
         self.generation = 0
         self._last_send = 0.0
         self._retry_tasks: set[asyncio.Task[None]] = set()
+        self.cuts: list[Cut] = []
+        self.opened_us = 0  # the first handshake's end
 
     # --- what an adapter provides -------------------------------------------------------------
     async def _handshake(self) -> ClientConnection:
@@ -181,7 +228,10 @@ class ReconnectingConnection:
             raise
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
             self._want_open = False
-            raise SetupError(f"{self.user}: cannot connect: {type(exc).__name__}: {exc}") from None
+            raise SetupError(f"{self.user}: cannot connect: {type(exc).__name__}: {exc}",
+                             refusal_reason(exc)) from None
+        if not self.opened_us:
+            self.opened_us = now_us()
         self._connected(ws)
         self._runner = asyncio.create_task(self._run(ws), name=f"conn-{self.user}")
 
@@ -227,11 +277,14 @@ class ReconnectingConnection:
             self.stats.close_codes[str(code)] += 1
             if not self._want_open:
                 return
+            cut = Cut(now_us(), code)
+            self.cuts.append(cut)
             self._fail_unknown_outcomes()
             self.stats.reconnects += 1
             reconnected = await self._reconnect()
             if reconnected is None:
                 return
+            cut.back_us = now_us()
             ws = reconnected
             self._connected(ws)
 

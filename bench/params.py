@@ -6,8 +6,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-SCENARIOS = ("dm", "fanout", "presence", "mixed")
+SCENARIOS = ("dm", "fanout", "presence", "mixed", "connections")
 TARGETS = ("peernet", "socketio", "centrifugo")
+# How an idle connection keeps alive: `ping` frames of the protocol, or WebSocket pings (RFC 6455
+# control frames, which the contract counts as traffic too).
+KEEPALIVES = ("frame", "ws-ping")
+# What `--storm` cuts: every connection of one gateway replica (bench/chaos.py's `replica` fault).
+STORMS = ("replica",)
+# Sockets one load process may hold by default (`connections` without --procs): well inside a
+# 20,000 open-files limit, and few enough that one process keeps up with its share of connects.
+CONNECTIONS_PER_PROC = 5000
+# Files a load process needs beside its sockets (Python, pipes, the token fetch's HTTP pool).
+FD_HEADROOM = 200
 # The load processes: bench/worker.py's, or the Go driver (bench/go/dmdriver; dm on PeerNet).
 DRIVERS = ("python", "go")
 # The scenarios each peer implements (PeerNet implements them all).
@@ -68,6 +78,14 @@ class BenchParams:
     burst_s: float = 30.0
     fault_gap: float = 5.0
     ray_address: str = ""
+    # `connections` (bench/runner.py, Coordinator.run_connections): open `clients` connections
+    # at `connect_rate` a second, sample the idle stack `idle_baseline` s first, hold them idle
+    # `hold` s with `keepalive`, then DMs at `rate` when it is above 0, then the `storm`.
+    connect_rate: float = 100.0
+    hold: float = 30.0
+    keepalive: str = "frame"
+    idle_baseline: float = 10.0
+    storm: str = ""
     # The HMAC secret of the Centrifugo nodes the harness started (tokens are signed in the load
     # processes); a throwaway per run, left out of the written results.
     token_secret: str = ""
@@ -85,7 +103,8 @@ class BenchParams:
             raise ParamError("at least one --url is needed")
         checks: list[tuple[bool, str]] = [
             (self.clients >= 2, "--clients must be at least 2"),
-            (self.rate > 0, "--rate must be positive"),
+            (self.rate > 0 or (self.scenario == "connections" and self.rate == 0),
+             "--rate must be positive"),
             (self.duration > 0, "--duration must be positive"),
             (self.warmup >= 0, "--warmup must not be negative"),
             (self.drain >= 0, "--drain must not be negative"),
@@ -107,6 +126,10 @@ class BenchParams:
         for ok, message in checks:
             if not ok:
                 raise ParamError(message)
+        if self.keepalive not in KEEPALIVES:
+            raise ParamError(f"--keepalive must be one of {', '.join(KEEPALIVES)}")
+        if self.scenario == "connections":
+            self._validate_connections()
         if self.driver not in DRIVERS:
             raise ParamError(f"driver must be one of {', '.join(DRIVERS)}")
         if self.driver == "go":
@@ -119,6 +142,25 @@ class BenchParams:
             if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
                 raise ParamError("--mix shares must be non-negative and not all zero")
         return self
+
+    def _validate_connections(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.target == "peernet", "the connections scenario drives PeerNet"),
+            (self.driver == "python", "the connections scenario runs with the Python load processes"),
+            (not self.find_max and not self.chaos, "the connections scenario takes --storm, not "
+                                                   "--find-max or --chaos"),
+            (self.connect_rate > 0, "--connect-rate must be positive"),
+            (self.hold >= 0, "--hold must not be negative"),
+            (self.idle_baseline >= 0, "--idle-baseline must not be negative"),
+            (self.storm in ("", *STORMS), f"--storm takes {', '.join(STORMS)}"),
+            (not self.storm or self.rate > 0,
+             "--storm needs --rate: the DMs sent across the cut are what the resume accounting checks"),
+            (not self.storm or 0 <= self.fault_at < self.warmup + self.duration,
+             "--storm: --fault-at must fall inside warm-up + duration"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParamError(message)
 
     def _validate_go(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -166,6 +208,32 @@ class BenchParams:
         d["urls"] = tuple(d.get("urls", ()))
         d["chaos"] = tuple(d.get("chaos", ()))
         return cls(**d)
+
+
+def open_files_limit() -> int:
+    """This process's soft open-files limit (inherited by the load processes it spawns)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def default_procs(clients: int, limit: int) -> int:
+    """Load processes for `clients` sockets: CONNECTIONS_PER_PROC each, more when the
+    open-files limit holds fewer."""
+    per_proc = max(1, min(CONNECTIONS_PER_PROC, limit - FD_HEADROOM))
+    return max(1, -(-clients // per_proc))
+
+
+def check_open_files(params: BenchParams, limit: int) -> None:
+    """Raise ParamError when one load process would run out of file descriptors before it held
+    its share of the connections (its connects would fail in the generator, not the server)."""
+    per_proc = -(-params.clients // params.procs)
+    if per_proc + FD_HEADROOM > limit:
+        need = default_procs(params.clients, limit)
+        raise ParamError(f"{params.clients:,} connections over {params.procs} load process(es) is "
+                         f"{per_proc:,} sockets each, but the open-files limit is {limit:,}: "
+                         f"use --procs {need} or more (or leave --procs out)")
 
 
 def scenarios_phrase(names: tuple[str, ...]) -> str:

@@ -4,6 +4,7 @@ default, dev tokens from `POST /v1/dev/token`, `resume` from the last inbox seq 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,12 +72,13 @@ class PeerNetTarget:
     kinds = frozenset({DM, POST, CHURN})
 
     def __init__(self, urls: Sequence[str], *, binary: bool = True, request_timeout: float = 15.0,
-                 http_concurrency: int = 32) -> None:
+                 http_concurrency: int = 32, keepalive: str = "frame") -> None:
         self.http_urls = [http_url(u) for u in urls]
         self.ws_urls = [ws_url(u) for u in self.http_urls]
         self.binary = binary
         self.request_timeout = request_timeout
         self.http_concurrency = http_concurrency
+        self.keepalive = keepalive
         self.tokens: dict[str, str] = {}
 
     async def prepare(self, users: Sequence[tuple[int, str]]) -> None:
@@ -108,15 +110,20 @@ class PeerNetTarget:
         self, index: int, user: str, on_frame: FrameHandler, stats: ConnStats
     ) -> PeerNetConnection:
         return PeerNetConnection(self.ws_urls[index % len(self.ws_urls)], index, user,
-                                 self.tokens[user], on_frame, stats, self.binary, self.request_timeout)
+                                 self.tokens[user], on_frame, stats, self.binary, self.request_timeout,
+                                 self.keepalive)
 
 
 class PeerNetConnection(ReconnectingConnection):
     """One user's connection. Tracks the newest inbox seq seen (for `resume` and `ack`) and every
-    seq seen, so the load process can report gaps in the inbox stream."""
+    seq seen, so the load process can report gaps in the inbox stream.
+
+    `keepalive` is how it stays alive while idle: `frame` sends the protocol's `ping` frames,
+    `ws-ping` WebSocket pings (control frames), each after half a heartbeat without a send."""
 
     def __init__(self, url: str, index: int, user: str, token: str, on_frame: FrameHandler,
-                 stats: ConnStats, binary: bool, request_timeout: float) -> None:
+                 stats: ConnStats, binary: bool, request_timeout: float,
+                 keepalive: str = "frame") -> None:
         super().__init__(index, user, on_frame, stats, request_timeout)
         self.url = url
         self.token = token
@@ -125,6 +132,8 @@ class PeerNetConnection(ReconnectingConnection):
         self.acked_seq = 0
         self.seqs: set[int] = set()
         self.heartbeat_s = 25.0
+        self.keepalive = keepalive
+        self.replica = ""  # the gateway replica named in the latest `welcome`, when it names one
         self._welcomed = False
 
     async def _handshake(self) -> ClientConnection:
@@ -139,15 +148,17 @@ class PeerNetConnection(ReconnectingConnection):
             data = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT_S)
         except websockets.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else None
-            raise SetupError(f"{self.user}: handshake closed with {code}") from None
+            raise SetupError(f"{self.user}: handshake closed with {code}",
+                             f"closed_{code or 'abnormally'}") from None
         except BaseException:
             await ws.close()
             raise
         frame = self._decode(data)
         if frame is None or frame.get("t") != "welcome":
             await ws.close()
-            raise SetupError(f"{self.user}: expected welcome, got {frame!r:.200}")
+            raise SetupError(f"{self.user}: expected welcome, got {frame!r:.200}", "no_welcome")
         self._welcomed = True
+        self.replica = str(frame.get("replica") or "")
         hb = frame.get("heartbeat")
         if isinstance(hb, int) and hb > 0:
             self.heartbeat_s = hb / 1000.0
@@ -186,6 +197,8 @@ class PeerNetConnection(ReconnectingConnection):
             self._resolve(frame.get("rid"), frame)
         elif t == "resumed":
             self.stats.resumes += 1
+            if self.cuts and not self.cuts[-1].resumed_us:
+                self.cuts[-1].resumed_us = recv_us
             if frame.get("complete") is False:  # part of the gap is past retention: history over HTTP
                 self.stats.resumes_incomplete += 1
         self.on_frame(self.index, frame, recv_us)
@@ -201,8 +214,14 @@ class PeerNetConnection(ReconnectingConnection):
             await self.send_raw(encode_frame({"t": "ack", "seq": self.last_seq}, self.binary))
         elif now - self._last_send > self.heartbeat_s / 2:
             self._last_send = now
-            # A `ping` frame, not a WebSocket ping: Serve's proxy answers WebSocket pings itself,
-            # so they never reach PeerNet and do not count as traffic.
+            self.stats.keepalives += 1
+            if self.keepalive == "ws-ping":
+                # Not awaiting the pong: a dead peer shows as the connection closing.
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.ping()
+                return
+            # A `ping` frame by default: on PEERNET_INGRESS=proxy, Serve's proxy answers
+            # WebSocket pings itself, so they never reach PeerNet and do not count as traffic.
             try:
                 await self.send_raw(encode_frame({"t": "ping"}, self.binary))
             except websockets.ConnectionClosed:

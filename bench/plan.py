@@ -28,6 +28,8 @@ _SCENARIO_SHARES: dict[str, dict[str, float]] = {
     "dm": {DM: 1.0},
     "fanout": {POST: 1.0},
     "presence": {CHURN: 1.0},
+    # Every connection of `connections` may take part in its DMs after the hold.
+    "connections": {DM: 1.0},
 }
 _MIX_KIND = {"dm": DM, "fanout": POST, "presence": CHURN}
 

@@ -249,7 +249,9 @@ class ServerProbe:
                     continue
             if category is None or (not counted(category, self.categories) and category != LOAD_GENERATOR):
                 continue
-            if scope is not None and (category.startswith("ray:") or category == "peernet"):
+            # HAProxy too: Serve starts one per cluster (under its HAProxyManager), and another
+            # cluster's on this machine is not the target's.
+            if scope is not None and (category.startswith("ray:") or category in ("peernet", "haproxy")):
                 tree, session = scope
                 if pid not in tree and not (session and session in " ".join(cmdline)):
                     self._ignored.add(pid)

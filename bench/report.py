@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import __version__
 from bench.probe import LOAD_GENERATOR
-from bench.runner import SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
+from bench.runner import GENERATOR_LAG_MS, SCENARIO_KINDS, BenchRun, PhaseOutcome, TargetResult, rate_ladder
 
 SCHEMA = 1
 PEERNET_DURABILITY = (
@@ -83,7 +83,8 @@ def machine() -> dict[str, Any]:
 
 # What one "action" of a scenario is, for CPU per action; fan-out is counted per push (a post's
 # delivery to one follower), the unit its cost grows with.
-ACTION_UNIT = {"dm": "DM", "fanout": "push", "presence": "presence change", "mixed": "action"}
+ACTION_UNIT = {"dm": "DM", "fanout": "push", "presence": "presence change", "mixed": "action",
+               "connections": "DM"}
 
 
 def cpu_cost(server: dict[str, Any], actions_per_s: float) -> dict[str, Any]:
@@ -159,7 +160,43 @@ def target_dict(t: TargetResult, scenario: str) -> dict[str, Any]:
         "phases": phases,
         "processes": t.processes,
         "notes": t.notes,
+        "connections_scenario": connections_verdict(t.conns) if t.conns else None,
     }
+
+
+def connections_verdict(c: dict[str, Any]) -> dict[str, Any]:
+    """The `connections` figures with what went wrong: refusals (by the server, or in the load
+    generator), connections closed during the hold, storm clients not back or not resumed, and
+    DMs acknowledged before the cut not delivered."""
+    problems = []
+    o = c.get("open", {})
+    behind = ""
+    if o.get("generator_behind"):
+        behind = (f" (load generator behind schedule: connects started up to "
+                  f"{o['start_lag_ms']['p99']:,.0f} ms late at p99, so timeouts may be its own)")
+    if o.get("refused_by_server"):
+        problems.append(f"{o['refused_by_server']:,} connections refused by the server "
+                        f"({', '.join(f'{r} {n:,}' for r, n in sorted(o['refused'].items()))})"
+                        + behind)
+    if o.get("refused_in_load_generator"):
+        problems.append(f"{o['refused_in_load_generator']:,} connections failed in the load generator "
+                        "(out of files: raise --procs)")
+    h = c.get("hold", {})
+    if h.get("closed"):
+        problems.append(f"{h['closed']:,} closed by the server during the open and hold ({h['codes']})")
+    s = c.get("storm")
+    if s is not None:
+        if not s.get("injected"):
+            problems.append("storm: no replica was killed")
+        elif s.get("all_resumed_after_s") is None:
+            problems.append(f"storm: of {s['cut']:,} cut, {s['back']:,} back and {s['resumed']:,} "
+                            "resumed by the end of the phase")
+        missing = (s.get("resume") or {}).get("missing", 0)
+        if missing:
+            problems.append(f"storm: {missing} deliveries of DMs acknowledged before the cut missing")
+    return {**c, "ok": not problems, "problems": problems,
+            "verdict": "; ".join(problems) if problems else "ok: none refused, none closed"
+                       + (", every cut client back with resume" if s else "")}
 
 
 def _equal_load(a: TargetResult, b: TargetResult) -> tuple[PhaseOutcome, PhaseOutcome] | None:
@@ -320,12 +357,21 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
                          f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
                          f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
-        if (t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos"):
+            if "server_rss_after_hold_mib" in mem:
+                lines.append(f"- After the hold: {_fmt(mem['server_rss_after_hold_mib'])} MiB; "
+                             "per connection "
+                             f"{_fmt(mem.get('per_connection_kib_after_hold'))} KiB (services included), "
+                             f"{_fmt(mem.get('per_connection_kib_after_hold_without_services'))} KiB "
+                             "(without)")
+        if ((t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos")
+                and p["scenario"] != "connections"):
             lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
                          f"{_fmt(t['max_held_rate'])}/s")
         for n in t["notes"]:
             lines.append(f"- Note: {n}")
         lines.append("")
+        if t.get("connections_scenario"):
+            lines += _connections_section(t["connections_scenario"], p)
         if t["phases"]:
             lines += _phase_table(t["phases"], p["scenario"])
             lines += _server_table(t["phases"][-1])
@@ -338,6 +384,78 @@ def render_markdown(report: dict[str, Any]) -> str:
               ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), "",
               ", ".join(f"{k} {val}" for k, val in report["machine"].items()), ""]
     return "\n".join(lines)
+
+
+def _ms_row(name: str, s: dict[str, Any]) -> str:
+    return (f"| {name} | {_fmt(s.get('count'))} | {_fmt(s.get('p50'), 2)} | {_fmt(s.get('p90'), 2)} "
+            f"| {_fmt(s.get('p99'), 2)} | {_fmt(s.get('max'), 2)} |")
+
+
+def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    """`connections`: the open, the hold (closes, CPU, memory) and the storm."""
+    o, h, cpu = c.get("open", {}), c.get("hold", {}), c.get("cpu", {})
+    lines = [f"### Connections: {c['verdict']}", "",
+             f"- Opened **{o.get('opened', 0):,} of {p['clients']:,}** at {p['connect_rate']:g}/s "
+             f"(scheduled over {o.get('scheduled_s', 0):g} s) with {p['procs']} load process(es); "
+             f"refused by the server **{o.get('refused_by_server', 0):,}**, failed in the load "
+             f"generator {o.get('refused_in_load_generator', 0):,}"
+             + (f" ({', '.join(f'{r} {n:,}' for r, n in sorted(o['refused'].items()))})"
+                if o.get("refused") else "")]
+    if o.get("generator_behind"):
+        lines.append(f"- **The load generator was behind schedule**: connect calls up to "
+                     f"{o['start_lag_ms']['p99']:,.1f} ms late at p99 (more than "
+                     f"{GENERATOR_LAG_MS:g} ms); the latencies from the scheduled open include that "
+                     "delay, and a `timeout` may be its own busy event loop (more --procs, a lower "
+                     "--connect-rate, or the load on another machine)")
+    for sample in o.get("refused_sample", [])[:3]:
+        lines.append(f"  - e.g. `{sample}`")
+    oc = o.get("cpu") or {}
+    if oc.get("samples"):
+        lines.append(f"- CPU during the open (% of one core, mean): server {_fmt(oc['server_pct'])}, "
+                     f"load generator {_fmt(oc['load_generator_pct'])} "
+                     f"({_fmt(oc['load_generator_per_process_pct'])} per process); the machine "
+                     f"{_fmt(oc['system_cpu_pct'])}% of all cores")
+    if o.get("replicas"):
+        lines.append("- Connections per gateway replica (from `welcome`): "
+                     + ", ".join(f"{r} {n:,}" for r, n in o["replicas"].items()))
+    lines += ["", "| open-to-`welcome`, ms | count | p50 | p90 | p99 | max |",
+              "|---|---:|---:|---:|---:|---:|",
+              _ms_row("from the scheduled open", o.get("welcome_ms", {})),
+              _ms_row("from the connect call", o.get("handshake_ms", {})),
+              _ms_row("connect call after its time (load generator lag)", o.get("start_lag_ms", {})), ""]
+    codes = ", ".join(f"{k} x{n}" for k, n in h.get("codes", {}).items())
+    lines.append(f"- Held {h.get('seconds', 0):g} s with keep-alive `{p['keepalive']}` "
+                 f"({_fmt(h.get('keepalives'))} keep-alives sent since the first open): "
+                 f"**closed by the server {h.get('closed', 0):,}** from the first open to the end of "
+                 "the hold"
+                 + (f" ({codes})" if codes else "") + f"; online at the end {_fmt(h.get('online_after'))}")
+    if cpu:
+        lines.append(f"- CPU, % of one core (mean over the hold, beside the idle stack over "
+                     f"{cpu['idle_samples']} samples with no clients): server "
+                     f"{_fmt(cpu['server_hold_pct'])} against {_fmt(cpu['server_idle_pct'])} idle, "
+                     f"**{_fmt(cpu['server_above_idle_pct'])} above idle**, "
+                     f"{_fmt(cpu['server_above_idle_per_1000_connections_pct'], 2)} per 1,000 "
+                     f"connections; load generator {_fmt(cpu['load_generator_pct'])} over "
+                     f"{_fmt(cpu['load_generator_processes'])} process(es)")
+        lines += ["", "| process | count | idle % | hold % | above idle % |", "|---|---:|---:|---:|---:|"]
+        for cat, v in cpu["by_category"].items():
+            lines.append(f"| {cat} | {v['processes']} | {v['idle_pct']} | {v['hold_pct']} "
+                         f"| {v['above_idle_pct']} |")
+        lines.append("")
+    s = c.get("storm")
+    if s is not None:
+        r = s.get("resume") or {}
+        lines += [f"- Storm: one gateway replica killed; **{s['cut']:,} connections cut** "
+                  f"({', '.join(f'{k} x{n}' for k, n in s['codes'].items()) or 'none'}), "
+                  f"{s['back']:,} back, {s['resumed']:,} resumed; every cut client back after "
+                  f"**{_fmt(s['all_back_after_s'], 2)} s** and resumed after "
+                  f"**{_fmt(s['all_resumed_after_s'], 2)} s** from the kill; online at the end "
+                  f"{_fmt(s['online_after'])}",
+                  f"- Resume accounting: {r.get('acknowledged', 0):,} DMs acknowledged before the "
+                  f"cut owed {r.get('owed', 0):,} deliveries, **{r.get('missing', 0)} missing** "
+                  "(the storm phase's whole ledger is the last row below)"]
+    lines.append("")
+    return lines
 
 
 def _fault_table(faults: list[dict[str, Any]]) -> list[str]:

@@ -45,7 +45,11 @@ CHAOS_HEALTH_TIMEOUT_S = 120.0
 # Per-connection frame rate above which PeerNet's default limit (200/s) would refuse frames.
 RATE_LIMIT_WARN = 150.0
 
-SCENARIO_KINDS = {"dm": (DM,), "fanout": (POST,), "presence": (CHURN,), "mixed": (DM, POST, CHURN)}
+SCENARIO_KINDS = {"dm": (DM,), "fanout": (POST,), "presence": (CHURN,), "mixed": (DM, POST, CHURN),
+                  "connections": (DM,)}
+# connections: how long the coordinator waits for the last `welcome` beyond the open schedule
+# (a handshake gives up after 10 s, bench/peernet_client.py).
+OPEN_GRACE_S = 60.0
 
 
 @dataclass
@@ -72,6 +76,9 @@ class PhaseOutcome:
     headline_p99_ms: float = 0.0
     generator_behind: bool = False
     fault: FaultOutcome | None = None
+    # With a fault: the DMs acknowledged before its injection and their deliveries still missing
+    # at the end (the resume accounting of `connections --storm`).
+    before_fault: dict[str, int] = field(default_factory=dict)
 
     def headline_kinds(self, scenario: str) -> list[str]:
         return [k for k in SCENARIO_KINDS[scenario] if self.accounting.hist(k).count > 0]
@@ -89,6 +96,8 @@ class TargetResult:
     health: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str = ""
+    # The `connections` scenario's open, hold and storm (Coordinator.run_connections).
+    conns: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_held_rate(self) -> float | None:
@@ -416,6 +425,7 @@ class Coordinator:
                 outcome.fault.memory_peak_mib["server"] = outcome.server["server_rss_peak_mib"]
             outcome.held = outcome.fault.ok
             outcome.verdict = outcome.fault.verdict
+            outcome.before_fault = owed_before(acked, receipts, event.injected_us)
         return outcome
 
     def _judge(self, o: PhaseOutcome) -> None:
@@ -444,7 +454,7 @@ class Coordinator:
         name = self.params.target
         while True:
             await asyncio.sleep(1.0)
-            msgs = [h.latest for h in handles if h.latest is not None]
+            msgs = [h.latest for h in handles if h.latest is not None and "hist" in h.latest]
             hist = LatencyHistogram()
             for m in msgs:
                 hist.merge(LatencyHistogram.decode(m["hist"]))
@@ -456,6 +466,16 @@ class Coordinator:
             self.progress.update(
                 f"[{name} {rate:g}/s] {elapsed:6.1f}s  sent {sent}  acked {acked}  failed {failed}  "
                 f"delivered {delivered}  p99 {hist.percentile_ms(99.0):.1f} ms")
+
+
+def owed_before(acked: list[Acked], receipts: list[Receipt], at_us: int) -> dict[str, int]:
+    """The actions acknowledged before `at_us`, the deliveries they owe, and how many of those
+    never arrived."""
+    got = {(r.k, r.recipient) for r in receipts}
+    before = [a for a in acked if a.ack_us < at_us] if at_us else []
+    owed = [(a.k, r) for a in before for r in a.recipients]
+    return {"acknowledged": len(before), "owed": len(owed),
+            "missing": sum(1 for key in owed if key not in got)}
 
 
 async def peernet_health(url: str) -> dict[str, Any]:
@@ -540,7 +560,12 @@ async def run_bench(params: BenchParams, *, vs: str | None = None, progress: Pro
                 base = http_url(p.urls[0])
                 probe = ServerProbe(PEERNET_CATEGORIES, metrics_url=base + "/metrics",
                                     server_port=urlparse(base).port or 80, service_ports=p.service_ports)
-                result = await Coordinator(p, run, progress).run_target(probe)
+                coordinator = Coordinator
+                if p.scenario == "connections":
+                    from bench.connections import ConnectionsCoordinator
+
+                    coordinator = ConnectionsCoordinator
+                result = await coordinator(p, run, progress).run_target(probe)
             result.health = health
         out.targets.append(result)
     out.ended = time.time()

@@ -2,7 +2,13 @@
 connections, performs their scheduled actions open-loop and records what arrives.
 
 It speaks to the coordinator over a control channel:
-  -> ready | failed          after setup (tokens, connections, follows, watches)
+  -> ready | failed          after setup (tokens, connections, follows, watches; for the
+                             `connections` scenario tokens only)
+  <- open                    `connections`: open every connection at its time (rank / rate
+                             after t0), each once, and time it from then to its `welcome`
+  -> opened                  what opened and what was refused, and the latencies
+  <- cuts                    `connections`: every connection the server closed since a time
+  -> cuts                    those closes, whether each came back (and resumed), and who is online
   <- phase                   run one phase at a rate, starting at t0
   -> progress                about once a second while a phase runs
   -> sent                    its actions resolved: what was acknowledged, what failed
@@ -21,7 +27,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bench.client import Connection, ConnStats, Frame, RequestFailed, SetupError, Target, now_us
+from bench.client import (
+    Connection,
+    ConnStats,
+    Frame,
+    RequestFailed,
+    SetupError,
+    Target,
+    now_us,
+    refusal_reason,
+)
 from bench.control import Channel, Message
 from bench.latency import LatencyHistogram
 from bench.ledger import Acked, Failed, PresenceSeen, Receipt, Transition
@@ -46,7 +61,8 @@ def make_target(name: str, urls: list[str], params: BenchParams) -> Target:
                                 feeds=params.scenario in ("fanout", "mixed"))
     from bench.peernet_client import PeerNetTarget
 
-    return PeerNetTarget(urls, binary=params.binary, request_timeout=params.request_timeout)
+    return PeerNetTarget(urls, binary=params.binary, request_timeout=params.request_timeout,
+                         keepalive=params.keepalive)
 
 
 @dataclass
@@ -99,6 +115,7 @@ class LoadWorker:
         self.foreign = 0
         self.stray = 0
         self._churn_locks: dict[int, asyncio.Lock] = {}
+        self.opening: dict[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def owns(self, i: int) -> bool:
@@ -124,8 +141,13 @@ class LoadWorker:
         try:
             while True:
                 cmd = await self.channel.recv()
-                if cmd.get("op") == "phase":
+                op = cmd.get("op")
+                if op == "phase":
                     await self.run_phase(cmd)
+                elif op == "open":
+                    await self.channel.send(await self.open_all(cmd))
+                elif op == "cuts":
+                    await self.channel.send(self.cuts(cmd))
                 else:
                     break
         finally:
@@ -140,6 +162,8 @@ class LoadWorker:
         await self.target.prepare([(i, plan.users[i]) for i in self.owned])
         for i in self.owned:
             self.conns[i] = self.target.connection(i, plan.users[i], self.on_frame, self.stats)
+        if self.params.scenario == "connections":
+            return  # opened by the coordinator's `open`, at the connect rate
         sem = asyncio.Semaphore(self.params.connect_concurrency)
         churning = set(plan.churners)
 
@@ -166,6 +190,66 @@ class LoadWorker:
                 jobs.append(ask(watcher, {"t": "watch", "users": [plan.users[c] for c in watched]}))
         await asyncio.gather(*jobs)
 
+    async def open_all(self, cmd: Message) -> Message:
+        """Open every owned connection once, open loop: user i's at t0 + i / rate, whatever the
+        earlier ones are doing. A connection that fails is counted by reason and left closed."""
+        t0_us = int(cmd["t0_us"])
+        rate = float(cmd["rate"])
+        welcome = LatencyHistogram()      # from the scheduled open to `welcome`
+        handshake = LatencyHistogram()    # from the connect call to `welcome`
+        start_lag = LatencyHistogram()    # the connect call after its scheduled time
+        refused: dict[str, int] = {}
+        sample: list[str] = []
+        tasks: list[asyncio.Task[None]] = []
+        counts = self.opening = {"opened": 0, "refused": 0}
+
+        async def one(i: int, due_us: int) -> None:
+            started = now_us()
+            start_lag.record_us(max(1, started - due_us))
+            try:
+                await self.conns[i].open()
+            except SetupError as exc:
+                reason = refusal_reason(exc)
+                refused[reason] = refused.get(reason, 0) + 1
+                counts["refused"] += 1
+                if len(sample) < 5:
+                    sample.append(str(exc)[:200])
+                return
+            at = getattr(self.conns[i], "opened_us", 0) or now_us()
+            welcome.record_us(max(1, at - due_us))
+            handshake.record_us(max(1, at - started))
+            counts["opened"] += 1
+
+        for i in self.owned:
+            due_us = t0_us + round(i * 1e6 / rate)
+            wait_us = due_us - now_us()
+            if wait_us > DISPATCH_SLACK_US:
+                await asyncio.sleep(wait_us / 1e6)
+            tasks.append(asyncio.create_task(one(i, due_us)))
+        await asyncio.gather(*tasks)
+        self.opening = None
+        gc.collect()
+        gc.freeze()
+        replicas: dict[str, int] = {}
+        for c in self.conns.values():
+            name = getattr(c, "replica", "")
+            if c.online and name:
+                replicas[name] = replicas.get(name, 0) + 1
+        return {"op": "opened", "opened": welcome.count, "refused": refused, "refused_sample": sample,
+                "welcome": welcome.encode(), "handshake": handshake.encode(),
+                "start_lag": start_lag.encode(), "replicas": replicas,
+                "online": sum(1 for c in self.conns.values() if c.online)}
+
+    def cuts(self, cmd: Message) -> Message:
+        """Every close the client did not ask for since `since_us`, as (user, code, closed,
+        back, resumed) in epoch microseconds (0: not back, or no `resumed` yet)."""
+        since = int(cmd.get("since_us", 0))
+        out = [[i, cut.code, cut.closed_us, cut.back_us, cut.resumed_us]
+               for i, c in self.conns.items() for cut in getattr(c, "cuts", ())
+               if cut.closed_us >= since]
+        return {"op": "cuts", "cuts": out, "online": sum(1 for c in self.conns.values() if c.online),
+                "stats": self.stats.to_dict()}
+
     async def teardown(self) -> None:
         await asyncio.gather(*(c.close() for c in self.conns.values()), return_exceptions=True)
 
@@ -176,7 +260,14 @@ class LoadWorker:
             for c in list(self.conns.values()):
                 if c.online:
                     await c.tick(now)
+            if self.opening is not None:
+                await self.channel.send({"op": "progress", **self.opening,
+                                         "online": sum(1 for c in self.conns.values() if c.online)})
+                continue
             st = self.state
+            if st is None and self.params.scenario == "connections":
+                await self.channel.send({"op": "progress", "opened": 0, "refused": 0,
+                                         "online": sum(1 for c in self.conns.values() if c.online)})
             if st is not None:
                 await self.channel.send({
                     "op": "progress", "sent": st.sent, "acked": len(st.acked), "failed": len(st.failed),
