@@ -108,9 +108,7 @@ class ConnectionsCoordinator(Coordinator):
             result.error = str(exc)
             self.progress.say(f"[connections] failed: {exc}")
         finally:
-            await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
-            await probe.stop()
-            result.processes = probe.processes()
+            await self._stop_load(handles, probe, result)
         return result
 
     def _injector_for(self, fault: str) -> Injector:

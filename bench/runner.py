@@ -290,12 +290,19 @@ class Coordinator:
             result.error = str(exc)
             self.progress.say(f"[{p.target}] failed: {exc}")
         finally:
-            await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
-            await probe.stop()
-            result.processes = probe.processes()
+            await self._stop_load(handles, probe, result)
             if probe.lag_note not in ("ok", "no metrics URL for this target"):
                 result.notes.append(f"Kafka consumer lag not measured: {probe.lag_note}")
         return result
+
+    @staticmethod
+    async def _stop_load(handles: list[WorkerHandle], probe: ServerProbe,
+                         result: TargetResult) -> None:
+        """The end of a target's run, however it ended: the load processes stopped, the probe
+        stopped, the processes it saw recorded."""
+        await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
+        await probe.stop()
+        result.processes = probe.processes()
 
     def _injector(self) -> Injector:
         """The fault injector, checked against what runs here before any client connects."""
