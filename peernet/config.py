@@ -1,6 +1,6 @@
 """Configuration: one frozen dataclass per component, read from `PEERNET_*` environment
 variables in one place (`load_config`). Every variable, its default and meaning is listed in
-README.md; `peernet config` prints the values in force."""
+docs/configuration.md; `peernet config` prints the values in force."""
 
 from __future__ import annotations
 
