@@ -10,7 +10,7 @@ from peernet.config import load_config
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from stack import manager  # imported here: the core imports nothing of ours at import time
+    from stack import manager
 
     cfg = load_config()
     try:
@@ -41,7 +41,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_upgrade(args: argparse.Namespace) -> int:
-    from serve.deployment import already_serving, state_file
+    from peernet.serve_process import state_file
+    from serve.deployment import already_serving
     from serve.upgrade import request_upgrade
 
     cfg = load_config()
