@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from actors.consuming import ConsumerLoop, group_name
-from actors.session import user_channel
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.feeds import FeedFanout, FeedWrites, GraphChange, LikeChange, Lookup, Post
 from peernet.codec import pack
 from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
+from peernet.wire import user_channel
 
 log = logging.getLogger("peernet.feed")
 

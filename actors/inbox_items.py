@@ -5,23 +5,11 @@ from __future__ import annotations
 from bus.inbox import Item
 from peernet.envelope import Event
 
-# The Kafka header that names an event's inbox recipients ("a,b"), so that session shards can
-# skip events for users they do not own without decoding them.
-RECIPIENTS_HEADER = "to"
-
-# The frame types that are inbox items (they carry the per-user `seq`).
-INBOX_FRAME_TYPES = frozenset({"msg", "note"})
-
-
-def recipients_header(users: list[str]) -> tuple[str, bytes]:
-    return (RECIPIENTS_HEADER, ",".join(dict.fromkeys(users)).encode())
-
-
-def parse_recipients(headers: tuple[tuple[str, bytes], ...]) -> list[str]:
-    for name, value in headers:
-        if name == RECIPIENTS_HEADER:
-            return value.decode().split(",") if value else []
-    return []
+# The header that carries an event's recipients is named in the core (peernet/wire.py), where the
+# gateway that writes it and the shards that read it both find it; kept importable from here.
+from peernet.wire import RECIPIENTS_HEADER as RECIPIENTS_HEADER
+from peernet.wire import parse_recipients as parse_recipients
+from peernet.wire import recipients_header as recipients_header
 
 
 def inbox_item(event: Event, user: str) -> Item | None:

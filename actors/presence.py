@@ -23,7 +23,9 @@ from bus.pubsub import PubSub
 from peernet.codec import pack
 from peernet.errors import PeerNetError
 from peernet.ids import now_ms
+from peernet.lease import LeaseTiming
 from peernet.routing import shard_for
+from peernet.wire import presence_channel
 
 log = logging.getLogger("peernet.presence")
 
@@ -35,39 +37,8 @@ PUBLISH_CONCURRENCY = 64
 REBUILD_CHUNK = 1_000
 
 
-def presence_channel(user: str) -> str:
-    """The pub/sub channel of `user`'s presence changes."""
-    return f"p:{user}"
-
-
 def presence_frame(change: Change) -> dict[str, object]:
     return {"t": "presence", "user": change.user, "status": change.status, "ts": change.ts}
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseTiming:
-    """How the lease bound `lease_ms` (a dead replica's users are offline within it) splits:
-    shards check leases every `check_ms`, a lease lives `ttl_ms` after its renewal, and replicas
-    renew it every `renew_ms`. Detection takes at most ttl + check < lease, leaving a check
-    interval for recording and publishing the change."""
-
-    lease_ms: int
-
-    def __post_init__(self) -> None:
-        if self.lease_ms < 300:
-            raise ValueError("the presence lease must be at least 300 ms")
-
-    @property
-    def check_ms(self) -> int:
-        return min(1_000, self.lease_ms // 10)
-
-    @property
-    def ttl_ms(self) -> int:
-        return self.lease_ms - 2 * self.check_ms
-
-    @property
-    def renew_ms(self) -> int:
-        return self.lease_ms // 6
 
 
 @dataclass

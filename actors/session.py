@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from actors.consuming import ConsumerLoop, until_ok
-from actors.inbox_items import inbox_item, parse_recipients
+from actors.inbox_items import inbox_item
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
@@ -33,6 +33,7 @@ from peernet.config import PeerNetConfig
 from peernet.envelope import EnvelopeError, Event
 from peernet.errors import PeerNetError
 from peernet.routing import session_group, shard_for
+from peernet.wire import parse_recipients, user_channel
 
 log = logging.getLogger("peernet.session")
 
@@ -43,11 +44,6 @@ Source = tuple[int, int, str]
 
 # How many of a user's newest item ids a session remembers to drop redelivered events.
 RECENT_IDS = 256
-
-
-def user_channel(user: str) -> str:
-    """The pub/sub channel of everything pushed to `user`'s connections."""
-    return f"u:{user}"
 
 
 class Session:

@@ -7,9 +7,11 @@ duplicated, failed actions by reason (`unavailable` is an answer; `timeout` with
 is silence, which the protocol never allows), and the time to recover: from the injection until
 the first message after the last disturbed one arrives (below).
 
-The faults act on this machine: the services of PeerNet's own local stack (`stack.manager`, by
-pid, as `peernet stack` started them) and the Ray worker processes of the target's cluster
-(found by process title under the raylet of its GCS address). External services (a
+The faults act on this machine: the services of PeerNet's own local stack (through the `peernet`
+command, `peernet stack down|up SERVICE`, as `peernet stack` started them), the Ray worker
+processes of the target's cluster (found by process title under the raylet of its GCS address)
+and its `peernet serve` (`peernet upgrade`). The harness drives the server as an operator would,
+through the command and the network, and imports none of its modules. External services (a
 `PEERNET_*_URL` set) and other hosts cannot be faulted from here.
 """
 
@@ -19,8 +21,10 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +34,7 @@ import psutil
 
 from bench.client import DISCONNECTED, SetupError, now_us
 from bench.ledger import Acked, Failed, Receipt
+from peernet.serve_process import is_serve_command
 
 # name -> what it does; the order of `--chaos all`.
 FAULTS: dict[str, str] = {
@@ -263,19 +268,16 @@ def worker_raylets(gcs_address: str) -> list[int]:
     return sorted(out)
 
 
-def serve_driver(gcs_address: str) -> tuple[int, Path]:
+def serve_driver(gcs_address: str) -> tuple[int, dict[str, str]]:
     """The `peernet serve` process on this machine connected to the cluster's GCS, and its
-    state file (from that process's own environment)."""
-    from peernet.config import load_config
-    from serve.deployment import is_serve_command, state_file
-
+    environment (in which `peernet upgrade` finds the same state file it keeps)."""
     gcs_port = int(gcs_address.rsplit(":", 1)[1])
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if not is_serve_command(proc.info.get("cmdline") or []):
                 continue
             if any(c.raddr and c.raddr.port == gcs_port for c in proc.net_connections("tcp")):
-                return proc.pid, state_file(load_config(proc.environ()))
+                return proc.pid, proc.environ()
         except psutil.Error:
             continue
     raise SetupError(f"--chaos upgrade: no `peernet serve` of the cluster at {gcs_address} runs "
@@ -297,6 +299,33 @@ def gcs_address_of(url: str, state_file: Path) -> str:
     if str(state.get("url", "")).rstrip("/") != url.rstrip("/"):
         raise SetupError(f"{state_file} describes {state.get('url')}, not {url}: pass --ray-address")
     return str(state["gcs_address"])
+
+
+# --- the `peernet` command --------------------------------------------------------------------
+
+# `peernet` of the installation the harness runs from: the same interpreter, so no PATH lookup.
+PEERNET_COMMAND = (sys.executable, "-m", "cli")
+
+
+def peernet(*args: str, env: Mapping[str, str] | None = None, check: bool = True) -> str:
+    """Run `peernet ARGS` and return what it printed; SetupError with its error output when it
+    fails (unless not `check`)."""
+    done = subprocess.run([*PEERNET_COMMAND, *args], env=None if env is None else dict(env),
+                          capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise SetupError(f"`peernet {' '.join(args)}` failed ({done.returncode}): {' | '.join(said)}")
+    return done.stdout
+
+
+def stack_pids() -> dict[str, int | None]:
+    """The pid of each service of this machine's stack, from `peernet stack status --json`
+    (None when it is stopped or external)."""
+    out = peernet("stack", "status", "--json", check=False)  # exits 1 when one is unhealthy
+    try:
+        return {row["name"]: row["pid"] for row in json.loads(out)}
+    except (ValueError, KeyError, TypeError):
+        raise SetupError(f"`peernet stack status --json` said: {out[:200]!r}") from None
 
 
 # --- injecting ---------------------------------------------------------------------------------
@@ -324,11 +353,9 @@ def projections_lag(metrics_text: str) -> float | None:
 class Injector:
     """Injects one fault at a time into the local stack and the target's Ray cluster."""
 
-    def __init__(self, gcs_address: str, mongo_down_s: float, stack_cfg: Any = None,
-                 metrics_url: str = "") -> None:
+    def __init__(self, gcs_address: str, mongo_down_s: float, metrics_url: str = "") -> None:
         self.gcs_address = gcs_address
         self.mongo_down_s = mongo_down_s
-        self._cfg = stack_cfg
         self.metrics_url = metrics_url
 
     async def _projections_lag(self) -> float | None:
@@ -355,20 +382,11 @@ class Injector:
             await asyncio.sleep(0.5)
         event.catch_up_note = f"projections not caught up within {CATCH_UP_TIMEOUT_S:.0f} s"
 
-    @property
-    def cfg(self) -> Any:
-        if self._cfg is None:
-            from peernet.config import load_config
-
-            self._cfg = load_config()
-        return self._cfg
-
     def check(self, faults: Sequence[str]) -> None:
         """Fail before the run, not in the middle, when a fault cannot be injected here."""
-        from stack import manager
-
+        pids = stack_pids() if SERVICE_FAULTS.intersection(faults) else {}
         for name in faults:
-            if name in SERVICE_FAULTS and manager.pid_of(self.cfg, name) is None:
+            if name in SERVICE_FAULTS and pids.get(name) is None:
                 raise SetupError(f"--chaos {name}: no {name} of PeerNet's local stack runs here "
                                  "(chaos mode faults `peernet stack` services only)")
             if name in ACTOR_TITLES and not actor_pids(name, self.gcs_address):
@@ -402,23 +420,19 @@ class Injector:
         return event
 
     async def _service(self, name: str, event: FaultEvent) -> None:
-        from stack import manager
-
-        cfg = self.cfg
-        pid = manager.pid_of(cfg, name)
+        pid = (await asyncio.to_thread(stack_pids)).get(name)
         if pid is None:
             raise SetupError(f"{name} is not running")
         before = await self._projections_lag() if name == "mongo" else None
         event.injected_us = now_us()
         if name == "mongo":
-            await asyncio.to_thread(manager.stop_service, cfg, name)
+            await asyncio.to_thread(peernet, "stack", "down", name)
             event.detail = f"pid {pid} stopped (SIGTERM) for {self.mongo_down_s:g} s"
             await asyncio.sleep(self.mongo_down_s)
         else:
-            await asyncio.to_thread(manager.stop_service, cfg, name, kill=True)
+            await asyncio.to_thread(peernet, "stack", "down", name, "--kill")
             event.detail = f"pid {pid} SIGKILLed"
-        await asyncio.to_thread(manager.start_service, cfg, name, wait=True,
-                                timeout=RESTART_TIMEOUT_S)
+        await asyncio.to_thread(peernet, "stack", "up", name, "--timeout", str(RESTART_TIMEOUT_S))
         event.repaired_us = now_us()
         if name == "mongo":
             await self._await_catch_up(event, before)
@@ -443,13 +457,14 @@ class Injector:
     async def _upgrade(self, event: FaultEvent) -> None:
         """What `peernet upgrade` does, to the serve process of this cluster; repaired once it
         reports the upgrade done."""
-        from serve.upgrade import request_upgrade
-
-        pid, path = await asyncio.to_thread(serve_driver, self.gcs_address)
+        pid, env = await asyncio.to_thread(serve_driver, self.gcs_address)
         event.injected_us = now_us()
-        record = await asyncio.to_thread(request_upgrade, path, pid, say=lambda line: None)
-        if not record.get("ok"):
-            raise SetupError(f"the upgrade failed: {record.get('error')}")
+        # Fails (SetupError, with the upgrade's error) unless the upgrade is done and ok.
+        out = await asyncio.to_thread(peernet, "upgrade", "--json", env=env)
+        try:
+            record: dict[str, Any] = json.loads(out)
+        except ValueError:
+            raise SetupError(f"`peernet upgrade --json` said: {out[-300:]!r}") from None
         event.repaired_us = now_us()
         event.detail = (f"serve pid {pid}: {len(record['actors_restarted'])} actors restarted, "
                         f"gateway rolled to {record['gateway_version']} in {record['took_s']} s")

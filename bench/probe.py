@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import psutil
 
+from peernet.serve_process import is_serve_command
+
 MIB = 1024 * 1024
 
 # The categories each target's figures count: the target's own processes, then the services
@@ -55,7 +57,7 @@ def classify_process(name: str, cmdline: Sequence[str]) -> str | None:
         return "redis"
     if "secantusd" in joined or name == "mongod":
         return "mongo"
-    if "peernet" in joined and " serve" in joined:
+    if is_serve_command(list(cmdline)):
         return "peernet"
     return None
 

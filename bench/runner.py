@@ -307,11 +307,11 @@ class Coordinator:
     def _injector(self) -> Injector:
         """The fault injector, checked against what runs here before any client connects."""
         from peernet.config import load_config
+        from peernet.serve_process import state_file
 
         p = self.params
-        cfg = load_config()
-        gcs = p.ray_address or gcs_address_of(http_url(p.urls[0]), cfg.stack.home / "run" / "serve.json")
-        injector = Injector(gcs, p.mongo_down, cfg, metrics_url=http_url(p.urls[0]) + "/metrics")
+        gcs = p.ray_address or gcs_address_of(http_url(p.urls[0]), state_file(load_config()))
+        injector = Injector(gcs, p.mongo_down, metrics_url=http_url(p.urls[0]) + "/metrics")
         injector.check(p.chaos)
         return injector
 

@@ -1,4 +1,4 @@
-"""PeerNet core: the wire codec, the log's event envelope, config, errors, routing and the CLI.
+"""PeerNet core: the wire codec and wire names, the log's event envelope, config, errors, routing.
 
 Nothing here imports Ray or opens a connection at import time.
 """

@@ -16,9 +16,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketClose
 
-from actors.presence import LeaseTiming
 from peernet.config import PROJECT_ROOT, presence_lease_ms
 from peernet.errors import CloseCode, ErrorCode, PeerNetError
+from peernet.lease import LeaseTiming
 from peernet.tokens import TokenError, issue_token, valid_user_id, verify_token
 from serve import cluster_metrics, metrics
 from serve.acks import AckBuffer

@@ -35,6 +35,7 @@ from bus.eventlog import ConsumerLag
 from bus.topics import peernet_topics
 from peernet.config import GATEWAY_RESOURCE, ConfigError, PeerNetConfig, load_config, ray_tmpdir
 from peernet.logs import setup_logging
+from peernet.serve_process import is_serve_command, state_file
 from serve.app import build_app
 from serve.deps import GatewayDeps
 from serve.limits import TrustedProxies
@@ -288,10 +289,6 @@ def replica_env(cfg: PeerNetConfig) -> dict[str, str]:
     defaults = {k: os.environ.get(k) or v
                 for k, v in {**REPLICA_ENV_DEFAULTS, **QUIET_RAY_ENV}.items()}
     return {**defaults, **ingress_env(cfg), **ASGI_SERVER_ENV}
-
-
-def state_file(cfg: PeerNetConfig) -> Path:
-    return cfg.stack.home / "run" / "serve.json"
 
 
 async def _ensure_topics(cfg: PeerNetConfig) -> None:
@@ -587,13 +584,6 @@ def already_serving(cfg: PeerNetConfig) -> dict[str, Any] | None:
     if pid == os.getpid() or not is_serve_command([p.decode(errors="replace") for p in cmdline]):
         return None
     return state
-
-
-def is_serve_command(cmdline: list[str]) -> bool:
-    """Whether a process's command line is `peernet serve` (the console script) or
-    `python -m peernet.cli serve`."""
-    return any(part.endswith("/peernet") or part in ("peernet", "peernet.cli")
-               for part in cmdline) and "serve" in cmdline
 
 
 def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:

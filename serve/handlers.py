@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from actors.session import user_channel
 from peernet.codec import Frame, pack
 from peernet.errors import bad_request
+from peernet.wire import user_channel
 from serve.acks import AckBuffer
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map

@@ -10,10 +10,9 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
-from actors.inbox_items import INBOX_FRAME_TYPES
-from actors.session import user_channel
 from bus.pubsub import PubSub, Subscription
 from peernet.codec import encode_frame, unpack
+from peernet.wire import INBOX_FRAME_TYPES, user_channel
 from serve import metrics
 
 log = logging.getLogger("peernet.hub")

@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.inbox_items import recipients_header
 from bus.cache import Cache
 from bus.eventlog import EventLog
 from peernet.codec import pack, unpack
 from peernet.config import PeerNetConfig
 from peernet.envelope import Event
 from peernet.errors import unavailable
+from peernet.wire import recipients_header
 from serve import metrics
 from serve.batching import TurnBatch
 from serve.validate import dm_conv

@@ -11,13 +11,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from actors.presence import LeaseTiming, presence_channel
 from bus.presence import OFFLINE, ONLINE, PresenceState, PresenceStore
 from bus.pubsub import PubSub, Subscription
 from peernet.codec import Frame, unpack
 from peernet.errors import PeerNetError, bad_request
 from peernet.ids import now_ms
+from peernet.lease import LeaseTiming
 from peernet.routing import shard_for
+from peernet.wire import presence_channel
 from serve import metrics
 from serve.hub import Outgoing
 

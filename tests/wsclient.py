@@ -57,7 +57,7 @@ def running_server(env: dict[str, str], log_path: Path, timeout_s: float) -> Ite
     state_path = cfg.stack.home / "run" / "serve.json"
     state_path.unlink(missing_ok=True)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "peernet.cli", "serve"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env,
                                 cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     port = cfg.gateway.port

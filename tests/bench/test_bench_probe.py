@@ -32,6 +32,7 @@ from tests.ports import free_ports
     ("redis-server", ["redis-server 127.0.0.1:6379"], "redis"),
     ("python3", ["/s/bin/python3", "/s/bin/secantusd-py", "--port", "27017"], "mongo"),
     ("peernet", ["/v/bin/python", "/v/bin/peernet", "serve", "--dev-tokens"], "peernet"),
+    ("python", ["/v/bin/python", "-m", "cli", "serve"], "peernet"),
     ("python", ["/v/bin/python", "-m", "bench.baseline_socketio", "--port", "8101"], "socketio"),
     ("python", ["/v/bin/python", "-m", "bench", "dm"], None),
     ("bash", ["bash"], None),

@@ -282,7 +282,7 @@ async def snapshot(server: Server, users: list[str]) -> dict[str, Any]:
 
 async def run_replay(server: Server, *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "peernet.cli", "replay", *args, env=server.env, cwd=PROJECT_ROOT,
+        sys.executable, "-m", "cli", "replay", *args, env=server.env, cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 180)
     text = out.decode(errors="replace")

@@ -26,7 +26,7 @@ STATUS_WALL_S = 30.0  # the command's own reads are bounded by 10 s; the rest is
 
 def run_status(server: Server, *args: str) -> tuple[int, str, str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "peernet.cli", "status", *args], env=server.env,
+    proc = subprocess.run([sys.executable, "-m", "cli", "status", *args], env=server.env,
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started
 

@@ -3,27 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
-from peernet.config import load_config
+from peernet.config import PeerNetConfig, load_config
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from stack import manager  # imported here: the core imports nothing of ours at import time
+    from stack import manager
 
     cfg = load_config()
     try:
+        if args.service:
+            return _stack_service(cfg, args)
         if args.action == "up":
             manager.up(cfg)
             return 0
         if args.action == "down":
             manager.down(cfg)
             return 0
+        if args.json:
+            from dataclasses import asdict
+
+            rows = manager.status(cfg)
+            print(json.dumps([asdict(row) for row in rows], indent=2))
+            return 0 if all(row.healthy for row in rows) else 1
         return 0 if manager.print_status(cfg) else 1
     except manager.StackError as exc:
         print(f"peernet stack {args.action}: {exc}", file=sys.stderr)
         return 1
+
+
+def _stack_service(cfg: PeerNetConfig, args: argparse.Namespace) -> int:
+    """`peernet stack up|down SERVICE`: one service of the stack, as the chaos mode of
+    `peernet bench` faults it (it drives the stack through this command, not stack/'s modules)."""
+    from stack import manager
+
+    name = args.service
+    if args.action == "up":
+        pid = manager.start_service(cfg, name, wait=True, timeout=args.timeout)
+        print(f"{name} running, pid {pid}")
+        return 0
+    if args.action == "down":
+        was = manager.pid_of(cfg, name)
+        stopped = manager.stop_service(cfg, name, kill=args.kill)
+        how = "SIGKILLed" if args.kill else "stopped (SIGTERM)"
+        print(f"{name} pid {was} {how}" if stopped else f"{name} was not running")
+        return 0
+    print("peernet stack status: of the whole stack only", file=sys.stderr)
+    return 2
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -41,7 +70,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_upgrade(args: argparse.Namespace) -> int:
-    from serve.deployment import already_serving, state_file
+    from peernet.serve_process import state_file
+    from serve.deployment import already_serving
     from serve.upgrade import request_upgrade
 
     cfg = load_config()
@@ -49,21 +79,27 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     if running is None:
         print(f"peernet upgrade: no `peernet serve` running for {state_file(cfg)}", file=sys.stderr)
         return 1
+    # With --json the steps go to stderr and the final record alone to stdout, for a program.
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
-        record = request_upgrade(state_file(cfg), int(running["pid"]), timeout_s=args.timeout)
+        record = request_upgrade(state_file(cfg), int(running["pid"]), timeout_s=args.timeout,
+                                 say=say)
     except TimeoutError as exc:
         print(f"peernet upgrade: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(record, indent=2))
     if not record.get("ok"):
         print(f"peernet upgrade: failed: {record.get('error')}", file=sys.stderr)
         return 1
+    if args.json:
+        return 0
     print(f"peernet upgrade: {len(record.get('actors_restarted', []))} actors restarted and the "
           f"gateway rolled to {record.get('gateway_version')} in {record.get('took_s')} s")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import json
     import os
 
     from peernet.status_report import Service, render_text
@@ -122,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="the local services: Kafka, Redis, MongoDB-wire server")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("service", nargs="?", help="one service only (kafka, redis, mongo): `up` "
+                   "starts it and waits until it answers, `down` stops it")
+    p.add_argument("--kill", action="store_true",
+                   help="with `down SERVICE`: SIGKILL at once, as a crash would")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="with `up SERVICE`: seconds it may take to answer")
+    p.add_argument("--json", action="store_true", help="with `status`: print the states as JSON")
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("serve", help="start Ray and serve the PeerNet app (runs until stopped)")
@@ -146,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "one at a time; clients resume and nothing acknowledged is lost")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds to wait for the upgrade to finish (default 900)")
+    p.add_argument("--json", action="store_true",
+                   help="print the steps to stderr and the final upgrade record as JSON")
     p.set_defaults(func=_cmd_upgrade)
 
     p = sub.add_parser("token", help="print a signed development token for USER")
