@@ -267,8 +267,9 @@ REPLICA_ENV_DEFAULTS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 # What Ray runs that PeerNet does not use, off; the loops it keeps, slower. Each wakes every
 # Ray process (or the Serve controller) on its own timer, so an idle stack paid for them: see
-# docs/benchmarks.md, "The idle stack". A variable already set is left as it is; on a cluster
-# started with `ray start` (cluster.yaml) the nodes export the same.
+# docs/benchmarks.md, "The idle stack", and its entries in docs/benchmarks-journal.md. A variable
+# already set is left as it is; on a cluster started with `ray start` (cluster.yaml) the nodes
+# export the same.
 QUIET_RAY_ENV = {
     # No usage report to Anyscale (it would fail here anyway: no network).
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -280,6 +281,17 @@ QUIET_RAY_ENV = {
     # checked on its own period, not by this loop).
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # No idle workers started with the first driver: every PeerNet and Serve actor gets a
+    # process of its own (their runtime environments differ from the driver's), so the raylet's
+    # prestarted workers (one per CPU) sat idle for ever, each waking 100 times a second (the
+    # core worker's signal check, 10 ms, fixed in Ray): 0.8% of a core apiece.
+    "RAY_prestart_worker_first_driver": "0",
+    # The log monitor (which streams workers' log files to drivers; PeerNet's drivers do not
+    # read them) globbed the session's log directory every 0.1 s while it held fewer than a
+    # thousand files: with the threshold at 0 it looks for new files every 5 s instead and
+    # still reads the open ones every 0.1 s. The files themselves are written as before.
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }
 
 

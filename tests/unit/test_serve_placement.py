@@ -190,5 +190,8 @@ def test_ray_runs_quiet_unless_the_operator_says_otherwise(monkeypatch: pytest.M
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
     assert env["RAY_enable_metrics_collection"] == "0"
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    assert env["RAY_prestart_worker_first_driver"] == "0"  # no idle workers waking 100 times a second
+    assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"  # the log monitor globs every 5 s
+    assert env["LOG_NAME_UPDATE_INTERVAL_S"] == "5"
     monkeypatch.setenv("RAY_enable_metrics_collection", "1")
     assert replica_env(load_config())["RAY_enable_metrics_collection"] == "1"
