@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection, parse_url
@@ -308,6 +309,8 @@ for i = 1, #ARGV, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 return #ARGV / 2
 """
 # Messages per script call: bounds how long one call holds a node.
+# Bytes the pub/sub reader asks its socket for at once: a burst of pushes arrives in one read.
+_READ_CHUNK = 256 * 1024
 _PUBLISH_CHUNK = 500
 
 
@@ -551,18 +554,39 @@ class RedisPubSub:
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
     async def _read_connection(self, conn: Connection) -> None:
+        """Read the connection's socket itself, every reply that one read brought, in order.
+        redis-py's `read_response` costs a timeout context and a chain of awaits per message:
+        on a gateway replica under a fan-out that was a quarter of its CPU (docs/benchmarks.md,
+        "Pub/sub intake"). redis-py still connects (TLS, AUTH, the client name) and sends."""
+        stream = conn._reader  # redis-py's StreamReader for this socket, connected above
+        if stream is None:
+            raise RedisConnectionError("pub/sub connection has no socket")
+        replies = hiredis.Reader()
         while True:
-            reply = await conn.read_response(timeout=self._ping_interval_s)
-            if reply is None:
+            try:
+                async with asyncio.timeout(self._ping_interval_s):
+                    data = await stream.read(_READ_CHUNK)
+            except TimeoutError:
                 # Idle: a PING proves the connection is alive (a half-open TCP connection
                 # would otherwise never raise). Two silent intervals in a row: reconnect.
                 if self._ping_outstanding:
-                    raise RedisTimeoutError("pub/sub connection did not answer PING")
+                    raise RedisTimeoutError("pub/sub connection did not answer PING") from None
                 self._ping_outstanding = True
                 await conn.send_command("PING")
                 continue
+            if not data:
+                raise RedisConnectionError("pub/sub connection closed by Redis")
             self._ping_outstanding = False
-            self._dispatch(reply)
+            try:
+                replies.feed(data)
+                reply = replies.gets()
+                while reply is not False:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise RedisConnectionError(f"pub/sub connection: Redis said {reply}")
+                    self._dispatch(reply)
+                    reply = replies.gets()
+            except hiredis.ProtocolError as exc:
+                raise RedisConnectionError(f"pub/sub connection: {exc}") from exc
 
     def _dispatch(self, reply: Any) -> None:
         if not isinstance(reply, list) or not reply:

@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from bus_helpers import PubSubKit, Services, eventually, eventually_equal, unique
@@ -210,3 +211,75 @@ async def _stderr(proc: asyncio.subprocess.Process) -> bytes:
         proc.kill()
     _, err = await proc.communicate()
     return err
+
+
+class _Relay:
+    """A TCP relay to Redis whose open connections can go silent (bytes stop flowing both ways,
+    nothing is closed), as behind a half-open connection; connections opened later relay."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.silent = False
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        born_silent = self.silent
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self.silent and not born_silent and self.accepted == 1:
+                    continue  # the first connection has gone silent: swallow
+                dst.write(data)
+                await dst.drain()
+
+        for t in (pipe(reader, up_writer), pipe(up_reader, writer)):
+            task = asyncio.ensure_future(t)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.mark.stack
+async def test_a_silent_connection_is_noticed_by_its_ping_and_replaced(services: Services) -> None:
+    """A connection that stops answering without closing (half-open) is pinged after one quiet
+    interval and dropped after the next; the reconnect subscribes again and delivery resumes."""
+    url = urlsplit(services.redis_url)
+    relay = _Relay(url.hostname or "127.0.0.1", url.port or 6379)
+    port = await relay.start()
+    ps = RedisPubSub(f"redis://127.0.0.1:{port}/0", ping_interval_s=0.3)
+    publisher = RedisPubSub(services.redis_url)
+    await ps.start()
+    await publisher.start()
+    try:
+        channel = unique("test:ch")
+        inbox = Inbox()
+        reconnected: list[float] = []
+        ps.on_reconnect(lambda: reconnected.append(time.monotonic()))
+        await ps.subscribe(channel, inbox)
+        await publisher.publish(channel, b"before")
+        await eventually(lambda: inbox.got)
+        relay.silent = True
+        lost = await publisher.publish(channel, b"unseen")  # Redis sends it; the relay swallows it
+        assert lost == 1
+        await eventually(lambda: reconnected, within_s=5)
+        assert ps.connection_errors == 1 and relay.accepted == 2
+        await publisher.publish(channel, b"after")
+        await eventually(lambda: len(inbox.got) == 2)
+        assert inbox.payloads == [b"before", b"after"]
+    finally:
+        await ps.stop()
+        await publisher.stop()
+        await relay.stop()
