@@ -292,6 +292,10 @@ QUIET_RAY_ENV = {
     # still reads the open ones every 0.1 s. The files themselves are written as before.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    # The dashboard agent's reporter walks every process of the node with psutil every 5 s for
+    # the dashboard and Ray's metrics, both off here: once a minute (0.40 -> 0.17% of a core on
+    # a bare head with two actors).
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
 }
 
 

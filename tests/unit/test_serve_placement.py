@@ -193,5 +193,6 @@ def test_ray_runs_quiet_unless_the_operator_says_otherwise(monkeypatch: pytest.M
     assert env["RAY_prestart_worker_first_driver"] == "0"  # no idle workers waking 100 times a second
     assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"  # the log monitor globs every 5 s
     assert env["LOG_NAME_UPDATE_INTERVAL_S"] == "5"
+    assert env["REPORTER_UPDATE_INTERVAL_MS"] == "60000"  # the dashboard agent's psutil walk
     monkeypatch.setenv("RAY_enable_metrics_collection", "1")
     assert replica_env(load_config())["RAY_enable_metrics_collection"] == "1"
