@@ -10,8 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
-
 from bus.cache import Cache
 from bus.eventlog import EventLog
 from bus.pubsub import PubSub
@@ -115,8 +113,3 @@ class StoreKit:
     unreachable: Callable[[], DocumentStore]
     created: list[DocumentStore] = field(default_factory=list)
 
-
-def require_managed(manager: Any, cfg: PeerNetConfig, name: str) -> None:
-    if manager.pid_of(cfg, name) is None:
-        pytest.skip(f"{name} is not run by this project's stack (`peernet stack up`): "
-                    "not ours to kill")
