@@ -33,7 +33,6 @@ SMOKE = {
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)  # includes starting the server (session fixture) the first time
 @pytest.mark.parametrize("scenario", sorted(SMOKE))
 async def test_scenario_loses_nothing(scenario: str, bench_target: tuple[str, str | None]) -> None:
     target, url = bench_target

@@ -29,8 +29,6 @@ from stack.redis_cluster import LocalRedisCluster
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
 
 START_TIMEOUT_S = 420.0  # as the session's server: a busy machine may need Ray started twice
-# The module's first test waits for the server's start too.
-FIRST_TEST_TIMEOUT_S = START_TIMEOUT_S + 120
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,6 @@ async def resume_holds(server: Server, user: str, start: int, ids: list[str],
     await client.close()
 
 
-@pytest.mark.timeout(FIRST_TEST_TIMEOUT_S)
 async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_masters(
         cluster_server: Server, failover_cluster: LocalRedisCluster) -> None:
     shards = cluster_server.cfg.shards
