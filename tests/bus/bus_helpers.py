@@ -8,7 +8,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from waiting import eventually as eventually  # re-exported: the bus suites' waits
 
 from bus.cache import Cache
 from bus.eventlog import EventLog
@@ -30,19 +31,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Any], within_s: float = 5.0,
-                     interval: float = 0.02) -> None:
-    """Wait until `check()` is truthy; fail with the last value after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s (last value {value!r})")
-        await asyncio.sleep(interval)
 
 
 async def eventually_equal(probe: Callable[[], Awaitable[object]], expected: object,

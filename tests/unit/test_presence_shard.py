@@ -4,14 +4,12 @@ watchers, on the in-memory PresenceStore and PubSub (bus/memory.py)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from unit_helpers import users_of_shard
+from unit_helpers import eventually, users_of_shard
 
 from actors.presence import LeaseTiming, PresenceShard, presence_channel
 from bus.memory import MemoryPresenceStore, MemoryPubSub
@@ -43,14 +41,6 @@ class Clock:
 def users_of(shard: int, count: int, n: int) -> list[str]:
     """`n` fresh user ids (a tag per call) that shard `shard` of `count` owns."""
     return users_of_shard(shard, count, n, prefix=f"u{uuid.uuid4().hex[:6]}_")
-
-
-async def eventually(check: Callable[[], Any], within_s: float = 3.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within_s}s")
-        await asyncio.sleep(0.005)
 
 
 class Pushes:
