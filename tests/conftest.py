@@ -130,7 +130,7 @@ def peernet_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPath
                      env=dict(os.environ), cfg=cfg, gcs_address=state["gcs_address"],
                      log_path=Path("/dev/null"))
         return
-    env = server_env(local_stack)
+    env = server_env(local_stack, tmp_path_factory.mktemp("server-home"))
     log_path = tmp_path_factory.mktemp("server") / "peernet-serve.log"
     with running_server(env, log_path, SERVER_START_TIMEOUT_S) as server:
         yield server

@@ -6,7 +6,6 @@ master's crash and its replica's takeover under a stream of DMs."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ from replicas import connect
 from test_presence import ONLINE_WAIT_S, change, watch
 from test_restarts import send_until_ok
 from test_social import ids, ok, page, until
-from wsclient import Client, Server, running_server, server_env, unique_user
+from wsclient import Client, Server, running_server, server_env, server_port, unique_user
 
 from bus.inbox_redis import RedisInboxCache, session_slots
 from bus.redis import redis_client
@@ -45,13 +44,9 @@ def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
 @pytest.fixture(scope="module")
 def cluster_server(local_stack: PeerNetConfig, failover_cluster: LocalRedisCluster,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = local_stack.services
-    env = {**server_env(local_stack),
-           # Its own home (the session's server's state file would say "already serving") and
-           # port; Kafka and MongoDB are the local stack's, given by URL, Redis is the cluster.
-           "PEERNET_HOME": str(tmp_path_factory.mktemp("rc-home")),
-           "PEERNET_PORT": os.environ.get("PEERNET_TEST_REDIS_CLUSTER_PORT", "18780"),
-           "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_MONGO_URL": s.mongo_url,
+    env = {**server_env(local_stack, tmp_path_factory.mktemp("rc-home")),
+           # Kafka and MongoDB are the local stack's, Redis is the cluster.
+           "PEERNET_PORT": server_port("PEERNET_TEST_REDIS_CLUSTER_PORT"),
            "PEERNET_REDIS_URL": failover_cluster.url}
     log_path = tmp_path_factory.mktemp("rc-server") / "peernet-serve.log"
     with running_server(env, log_path, START_TIMEOUT_S) as server:
