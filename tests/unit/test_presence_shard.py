@@ -272,16 +272,19 @@ class InProcessShards:
         self.count = len(shards)
         self.calls: list[tuple[str, int, list[str], list[str]]] = []
         self.failing = False
+        self.refused = 0  # calls made while failing
 
     async def update(self, shard: int, replica: str, seq: int, online: list[str],
                      offline: list[str]) -> None:
         if self.failing:
+            self.refused += 1
             raise RuntimeError("shard unreachable")
         self.calls.append(("update", shard, sorted(online), sorted(offline)))
         await self.shards[shard].update(replica, seq, online, offline)
 
     async def sync(self, shard: int, replica: str, seq: int, users: list[str]) -> None:
         if self.failing:
+            self.refused += 1
             raise RuntimeError("shard unreachable")
         self.calls.append(("sync", shard, sorted(users), []))
         await self.shards[shard].sync(replica, seq, users)
@@ -326,10 +329,13 @@ async def test_reports_are_retried_until_the_shard_answers(world: World) -> None
         replica.opened(a)
         replica.opened(b)
         replica.closed(b)  # opened and closed while the shard was away: never reported online
-        await asyncio.sleep(0.2)
+        await eventually(lambda: shards.refused >= 2)  # the report failed, and so did its retry
+        assert not world.shards[1].is_online(a)
         shards.failing = False
         await eventually(lambda: world.shards[1].is_online(a))
         assert not world.shards[1].is_online(b)
+        # One report got through: the retried one, with both users as they are by then.
+        assert shards.calls == [("update", 1, [a], [b])], shards.calls
     finally:
         await replica.stop()
 
