@@ -46,14 +46,33 @@ def users_of(shard: int, count: int, n: int) -> list[str]:
 class Pushes:
     """Records presence pushes on channels, as a watching replica would get them."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: MemoryPubSub) -> None:
         self.got: list[dict[str, Any]] = []
+        self.listener = listener
 
     def __call__(self, channel: str, payload: bytes) -> None:
         self.got.append(unpack(payload))
 
+    async def settle(self, pubsub: MemoryPubSub) -> None:
+        await settled(self.listener, pubsub)
+
     def of(self, user: str) -> list[tuple[str, int]]:
         return [(f["status"], f["ts"]) for f in self.got if f["user"] == user]
+
+
+async def settled(listener: MemoryPubSub, pubsub: MemoryPubSub) -> None:
+    """Return once everything published on `pubsub` so far has reached `listener`: a marker
+    published now arrives after it (a connection keeps the order of publishes). So "nothing more
+    came" is checked, not guessed after a sleep."""
+    arrived: list[str] = []
+    await listener.subscribe("settle", lambda channel, data: arrived.append(channel))
+    publisher = pubsub.client()
+    await publisher.start()
+    try:
+        await publisher.publish("settle", b"")
+        await eventually(lambda: arrived)
+    finally:
+        await publisher.stop()
 
 
 @dataclass
@@ -64,9 +83,9 @@ class World:
     shards: list[PresenceShard] = field(default_factory=list)
 
     async def watch(self, *users: str) -> Pushes:
-        pushes = Pushes()
         listener = self.pubsub.client()
         await listener.start()
+        pushes = Pushes(listener)
         for user in users:
             await listener.subscribe(presence_channel(user), pushes)
         return pushes
@@ -132,7 +151,7 @@ async def test_repeated_and_stale_reports_change_nothing(world: World) -> None:
     assert shard.is_online(alice) and shard.is_online(bob)
     assert shard.stats.stale_reports == 1
     await eventually(lambda: len(pushes.got) == 2)
-    await asyncio.sleep(0.05)
+    await pushes.settle(world.pubsub)  # nothing more was published
     assert len(pushes.got) == 2
 
 
@@ -417,7 +436,7 @@ async def test_watchers_get_the_state_then_every_change(world: World) -> None:
     watchers.forget(other)
     await eventually(lambda: ps.channels() == [presence_channel(a)])
     await shard.update("r1", 3, [], [b])
-    await asyncio.sleep(0.05)
+    await settled(ps, world.pubsub)
     assert len(conn.frames) == 2
 
 
