@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 # Ports the local stack and the test server use: never a test's own.
@@ -20,3 +21,24 @@ def free_ports(count: int) -> list[int]:
             s.close()
     assert not RESERVED_PORTS & set(ports)
     return ports
+
+
+# Below the kernel's ephemeral ports (32768 and up), which an outgoing connection may take
+# between the draw and the bind, and above Ray's worker ports (10002-19999).
+LISTEN_PORTS = range(23000, 32000)
+
+
+def listen_port() -> int:
+    """A free TCP port for a server a test starts that binds it only later (a test server's
+    HAProxy, once Ray is up): drawn below the ephemeral range, never a reserved one."""
+    for _ in range(100):
+        port = random.choice(LISTEN_PORTS)
+        if port in RESERVED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port in {LISTEN_PORTS}")

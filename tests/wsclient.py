@@ -20,6 +20,7 @@ import httpx
 import msgpack
 import pytest
 import websockets
+from ports import listen_port
 from websockets.asyncio.client import ClientConnection
 
 from peernet.config import PROJECT_ROOT, PeerNetConfig, load_config
@@ -52,10 +53,13 @@ class Server:
 @contextlib.contextmanager
 def running_server(env: dict[str, str], log_path: Path, timeout_s: float) -> Iterator[Server]:
     """`peernet serve` started with `env` as its own process group, yielded once its state file
-    exists and /healthz answers 200; stopped (SIGINT, then SIGKILL) on exit."""
+    exists and /healthz answers 200; stopped (SIGINT, then SIGKILL) on exit. `env` names a home
+    of the test's own (server_env): a state file there already is another server's."""
     cfg = load_config(env)
     state_path = cfg.stack.home / "run" / "serve.json"
-    state_path.unlink(missing_ok=True)
+    if state_path.exists():
+        pytest.fail(f"{state_path} exists: the test server needs a home of its own, not the one "
+                    "of a running `peernet serve` (./dev up)")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env,
                                 cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
@@ -200,16 +204,29 @@ async def keep_alive(clients: list[Client], every_s: float = 5) -> None:
                 await client.send({"t": "ping"})
 
 
-def server_env(cfg: PeerNetConfig) -> dict[str, str]:
-    """The environment of a test server: its own topics, database, keyspaces and Ray; limits
-    made small so the tests that reach them stay short."""
+def server_port(variable: str) -> str:
+    """The port `variable` names, or a free one: a fixed default would meet a server already
+    running on this machine (another checkout's tests, or `./dev up`)."""
+    return os.environ.get(variable) or str(listen_port())
+
+
+def server_env(cfg: PeerNetConfig, home: Path) -> dict[str, str]:
+    """The environment of a test server: its own home (its state file and nothing else there;
+    a `./dev up` server's is never touched), port, topics, database, keyspaces and Ray; the
+    services of `cfg`'s stack, given by URL; limits made small so the tests that reach them
+    stay short."""
     run = uuid.uuid4().hex[:8]
-    port = os.environ.get("PEERNET_TEST_PORT", "18080")
+    s = cfg.services
     SERVER_TOPICS.extend([f"peernet.test-{run}.events", f"peernet.test-{run}.messages",
                           f"peernet.test-{run}.inbox"])
     return {
         **os.environ,
-        "PEERNET_PORT": port,
+        "PEERNET_HOME": str(home),
+        "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "PEERNET_KAFKA_SECURITY_PROTOCOL": s.kafka_security_protocol,
+        "PEERNET_REDIS_URL": s.redis_url,
+        "PEERNET_MONGO_URL": s.mongo_url,
+        "PEERNET_PORT": server_port("PEERNET_TEST_PORT"),
         "PEERNET_DEV_TOKENS": "1",
         "PEERNET_EVENTS_TOPIC": f"peernet.test-{run}.events",
         "PEERNET_MESSAGES_TOPIC": f"peernet.test-{run}.messages",

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from fault_checks import run_fault
 from replicas import until_two_replicas
+from stack_faults import require_ours_running
 from wsclient import Server
 
 from bench.chaos import SERVICE_FAULTS
 from bench.params import BenchParams
+from peernet.config import PeerNetConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "bench-chaos"
 
@@ -109,9 +111,10 @@ def _whole_traceback(lines: list[str], start: int) -> list[str]:
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("fault", list(SHORT))
 async def test_fault_loses_nothing_acknowledged(fault: str, peernet_server: Server,
-                                                stack_control: Any) -> None:
-    if fault in SERVICE_FAULTS and stack_control.pid_of(peernet_server.cfg, fault) is None:
-        pytest.skip(f"{fault} is not run by this project's stack (`peernet stack up`): not ours to kill")
+                                                stack_control: Any, cfg: PeerNetConfig) -> None:
+    if fault in SERVICE_FAULTS:
+        # The stack's configuration, not the server's: the server has a home of its own.
+        require_ours_running(stack_control, cfg, fault)
     params = SHORT[fault].with_(urls=(peernet_server.url,), chaos=(fault,),
                                 ray_address=peernet_server.gcs_address).validate()
     logs = LogWatch(peernet_server)

@@ -96,7 +96,6 @@ def test_the_driver_is_not_run_by_hand(dmdriver: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)  # includes starting the server (session fixture) the first time
 async def test_go_driver_loses_nothing_on_peernet(peernet_url: str) -> None:
     # 100/s for 4 s: 400 DMs, each owed to its recipient and to its sender's own inbox.
     params = BenchParams(clients=40, rate=100, duration=3, warmup=1, drain=15, bound_ms=60_000,

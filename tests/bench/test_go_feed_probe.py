@@ -37,7 +37,6 @@ def set_up_readers(url: str, tag: str, readers: int, out: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)  # includes starting the server (session fixture) the first time
 def test_the_go_probe_answers_every_read(feedprobe: Path, peernet_url: str, tmp_path: Path) -> None:
     tag = f"go{uuid.uuid4().hex[:8]}"
     set_up_readers(peernet_url, tag, 10, tmp_path)

@@ -1,5 +1,6 @@
 """CI smoke run of each scenario against the real stack (<= 30 s each). It asserts that nothing
-acknowledged is lost and nothing fails, never a timing: CI machines are too noisy for that.
+acknowledged is lost or reordered and nothing fails, never a timing: CI machines are too noisy
+for that.
 
 The PeerNet URL comes from the `peernet_url` fixture (tests/conftest.py). To check the harness
 against the Socket.IO baseline instead (dm only), which the harness starts itself:
@@ -33,7 +34,6 @@ SMOKE = {
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)  # includes starting the server (session fixture) the first time
 @pytest.mark.parametrize("scenario", sorted(SMOKE))
 async def test_scenario_loses_nothing(scenario: str, bench_target: tuple[str, str | None]) -> None:
     target, url = bench_target
@@ -54,4 +54,7 @@ async def test_scenario_loses_nothing(scenario: str, bench_target: tuple[str, st
     assert c.failed == 0, phase.accounting.failed_reasons
     assert c.lost == 0, f"{c.lost} of {c.expected} deliveries lost, e.g. {phase.accounting.lost_sample}"
     assert c.delivered == c.expected
+    # Without faults, nothing is retried: each recipient gets a sender's actions in the order
+    # they were sent, and both sides of a conversation see it in one order.
+    assert (c.reordered, c.order_mismatch) == (0, 0), phase.accounting.by_kind
     assert phase.inbox_gaps == 0

@@ -8,9 +8,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import pytest
+from waiting import eventually as eventually  # re-exported: the bus suites' waits
 
 from bus.cache import Cache
 from bus.eventlog import EventLog
@@ -32,19 +31,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Any], within_s: float = 5.0,
-                     interval: float = 0.02) -> None:
-    """Wait until `check()` is truthy; fail with the last value after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s (last value {value!r})")
-        await asyncio.sleep(interval)
 
 
 async def eventually_equal(probe: Callable[[], Awaitable[object]], expected: object,
@@ -115,8 +101,3 @@ class StoreKit:
     unreachable: Callable[[], DocumentStore]
     created: list[DocumentStore] = field(default_factory=list)
 
-
-def require_managed(manager: Any, cfg: PeerNetConfig, name: str) -> None:
-    if manager.pid_of(cfg, name) is None:
-        pytest.skip(f"{name} is not run by this project's stack (`peernet stack up`): "
-                    "not ours to kill")

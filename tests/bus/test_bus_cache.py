@@ -6,9 +6,16 @@ import asyncio
 import time
 
 import pytest
-from bus_helpers import CacheKit
+from bus_helpers import CacheKit, eventually, eventually_equal
 
 from peernet.errors import ErrorCode, PeerNetError
+
+# Long enough that a key read right after its set has not expired yet on a loaded machine (with
+# 0.2 s, a pause between the set and the read looked like expiry); expiry is then waited for,
+# within EXPIRED_WITHIN_S, not slept on, so that a key which never expires fails the test.
+TTL_S = 1.0
+EXPIRED_WITHIN_S = 5.0
+
 
 
 async def test_set_get_delete(cache_kit: CacheKit) -> None:
@@ -30,11 +37,10 @@ async def test_set_get_delete(cache_kit: CacheKit) -> None:
 async def test_ttl_expires(cache_kit: CacheKit) -> None:
     cache = await cache_kit.make()
     short, kept = f"{cache_kit.prefix}:short", f"{cache_kit.prefix}:kept"
-    await cache.set(short, b"v", ttl_s=0.2)
+    await cache.set(short, b"v", ttl_s=TTL_S)
     await cache.set(kept, b"v", ttl_s=30)
     assert await cache.get(short) == b"v"
-    await asyncio.sleep(0.35)
-    assert await cache.get(short) is None
+    await eventually_equal(lambda: cache.get(short), None, EXPIRED_WITHIN_S)
     assert await cache.get(kept) == b"v"
     # set without ttl clears an earlier one
     await cache.set(kept, b"w")
@@ -69,20 +75,21 @@ async def test_batched_claims_and_sets_behave_as_one_call_each(cache_kit: CacheK
     first, second = await asyncio.gather(a.set_many_if_absent([(k, b"a") for k in keys], ttl_s=30),
                                          b.set_many_if_absent([(k, b"b") for k in keys], ttl_s=30))
     assert all(x != y for x, y in zip(first, second, strict=True))
-    await a.set_many([(f"{p}:new1", b"done"), (f"{p}:taken", b"over")], ttl_s=0.2)
+    await a.set_many([(f"{p}:new1", b"done"), (f"{p}:taken", b"over")], ttl_s=TTL_S)
     assert await b.get(f"{p}:new1") == b"done" and await b.get(f"{p}:taken") == b"over"
-    await asyncio.sleep(0.35)
-    assert await b.get(f"{p}:new1") is None  # the batch's ttl applies to each key
+    # The batch's ttl applies to each key.
+    await eventually_equal(lambda: b.get(f"{p}:new1"), None, EXPIRED_WITHIN_S)
+    await eventually_equal(lambda: b.get(f"{p}:taken"), None, EXPIRED_WITHIN_S)
     assert await a.set_many_if_absent([]) == [] and await a.set_many([]) is None
 
 
 async def test_set_if_absent_after_expiry(cache_kit: CacheKit) -> None:
     cache = await cache_kit.make()
     key = f"{cache_kit.prefix}:lease"
-    assert await cache.set_if_absent(key, b"first", ttl_s=0.2) is True
-    assert await cache.set_if_absent(key, b"second", ttl_s=0.2) is False
-    await asyncio.sleep(0.35)
-    assert await cache.set_if_absent(key, b"third") is True
+    assert await cache.set_if_absent(key, b"first", ttl_s=TTL_S) is True
+    assert await cache.set_if_absent(key, b"second", ttl_s=TTL_S) is False
+    assert await cache.get(key) == b"first"  # the refused one changed nothing
+    await eventually(lambda: cache.set_if_absent(key, b"third"), EXPIRED_WITHIN_S)
     assert await cache.get(key) == b"third"
 
 
@@ -107,11 +114,10 @@ async def test_a_groups_members_are_seen_by_every_client_until_removed(
 async def test_each_member_expires_by_itself(cache_kit: CacheKit) -> None:
     cache = await cache_kit.make()
     group = f"{cache_kit.prefix}:leases"
-    await cache.put_member(group, "short", b"v", ttl_s=0.2)
+    await cache.put_member(group, "short", b"v", ttl_s=TTL_S)
     await cache.put_member(group, "kept", b"v", ttl_s=30)
     assert set(await cache.members(group)) == {"short", "kept"}
-    await asyncio.sleep(0.35)
-    assert await cache.members(group) == {"kept": b"v"}
+    await eventually_equal(lambda: cache.members(group), {"kept": b"v"}, EXPIRED_WITHIN_S)
     # A member put again after it expired is back.
     await cache.put_member(group, "short", b"w", ttl_s=30)
     assert await cache.members(group) == {"kept": b"v", "short": b"w"}
@@ -139,3 +145,4 @@ async def test_unreachable_cache_is_unavailable(cache_kit: CacheKit) -> None:
         assert time.monotonic() - t0 < 10
     finally:
         await cache.stop()
+

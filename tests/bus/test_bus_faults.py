@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 import pytest
-from bus_helpers import SERVICE_WAIT_S, Services, eventually, require_managed, unique
+from bus_helpers import SERVICE_WAIT_S, Services, eventually, unique
+from stack_faults import require_ours_running
 
 from bus.eventlog import LogConsumer, Record, TopicSpec
 from bus.kafka import KafkaEventLog
@@ -51,7 +52,7 @@ async def test_acknowledged_event_survives_kafka_sigkill(
     """(done when) an event the log acknowledged is read back after the broker is killed with
     SIGKILL and restarted; while it is down, append fails with `unavailable` in bounded time; the
     same EventLog object appends again after the restart."""
-    require_managed(stack_control, bus_cfg, "kafka")
+    require_ours_running(stack_control, bus_cfg, "kafka")
     log = KafkaEventLog(services.kafka_bootstrap, request_timeout_ms=2000,
                         delivery_timeout_ms=DELIVERY_TIMEOUT_MS, ping_timeout_ms=1000)
     await log.start()
@@ -134,7 +135,7 @@ async def test_acknowledged_event_survives_kafka_sigkill(
 
 async def test_redis_restart_pubsub_reconnects_and_cache_recovers(
         bus_cfg: PeerNetConfig, services: Services, stack_control: Any) -> None:
-    require_managed(stack_control, bus_cfg, "redis")
+    require_ours_running(stack_control, bus_cfg, "redis")
     subscriber = RedisPubSub(services.redis_url, max_backoff_s=0.5)
     publisher = RedisPubSub(services.redis_url)
     cache = RedisCache(services.redis_url, socket_timeout_s=1.0)

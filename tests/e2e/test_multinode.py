@@ -26,7 +26,15 @@ from pathlib import Path
 import psutil
 import pytest
 from fault_checks import run_fault
-from wsclient import SERVER_TOPICS, Client, Server, dev_token, running_server, unique_user
+from wsclient import (
+    SERVER_TOPICS,
+    Client,
+    Server,
+    dev_token,
+    running_server,
+    server_port,
+    unique_user,
+)
 
 from bench.chaos import ACTOR_TITLES, _scan, pick_processes, worker_raylets
 from bench.params import BenchParams
@@ -149,7 +157,7 @@ def every_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempP
         # the replicas of every node.
         env = cluster_server_env(
             local_stack, f"en{run}", gcs_port, tmp_path_factory.mktemp("en-home"),
-            os.environ.get("PEERNET_TEST_EVERY_NODE_PORT", "18690"),
+            server_port("PEERNET_TEST_EVERY_NODE_PORT"),
             PEERNET_GATEWAY_PLACEMENT="every_node", PEERNET_SESSION_SHARDS="1",
             PEERNET_FEED_SHARDS="1", PEERNET_PRESENCE_SHARDS="1")
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_MESSAGES_TOPIC"],
@@ -288,7 +296,7 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
                    "--min-worker-port=21500", "--max-worker-port=21999"], ray_env)
         env = cluster_server_env(local_stack, f"mn{run}", gcs_port,
                                  tmp_path_factory.mktemp("mn-home"),
-                                 os.environ.get("PEERNET_TEST_MULTINODE_PORT", "18680"))
+                                 server_port("PEERNET_TEST_MULTINODE_PORT"))
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_MESSAGES_TOPIC"],
                               env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"

@@ -6,7 +6,6 @@ master's crash and its replica's takeover under a stream of DMs."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ from replicas import connect
 from test_presence import ONLINE_WAIT_S, change, watch
 from test_restarts import send_until_ok
 from test_social import ids, ok, page, until
-from wsclient import Client, Server, running_server, server_env, unique_user
+from wsclient import Client, Server, running_server, server_env, server_port, unique_user
 
 from bus.inbox_redis import RedisInboxCache, session_slots
 from bus.redis import redis_client
@@ -29,8 +28,6 @@ from stack.redis_cluster import LocalRedisCluster
 pytestmark = [pytest.mark.ray, pytest.mark.stack]
 
 START_TIMEOUT_S = 420.0  # as the session's server: a busy machine may need Ray started twice
-# The module's first test waits for the server's start too.
-FIRST_TEST_TIMEOUT_S = START_TIMEOUT_S + 120
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +44,9 @@ def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
 @pytest.fixture(scope="module")
 def cluster_server(local_stack: PeerNetConfig, failover_cluster: LocalRedisCluster,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = local_stack.services
-    env = {**server_env(local_stack),
-           # Its own home (the session's server's state file would say "already serving") and
-           # port; Kafka and MongoDB are the local stack's, given by URL, Redis is the cluster.
-           "PEERNET_HOME": str(tmp_path_factory.mktemp("rc-home")),
-           "PEERNET_PORT": os.environ.get("PEERNET_TEST_REDIS_CLUSTER_PORT", "18780"),
-           "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_MONGO_URL": s.mongo_url,
+    env = {**server_env(local_stack, tmp_path_factory.mktemp("rc-home")),
+           # Kafka and MongoDB are the local stack's, Redis is the cluster.
+           "PEERNET_PORT": server_port("PEERNET_TEST_REDIS_CLUSTER_PORT"),
            "PEERNET_REDIS_URL": failover_cluster.url}
     log_path = tmp_path_factory.mktemp("rc-server") / "peernet-serve.log"
     with running_server(env, log_path, START_TIMEOUT_S) as server:
@@ -103,7 +96,6 @@ async def resume_holds(server: Server, user: str, start: int, ids: list[str],
     await client.close()
 
 
-@pytest.mark.timeout(FIRST_TEST_TIMEOUT_S)
 async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_masters(
         cluster_server: Server, failover_cluster: LocalRedisCluster) -> None:
     shards = cluster_server.cfg.shards

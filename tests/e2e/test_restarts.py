@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from stack_faults import require_ours_running
 from wsclient import Client, Server, dev_token, keep_alive, unique_user
 
 from peernet.config import PeerNetConfig
@@ -60,12 +61,6 @@ async def two_clients(server: Server, prefix: str) -> AsyncIterator[tuple[Client
         await bob.close()
 
 
-def require_managed(manager: Any, cfg: PeerNetConfig, name: str) -> None:
-    if manager.pid_of(cfg, name) is None:
-        pytest.skip(f"{name} is not run by this project's stack (`peernet stack up`): "
-                    "not ours to stop")
-
-
 async def send_until_ok(client: Client, frame: dict[str, Any], within_s: float) -> dict[str, Any]:
     """Send `frame` (which carries a cid) until it is acknowledged, as a client retries after
     `unavailable`; the cid makes the retries one message."""
@@ -82,7 +77,7 @@ async def send_until_ok(client: Client, frame: dict[str, Any], within_s: float) 
 
 async def test_healthz_names_kafka_while_the_broker_is_stopped_and_nothing_unsaved_is_acked(
         peernet_server: Server, stack_control: Any, cfg: PeerNetConfig) -> None:
-    require_managed(stack_control, cfg, "kafka")
+    require_ours_running(stack_control, cfg, "kafka")
     async with two_clients(peernet_server, "k") as (alice, bob):
         bob_name = bob.user
         await asyncio.to_thread(stack_control.stop_service, cfg, "kafka")
@@ -118,7 +113,7 @@ async def test_open_connections_carry_on_after_redis_restarts(
     """Redis restarted under a running server: every pooled connection to it died. The next
     commands reconnect (no `unavailable` to clients once Redis answers), the pub/sub reader
     resubscribes, and presence and DMs flow to the WebSockets that stayed open."""
-    require_managed(stack_control, cfg, "redis")
+    require_ours_running(stack_control, cfg, "redis")
     async with two_clients(peernet_server, "r") as (alice, bob):
         alice_name, bob_name = alice.user, bob.user
         first = await alice.request({"t": "dm", "to": bob_name, "body": "before", "cid": "r-0"})
@@ -145,7 +140,7 @@ async def test_delivery_goes_on_while_mongodb_is_stopped_and_history_catches_up(
     """The store of record is written from the log, behind delivery: with MongoDB stopped, DMs
     are acknowledged and delivered as usual; once it is back the projector writes what it
     missed, and the conversation's history over HTTP holds every message."""
-    require_managed(stack_control, cfg, "mongo")
+    require_ours_running(stack_control, cfg, "mongo")
     async with two_clients(peernet_server, "m") as (alice, bob):
         bob_name = bob.user
         await asyncio.to_thread(stack_control.stop_service, cfg, "mongo")

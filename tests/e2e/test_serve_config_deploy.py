@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 import yaml
-from wsclient import Client, Server, running_server, server_env, unique_user
+from wsclient import Client, Server, running_server, server_env, server_port, unique_user
 
 from peernet.config import PeerNetConfig
 
@@ -44,14 +43,8 @@ def autoscaled_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempP
                       ) -> Iterator[Server]:
     path = tmp_path_factory.mktemp("serve-config") / "serve-config.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    s = local_stack.services
-    env = {**server_env(local_stack),
-           # Its own home (the main test server's state file would say "already serving");
-           # the services are the local stack's, given by URL.
-           "PEERNET_HOME": str(tmp_path_factory.mktemp("sc-home")),
-           "PEERNET_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "PEERNET_REDIS_URL": s.redis_url,
-           "PEERNET_MONGO_URL": s.mongo_url,
-           "PEERNET_PORT": os.environ.get("PEERNET_TEST_SERVE_CONFIG_PORT", "18980"),
+    env = {**server_env(local_stack, tmp_path_factory.mktemp("sc-home")),
+           "PEERNET_PORT": server_port("PEERNET_TEST_SERVE_CONFIG_PORT"),
            "PEERNET_SERVE_CONFIG": str(path)}
     env.pop("PEERNET_HEARTBEAT_MS")  # the file's value applies
     log_path = tmp_path_factory.mktemp("sc-server") / "peernet-serve.log"

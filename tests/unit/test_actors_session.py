@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from unit_helpers import eventually, unit_cfg, users_of_shard
 
+from actors.consuming import group_name
 from actors.inbox_items import recipients_header
 from actors.session import RECENT_IDS, Session, SessionShard, user_channel
 from bus.eventlog import Record
@@ -52,6 +53,7 @@ class Rig:
     messenger: Messenger
     shards: list[SessionShard] = field(default_factory=list)
     clients: list[MemoryPubSub] = field(default_factory=list)
+    watchers: list[MemoryPubSub] = field(default_factory=list)
     # (user, item) in the order pub/sub delivered them to the watcher.
     pushed: list[tuple[str, Item]] = field(default_factory=list)
 
@@ -91,9 +93,34 @@ class Rig:
 
     async def watch(self, *users: str) -> None:
         client = await self.pubsub_client()
+        self.watchers.append(client)
         for user in users:
             await client.subscribe(user_channel(user),
                                    lambda channel, data: self.pushed.append((channel[2:], unpack(data))))
+
+    async def settle(self) -> None:
+        """Return once everything published so far has reached the watchers: a marker published
+        now arrives after it on each watcher's connection, which keeps the order of publishes.
+        (So "nothing more came" is checked, not guessed after a sleep.)"""
+        marker = f"settle:{len(self.clients)}"
+        arrived: list[str] = []
+        for watcher in self.watchers:
+            await watcher.subscribe(marker, lambda channel, data: arrived.append(channel))
+        publisher = await self.pubsub_client()
+        await publisher.publish(marker, b"")
+        await eventually(lambda: len(arrived) == len(self.watchers))
+
+    def committed_all(self, shard: SessionShard) -> bool:
+        """Whether `shard`'s groups have committed every record of the logs it reads (read from
+        the in-memory log's own table of commits: the seam has no such question)."""
+        server = self.log._server
+        for topic in shard.topics:
+            group = group_name(f"peernet.sessions.{shard.index}-of-{shard.count}", topic)
+            ends = {p: len(part) for p, part in enumerate(server.topics[topic]) if part}
+            committed = server.committed.get((group, topic), {})
+            if {p: committed.get(p) for p in ends} != ends:
+                return False
+        return True
 
     def pushed_to(self, user: str) -> list[Item]:
         return [item for u, item in self.pushed if u == user]
@@ -167,8 +194,8 @@ async def test_a_shard_delivers_only_to_the_users_it_owns(rig: Rig) -> None:
     assert await rig.items(theirs) == []
     assert {u for u, _ in rig.inbox_log()} == {mine}
     await eventually(lambda: len(rig.pushed) == 2)
-    await asyncio.sleep(0.02)
-    assert {u for u, _ in rig.pushed} == {mine}
+    await rig.settle()
+    assert len(rig.pushed) == 2 and {u for u, _ in rig.pushed} == {mine}
     assert shard.stats.events_seen == 2 and shard.stats.items_delivered == 2
 
 
@@ -330,7 +357,7 @@ async def test_a_cache_that_publishes_stores_and_pushes_a_batch_in_one_call(rig:
     await shard.process(rig.events())
     assert calls == [4]  # alice twice, bob and carol: one call with four pushes
     await eventually(lambda: len(rig.pushed) == 4)
-    await asyncio.sleep(0.1)  # nothing more comes: the shard did not publish them again
+    await rig.settle()  # nothing more comes: the shard did not publish them again
     assert sorted(u for u, _ in rig.pushed) == ["alice", "alice", "bob", "carol"]
     assert [i["seq"] for i in await cache.read("alice", 0, 10)] == [1, 2]
 
@@ -346,7 +373,7 @@ async def test_a_redelivered_batch_adds_no_duplicate(rig: Rig) -> None:
     assert await rig.items("bob") == before
     assert len(rig.inbox_log()) == 10
     assert shard.stats.duplicates_dropped == 10
-    await asyncio.sleep(0.02)
+    await rig.settle()
     assert len(rig.pushed) == 10
 
 
@@ -435,7 +462,7 @@ async def test_a_wiped_cache_is_rebuilt_from_the_inbox_log(rig: Rig) -> None:
         assert items[-1]["body"] == "after the wipe"
     assert await rig.inbox.checkpoint(shard.checkpoint_name) is not None
     await eventually(lambda: len(rig.pushed) == 8)
-    await asyncio.sleep(0.02)
+    await rig.settle()
     assert len(rig.pushed) == 8  # the rebuild re-published nothing
 
 
@@ -464,7 +491,8 @@ async def test_items_in_the_log_but_not_the_cache_are_restored_and_published_on_
     rig.inbox.crash = True
     lost = [await rig.dm("bob", "alice", f"lost{i}") for i in range(3)]
     await eventually(lambda: len(rig.inbox_log()) == 8)  # durable in the inbox log ...
-    await asyncio.sleep(0.02)
+    # ... the cache append was tried and crashed (the shard retries it until stopped) ...
+    await eventually(lambda: first.stats.last_error.startswith("cache inbox"))
     assert seqs(await rig.items("alice")) == [1]  # ... but not in the cache
     with contextlib.suppress(Crash):
         await first.stop()
@@ -522,7 +550,7 @@ async def test_seqs_stay_unique_after_an_unnoticed_wipe_and_a_restart(rig: Rig) 
     rig.inbox.wipe()
     await rig.dm("alice", "dave", "someone else, right after the wipe")
     await eventually(lambda: first.stats.items_delivered == 8)
-    await asyncio.sleep(0.05)  # its commit
+    await eventually(lambda: rig.committed_all(first))
     await first.stop()
     second = await rig.shard(start=True)
     await rig.dm("bob", "carol", "next")

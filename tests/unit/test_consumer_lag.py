@@ -57,6 +57,9 @@ async def test_lag_is_the_end_offset_minus_the_position_per_partition() -> None:
     await consumer.start()
     assert await consumer_lag(consumer, group="g", topic=TOPIC) == ConsumerLag("g", TOPIC, {0: 5, 1: 3})
     got = await consumer.poll(max_records=4, timeout_ms=0)
+    # Four records read, so the lag must fall by four: a lag that ignored the position (the end
+    # offset, or end minus the last commit, none yet) would still read {0: 5, 1: 3}.
+    assert len(got) == 4
     read = {p: sum(1 for r in got if r.partition == p) for p in (0, 1)}
     lag = await consumer_lag(consumer, group="g", topic=TOPIC)
     assert lag.partitions == {0: 5 - read[0], 1: 3 - read[1]}

@@ -4,14 +4,12 @@ watchers, on the in-memory PresenceStore and PubSub (bus/memory.py)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from unit_helpers import users_of_shard
+from unit_helpers import eventually, users_of_shard
 
 from actors.presence import LeaseTiming, PresenceShard, presence_channel
 from bus.memory import MemoryPresenceStore, MemoryPubSub
@@ -45,25 +43,36 @@ def users_of(shard: int, count: int, n: int) -> list[str]:
     return users_of_shard(shard, count, n, prefix=f"u{uuid.uuid4().hex[:6]}_")
 
 
-async def eventually(check: Callable[[], Any], within_s: float = 3.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within_s}s")
-        await asyncio.sleep(0.005)
-
-
 class Pushes:
     """Records presence pushes on channels, as a watching replica would get them."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: MemoryPubSub) -> None:
         self.got: list[dict[str, Any]] = []
+        self.listener = listener
 
     def __call__(self, channel: str, payload: bytes) -> None:
         self.got.append(unpack(payload))
 
+    async def settle(self, pubsub: MemoryPubSub) -> None:
+        await settled(self.listener, pubsub)
+
     def of(self, user: str) -> list[tuple[str, int]]:
         return [(f["status"], f["ts"]) for f in self.got if f["user"] == user]
+
+
+async def settled(listener: MemoryPubSub, pubsub: MemoryPubSub) -> None:
+    """Return once everything published on `pubsub` so far has reached `listener`: a marker
+    published now arrives after it (a connection keeps the order of publishes). So "nothing more
+    came" is checked, not guessed after a sleep."""
+    arrived: list[str] = []
+    await listener.subscribe("settle", lambda channel, data: arrived.append(channel))
+    publisher = pubsub.client()
+    await publisher.start()
+    try:
+        await publisher.publish("settle", b"")
+        await eventually(lambda: arrived)
+    finally:
+        await publisher.stop()
 
 
 @dataclass
@@ -74,9 +83,9 @@ class World:
     shards: list[PresenceShard] = field(default_factory=list)
 
     async def watch(self, *users: str) -> Pushes:
-        pushes = Pushes()
         listener = self.pubsub.client()
         await listener.start()
+        pushes = Pushes(listener)
         for user in users:
             await listener.subscribe(presence_channel(user), pushes)
         return pushes
@@ -142,7 +151,7 @@ async def test_repeated_and_stale_reports_change_nothing(world: World) -> None:
     assert shard.is_online(alice) and shard.is_online(bob)
     assert shard.stats.stale_reports == 1
     await eventually(lambda: len(pushes.got) == 2)
-    await asyncio.sleep(0.05)
+    await pushes.settle(world.pubsub)  # nothing more was published
     assert len(pushes.got) == 2
 
 
@@ -282,16 +291,19 @@ class InProcessShards:
         self.count = len(shards)
         self.calls: list[tuple[str, int, list[str], list[str]]] = []
         self.failing = False
+        self.refused = 0  # calls made while failing
 
     async def update(self, shard: int, replica: str, seq: int, online: list[str],
                      offline: list[str]) -> None:
         if self.failing:
+            self.refused += 1
             raise RuntimeError("shard unreachable")
         self.calls.append(("update", shard, sorted(online), sorted(offline)))
         await self.shards[shard].update(replica, seq, online, offline)
 
     async def sync(self, shard: int, replica: str, seq: int, users: list[str]) -> None:
         if self.failing:
+            self.refused += 1
             raise RuntimeError("shard unreachable")
         self.calls.append(("sync", shard, sorted(users), []))
         await self.shards[shard].sync(replica, seq, users)
@@ -336,10 +348,13 @@ async def test_reports_are_retried_until_the_shard_answers(world: World) -> None
         replica.opened(a)
         replica.opened(b)
         replica.closed(b)  # opened and closed while the shard was away: never reported online
-        await asyncio.sleep(0.2)
+        await eventually(lambda: shards.refused >= 2)  # the report failed, and so did its retry
+        assert not world.shards[1].is_online(a)
         shards.failing = False
         await eventually(lambda: world.shards[1].is_online(a))
         assert not world.shards[1].is_online(b)
+        # One report got through: the retried one, with both users as they are by then.
+        assert shards.calls == [("update", 1, [a], [b])], shards.calls
     finally:
         await replica.stop()
 
@@ -421,7 +436,7 @@ async def test_watchers_get_the_state_then_every_change(world: World) -> None:
     watchers.forget(other)
     await eventually(lambda: ps.channels() == [presence_channel(a)])
     await shard.update("r1", 3, [], [b])
-    await asyncio.sleep(0.05)
+    await settled(ps, world.pubsub)
     assert len(conn.frames) == 2
 
 

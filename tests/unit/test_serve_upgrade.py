@@ -15,11 +15,15 @@ import pytest
 from serve.upgrade import UpgradeRecord, read_record, request_upgrade, save_record
 
 # A stand-in for `peernet serve`: on SIGHUP it writes the steps of upgrade 1 to its state file.
+# Given a third argument (a file the follower's `say` appends to), it writes each step only
+# once the follower has shown the one before: the follower reads the file every 0.25 s, and a
+# step held for a fixed time could pass unseen on a loaded machine.
 SERVER = textwrap.dedent("""
     import json, signal, sys, time
     from serve.upgrade import UpgradeRecord, save_record
     from pathlib import Path
     path = Path(sys.argv[1])
+    said = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     asked = []
     signal.signal(signal.SIGHUP, lambda *a: asked.append(time.time()))
     print("ready", flush=True)
@@ -29,17 +33,21 @@ SERVER = textwrap.dedent("""
     for step in ("actor 1/1: restarting s0", "gateway: rolling"):
         r.step = step
         save_record(path, r)
-        time.sleep(0.4)
+        deadline = time.monotonic() + 30
+        while said is not None and step not in said.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
     r.step, r.done, r.ok, r.took_s = "done", True, sys.argv[2] == "ok", 0.8
     r.error = None if r.ok else "TimeoutError: s0 was not back"
     save_record(path, r)
 """)
 
 
-def _serve(tmp_path: Path, outcome: str) -> tuple[subprocess.Popen[str], Path]:
+def _serve(tmp_path: Path, outcome: str, *said: Path) -> tuple[subprocess.Popen[str], Path]:
     path = tmp_path / "serve.json"
     path.write_text(json.dumps({"pid": 0, "url": "http://x"}))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(path), outcome],
+    for p in said:
+        p.write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(path), outcome, *map(str, said)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc, path
@@ -47,15 +55,22 @@ def _serve(tmp_path: Path, outcome: str) -> tuple[subprocess.Popen[str], Path]:
 
 @pytest.mark.parametrize("outcome", ["ok", "failed"])
 def test_request_upgrade_follows_every_step_to_the_end(tmp_path: Path, outcome: str) -> None:
-    proc, path = _serve(tmp_path, outcome)
+    shown = tmp_path / "said"
+    proc, path = _serve(tmp_path, outcome, shown)
     said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        with open(shown, "a") as f:
+            f.write(line + "\n")
+
     try:
-        record = request_upgrade(path, proc.pid, timeout_s=30, say=said.append)
+        record = request_upgrade(path, proc.pid, timeout_s=30, say=say)
     finally:
         proc.wait(10)
     assert record["done"] and record["ok"] == (outcome == "ok")
-    assert said[0] == "peernet upgrade: actor 1/1: restarting s0"
-    assert said[-1] == "peernet upgrade: done"
+    assert said == ["peernet upgrade: actor 1/1: restarting s0", "peernet upgrade: gateway: rolling",
+                    "peernet upgrade: done"]
     # The rest of the state file is kept.
     assert json.loads(path.read_text())["url"] == "http://x"
 

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 from gateway_harness import Frame, Gateway, ServerClosed, gateway
 from unit_helpers import FAST_TIMING, inbox_item, unique_user
+from waiting import wait_until
 
 from actors.inbox_items import parse_recipients
 from bus.inbox_memory import MemoryInboxCache
@@ -558,11 +559,13 @@ class FlakyInbox(MemoryInboxCache):
     """An inbox cache whose reads fail while `reads_down` (Redis blipped), other calls work."""
 
     reads_down = False
+    failed_reads = 0
 
     async def read(self, user: str, after: int, limit: int) -> list[Frame]:
         if self.reads_down:
             from peernet.errors import unavailable
 
+            self.failed_reads += 1
             raise unavailable("inbox cache read timed out")
         return await super().read(user, after, limit)
 
@@ -574,8 +577,8 @@ def test_a_failed_inbox_read_in_the_writer_does_not_leave_a_mute_connection() ->
         with gw.connect(user) as (ws, _):
             inbox.reads_down = True
             gw.put_items(user, [msg(1), msg(2)])
-            gw.publish(user, [msg(2)])  # seq 1 is missing: the writer reads the inbox
-            time.sleep(0.1)
+            gw.publish(user, [msg(2)])  # seq 1 is missing: the writer reads the inbox ...
+            wait_until(lambda: inbox.failed_reads >= 1)  # ... and that read fails
             inbox.reads_down = False
             ws.send({"t": "ping", "rid": 1})
             try:

@@ -3,11 +3,10 @@ configuration and waiting."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
+
+from waiting import eventually as eventually  # re-exported: the unit suite's waits
 
 from bus.inbox import Item
 from peernet.config import PeerNetConfig, load_config
@@ -63,15 +62,3 @@ def inbox_item(seq: int, *, ts: int | None = None, body: str | None = None, **ex
     return {"t": "msg", "seq": seq, "id": extra.pop("id", new_id()), "conv": "dm:a:b", "from": "a",
             "to": "b", "body": body if body is not None else f"m{seq}",
             "ts": now_ms() if ts is None else ts, **extra}
-
-
-async def eventually(check: Callable[[], Any], within_s: float = 5.0, interval: float = 0.01) -> None:
-    """Wait until `check()` is truthy; fail with the last value after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = check()
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s (last value {value!r})")
-        await asyncio.sleep(interval)
