@@ -10,24 +10,29 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 _CURSOR = re.compile(r"^(\d{1,16}):([0-9a-z]{1,64})$")
 
 
 @dataclass(frozen=True, slots=True)
 class Post:
-    """A post as clients see it (`likes` is the count when it was read)."""
+    """A post as clients see it (`likes` is the count when it was read; `liked` whether the
+    reader of a page likes it, None where there is no reader, as in a push)."""
 
     id: str
     author: str
     body: str
     ts: int
     likes: int = 0
+    liked: bool | None = None
 
     def frame(self) -> dict[str, Any]:
-        return {"id": self.id, "author": self.author, "body": self.body, "ts": self.ts,
-                "likes": self.likes}
+        out: dict[str, Any] = {"id": self.id, "author": self.author, "body": self.body,
+                               "ts": self.ts, "likes": self.likes}
+        if self.liked is not None:
+            out["liked"] = self.liked
+        return out
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -53,6 +58,19 @@ class Cursor:
 class FeedPage:
     items: list[Post]
     next: Cursor | None
+
+
+# Which side of the graph a list reads: whom a user follows, or who follows the user.
+GraphSide = Literal["following", "followers"]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPage:
+    """A page of one side of a user's graph, in user id order (ascending); `next` is the last
+    id of the page, from which the next page starts (None at the end)."""
+
+    items: list[str]
+    next: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +135,16 @@ class FeedStore(Protocol):
 
     async def page(self, user: str, limit: int, before: Cursor | None) -> FeedPage:
         """`user`'s home feed, newest first: up to `limit` posts older than `before`, with
-        their like counts, and the cursor of the next page (None at the end). Posts of authors
-        the user no longer follows are left out, and the recent posts of the celebrities the
-        user follows (never fanned out) are merged in, in one round trip."""
+        their like counts and whether `user` likes each (`liked`), and the cursor of the next
+        page (None at the end). Posts of authors the user no longer follows are left out, and
+        the recent posts of the celebrities the user follows (never fanned out) are merged in,
+        in one round trip."""
+
+    async def graph(self, user: str, side: GraphSide, limit: int,
+                    after: str | None) -> GraphPage:
+        """Whom `user` follows, or who follows `user`: up to `limit` user ids greater than
+        `after`, ascending, as the graph is now (a follow or unfollow claimed shows at once);
+        a user id comes once, and a page walk sees every id that stays in the list throughout."""
 
 
 class FeedFanout(Protocol):

@@ -6,7 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
+from bus.feeds import (
+    Cursor,
+    FeedPage,
+    FeedWrites,
+    GraphChange,
+    GraphPage,
+    GraphSide,
+    LikeChange,
+    LikeClaim,
+    Lookup,
+    Post,
+)
 from bus.feeds_redis import MAX_SCAN
 from bus.memory import MemoryPubSub
 from peernet.errors import unavailable
@@ -135,8 +146,16 @@ class MemoryFeedStore:
             seen: set[str] = set()
             items = [p for p in items if not (p.id in seen or seen.add(p.id))]  # type: ignore[func-returns-value]
         nxt = Cursor(items[limit - 1].ts, items[limit - 1].id) if len(items) > limit else None
-        return FeedPage([Post(p.id, p.author, p.body, p.ts, len(self.likes.get(p.id, ())))
+        return FeedPage([Post(p.id, p.author, p.body, p.ts, len(self.likes.get(p.id, ())),
+                              user in self.likes.get(p.id, ()))
                          for p in items[:limit]], nxt)
+
+    async def graph(self, user: str, side: GraphSide, limit: int,
+                    after: str | None) -> GraphPage:
+        self._check()
+        sets = self.following if side == "following" else self.followers
+        ids = sorted(u for u in sets.get(user, ()) if after is None or u > after)[:limit + 1]
+        return GraphPage(ids[:limit], ids[limit - 1] if len(ids) > limit else None)
 
     # -- FeedFanout --------------------------------------------------------------------------
 

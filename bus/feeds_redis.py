@@ -7,8 +7,14 @@ a user's feed, whom they follow and the posts' hashes and likes in one call):
   {ks}:posts:AUTHOR    zset  the author's recent posts, same scores (capped like feeds)
   {ks}:following:USER  set   whom the user follows
   {ks}:followers:USER  set   who follows the user
+  {ks}:following_by_id:USER, {ks}:followers_by_id:USER
+                       zset  the same two sets, every score 0 (so ordered by user id), for
+                             reading them a page at a time (written with the sets; a list read
+                             rebuilds its zset from the set when their sizes differ, as for
+                             follows stored before these existed)
   {ks}:post:ID         hash  a: author, b: body, ts
-  {ks}:likes:ID        set   users who like the post; its size is the like count
+  {ks}:likes:ID        set   users who like the post; its size is the like count, and the page
+                             script asks it whether the reader is one (`liked`)
   {ks}:celebs          set   authors never fanned out (sticky once marked)
 
 The scripts build their keys from the tagged keyspace and name `{ks}:celebs` as their key, which
@@ -23,7 +29,18 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from bus.feeds import Cursor, FeedPage, FeedWrites, GraphChange, LikeChange, LikeClaim, Lookup, Post
+from bus.feeds import (
+    Cursor,
+    FeedPage,
+    FeedWrites,
+    GraphChange,
+    GraphPage,
+    GraphSide,
+    LikeChange,
+    LikeClaim,
+    Lookup,
+    Post,
+)
 from bus.redis import RedisClient, hash_tag, redis_client
 from peernet.config import PeerNetConfig
 from peernet.errors import unavailable
@@ -41,7 +58,7 @@ PUSH_CHUNK = 1_000
 ADD_CHUNK = 2_000
 
 # ARGV: keyspace, user, limit, cursor ts ('' for none), cursor id, max scan.
-# Returns {next_ts|'', next_id|'', id, author, body, ts, likes, id, ...}.
+# Returns {next_ts|'', next_id|'', id, author, body, ts, likes, liked (1|0), id, ...}.
 #
 # One call, so one round trip, whatever the page holds; what it costs Redis is its calls, so it
 # makes as few as the page needs: the celebrities' recent ids are read first (no hashes), then
@@ -154,9 +171,34 @@ for i = 1, n do
   out[#out + 1] = it[3]
   out[#out + 1] = it[4]
   out[#out + 1] = it[2]
-  out[#out + 1] = redis.call('SCARD', ks .. ':likes:' .. it[1])
+  local likes = ks .. ':likes:' .. it[1]
+  out[#out + 1] = redis.call('SCARD', likes)
+  out[#out + 1] = redis.call('SISMEMBER', likes, user)
 end
 return out
+"""
+
+# KEYS: a graph set, its zset by id. ARGV: after ('' for none), limit.
+# Returns up to limit + 1 user ids greater than `after`, ascending (one more than the page: it
+# tells whether there is a next one). The zset is rebuilt from the set when their sizes differ
+# (follows stored before the zsets existed, or a FeedShard's pipeline cut off between the two):
+# O(1) to check, O(N) once to rebuild; the set is the truth.
+_GRAPH = """
+local set, byid = KEYS[1], KEYS[2]
+if redis.call('SCARD', set) ~= redis.call('ZCARD', byid) then
+  redis.call('DEL', byid)
+  local members = redis.call('SMEMBERS', set)
+  for i = 1, #members, 1000 do
+    local args = {}
+    for j = i, math.min(i + 999, #members) do
+      args[#args + 1] = 0
+      args[#args + 1] = members[j]
+    end
+    redis.call('ZADD', byid, unpack(args))
+  end
+end
+local from = ARGV[1] == '' and '-' or '(' .. ARGV[1]
+return redis.call('ZRANGEBYLEX', byid, from, '+', 'LIMIT', 0, tonumber(ARGV[2]) + 1)
 """
 
 # KEYS: post hash, likes set. ARGV: user, '1' like | '0' unlike. nil when the post is unknown.
@@ -216,6 +258,7 @@ class RedisFeedStore:
         self.cap = cap
         self._page = client.register_script(_PAGE)
         self._claim_like = client.register_script(_CLAIM_LIKE)
+        self._graph = client.register_script(_GRAPH)
         self._push = client.register_script(_PUSH)
         self._add = client.register_script(_ADD)
 
@@ -242,13 +285,8 @@ class RedisFeedStore:
     async def claim_follow(self, user: str, target: str, follow: bool) -> bool:
         async def run() -> bool:
             async with self._r.pipeline(transaction=True) as pipe:
-                if follow:
-                    pipe.sadd(self._k("following", user), target)
-                    pipe.sadd(self._k("followers", target), user)
-                else:
-                    pipe.srem(self._k("following", user), target)
-                    pipe.srem(self._k("followers", target), user)
-                changed, _ = await pipe.execute()
+                self._follow(pipe, user, target, follow)
+                changed, *_ = await pipe.execute()
             return bool(changed)
 
         return await self._guard("claim follow", run)
@@ -262,6 +300,20 @@ class RedisFeedStore:
             return LikeClaim(_s(reply[0]), bool(int(reply[1])))
 
         return await self._guard("claim like", run)
+
+    def _follow(self, pipe: Any, user: str, target: str, follow: bool) -> None:
+        """Queue `user` -> `target` (or its removal) on the sets, then on the zsets by id (the
+        first reply says whether the graph changed)."""
+        if follow:
+            pipe.sadd(self._k("following", user), target)
+            pipe.sadd(self._k("followers", target), user)
+            pipe.zadd(self._k("following_by_id", user), {target: 0})
+            pipe.zadd(self._k("followers_by_id", target), {user: 0})
+        else:
+            pipe.srem(self._k("following", user), target)
+            pipe.srem(self._k("followers", target), user)
+            pipe.zrem(self._k("following_by_id", user), target)
+            pipe.zrem(self._k("followers_by_id", target), user)
 
     async def put_post(self, post: Post) -> None:
         async def run() -> None:
@@ -284,10 +336,21 @@ class RedisFeedStore:
                 "" if before is None else before.id, MAX_SCAN])
             nxt = Cursor(int(reply[0]), _s(reply[1])) if reply[0] not in (b"", "") else None
             items = [Post(_s(reply[i]), _s(reply[i + 1]), _s(reply[i + 2]), int(reply[i + 3]),
-                          int(reply[i + 4])) for i in range(2, len(reply), 5)]
+                          int(reply[i + 4]), reply[i + 5] == 1) for i in range(2, len(reply), 6)]
             return FeedPage(items, nxt)
 
         return await self._guard("page", run)
+
+    async def graph(self, user: str, side: GraphSide, limit: int,
+                    after: str | None) -> GraphPage:
+        async def run() -> GraphPage:
+            reply = await self._run(self._graph, [self._k(side, user),
+                                                  self._k(f"{side}_by_id", user)],
+                                    ["" if after is None else after, limit])
+            ids = [_s(m) for m in reply]
+            return GraphPage(ids[:limit], ids[limit - 1] if len(ids) > limit else None)
+
+        return await self._guard("graph", run)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """`script` by EVALSHA, one round trip; when Redis does not know it (restarted, or its
@@ -305,9 +368,7 @@ class RedisFeedStore:
         async def run() -> None:
             async with self._r.pipeline(transaction=False) as pipe:
                 for g in graph:
-                    op = pipe.sadd if g.following else pipe.srem
-                    op(self._k("following", g.follower), g.followee)
-                    op(self._k("followers", g.followee), g.follower)
+                    self._follow(pipe, g.follower, g.followee, g.following)
                 for like in likes:
                     (pipe.sadd if like.liked else pipe.srem)(self._k("likes", like.post), like.user)
                 for post in posts:

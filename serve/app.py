@@ -25,6 +25,7 @@ from serve.acks import AckBuffer
 from serve.connection import Connection
 from serve.deps import GatewayDeps
 from serve.endpoints import endpoint_publisher, endpoint_routes
+from serve.follows import follow_routes
 from serve.handlers import build_handlers
 from serve.hub import Hub
 from serve.limits import AddressLimiter, TrustedProxies, client_address
@@ -290,6 +291,7 @@ def build_app(deps: GatewayDeps) -> Starlette:
         Route("/v1/dev/token", dev_token, methods=["POST"]),
         Route("/v1/conversations/{conv}/messages", conversation_messages),
         *social_routes(deps),
+        *follow_routes(deps),
         Route("/v1/presence", presence_states),
         *endpoint_routes(deps.cache, deps.cfg.metrics.keyspace, WS_PATH),
     ]

@@ -49,7 +49,7 @@ SOCIAL_WRITES = Counter(
     ["type", "appended"], registry=metrics.REGISTRY)
 
 
-def _feeds(deps: GatewayDeps) -> FeedStore:
+def feeds_of(deps: GatewayDeps) -> FeedStore:
     feeds = deps.feeds
     if feeds is None:
         raise unavailable("feeds are not configured on this gateway")
@@ -94,7 +94,7 @@ def social_handlers(messenger: Messenger) -> HandlerTable:
         target = user_field(frame, "user")
         if target == conn.user:
             raise bad_request(f"{kind}ing oneself is not allowed")
-        feeds = _feeds(conn.deps)
+        feeds = feeds_of(conn.deps)
         if not await feeds.claim_follow(conn.user, target, follow):
             SOCIAL_WRITES.labels(kind, "no").inc()
             return {"t": "ok"}  # already so: idempotent, nothing to append
@@ -116,7 +116,7 @@ def social_handlers(messenger: Messenger) -> HandlerTable:
 
     async def post(conn: Connection, frame: Frame) -> Frame | None:
         body = text_field(frame, "body", conn.cfg.max_body_chars)
-        feeds = _feeds(conn.deps)
+        feeds = feeds_of(conn.deps)
         event = Event("post", conn.user, {"body": body})
         await messenger.append(event, key=conn.user, recipients=[])
         SOCIAL_WRITES.labels("post", "yes").inc()
@@ -131,7 +131,7 @@ def social_handlers(messenger: Messenger) -> HandlerTable:
     async def like_or_unlike(conn: Connection, frame: Frame, like: bool) -> Frame:
         kind = "like" if like else "unlike"
         post_id = post_id_field(frame)
-        feeds = _feeds(conn.deps)
+        feeds = feeds_of(conn.deps)
         claim = await feeds.claim_like(conn.user, post_id, like)
         if claim is None:
             raise PeerNetError(ErrorCode.NOT_FOUND, f"no post {post_id}")
@@ -159,7 +159,7 @@ def social_handlers(messenger: Messenger) -> HandlerTable:
     async def feed(conn: Connection, frame: Frame) -> Frame | None:
         limit = int_field(frame, "limit", lo=1, hi=MAX_LIMIT, default=DEFAULT_LIMIT)
         before = parse_before(frame.get("before"))
-        page = await read_page(_feeds(conn.deps), conn.user, limit, before)
+        page = await read_page(feeds_of(conn.deps), conn.user, limit, before)
         return {"t": "feed_page", **page_body(page)}
 
     return {"follow": follow, "unfollow": unfollow, "post": post, "like": like,
@@ -175,30 +175,42 @@ async def _undo(claim: Awaitable[object]) -> None:
         log.warning("could not undo a claim after a failed append: %s", exc)
 
 
-def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
+def http_error(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status)
+
+
+def bearer_user(request: Request, deps: GatewayDeps) -> str:
+    """The user of the request's bearer token; TokenError when it has none that is valid."""
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise TokenError("missing bearer token")
+    return verify_token(header[7:].strip(), deps.cfg.gateway)
+
+
+def limit_param(request: Request) -> int:
+    """The `limit` of a paged HTTP route: 1 to MAX_LIMIT, DEFAULT_LIMIT when absent."""
+    raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
+    # isdecimal, not isdigit: superscripts are digits that int() refuses.
+    if not raw_limit.isdecimal() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw_limit)
 
 
 def social_routes(deps: GatewayDeps) -> list[Route]:
     """`GET /v1/feed?limit=&before=` with a bearer token: the same page as the `feed` frame."""
 
     async def feed(request: Request) -> Response:
-        header = request.headers.get("authorization", "")
         try:
-            if not header.lower().startswith("bearer "):
-                raise TokenError("missing bearer token")
-            user = verify_token(header[7:].strip(), deps.cfg.gateway)
+            user = bearer_user(request, deps)
         except TokenError as exc:
-            return _error(401, ErrorCode.FORBIDDEN, str(exc))
+            return http_error(401, ErrorCode.FORBIDDEN, str(exc))
         try:
-            raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
-            # isdecimal, not isdigit: superscripts are digits that int() refuses.
-            if not raw_limit.isdecimal() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-                raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
+            limit = limit_param(request)
             before = parse_before(request.query_params.get("before"))
-            page = await read_page(_feeds(deps), user, int(raw_limit), before)
+            page = await read_page(feeds_of(deps), user, limit, before)
         except PeerNetError as exc:
-            return _error(400 if exc.code is ErrorCode.BAD_REQUEST else 503, exc.code, exc.message)
+            return http_error(400 if exc.code is ErrorCode.BAD_REQUEST else 503, exc.code,
+                              exc.message)
         return JSONResponse({"t": "feed_page", **page_body(page)})
 
     return [Route("/v1/feed", feed)]

@@ -1,5 +1,5 @@
 """What a home-feed page of 20 costs Redis (issue 18): at most two round trips, the celebrity
-merge and the like counts included, on one Redis and on a Redis Cluster."""
+merge, the like counts and the reader's `liked` included, on one Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ async def test_a_page_of_20_costs_at_most_two_round_trips(
     assert {p.author for p in first.items} >= set(CELEBRITIES)
     assert "gone" not in {p.author for p in first.items}
     assert sum(p.likes for p in first.items) > 0
+    assert {p.liked for p in first.items} == {True, False}  # the reader's own likes, in the script
 
     for before in (None, first.next):
         page, cost = await redis_cost(partial(store.page, "reader", PAGE, before), nodes,

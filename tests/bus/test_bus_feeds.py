@@ -126,7 +126,7 @@ async def test_pages_are_newest_first_with_ids_breaking_ties_and_cursors_that_co
     assert seen == expected
     exact = await s.page("me", 5, None)
     assert len(exact.items) == 5 and exact.next is None
-    assert full.items[0] == Post("p4", "me", "body of p4", 300, 0)
+    assert full.items[0] == Post("p4", "me", "body of p4", 300, 0, False)
 
 
 async def test_fan_out_writes_are_capped_and_removable(feeds_kit: FeedsKit) -> None:
@@ -175,6 +175,98 @@ async def test_celebrities_are_merged_at_read_time(feeds_kit: FeedsKit) -> None:
     assert [p.id for p in (await s.page("reader", 3, None)).items] == ["s3", "q2", "s2"]
 
 
+async def test_pages_say_whether_their_reader_likes_each_post(feeds_kit: FeedsKit) -> None:
+    # Fanned-out posts and a celebrity's merged ones alike; `liked` is the reader's own.
+    s = feeds_kit.store
+    await s.record([GraphChange("reader", "pal", True), GraphChange("reader", "star", True),
+                    GraphChange("other", "pal", True)], [], [])
+    await s.write(FeedWrites(celebrities=["star"]))
+    await s.record([], [], [post("q1", "pal", 100), post("q2", "pal", 300), post("s1", "star", 200)])
+    await s.write(FeedWrites(adds=[(u, pid, ts) for u in ("reader", "other")
+                                   for pid, ts in (("q1", 100), ("q2", 300))]))
+    await s.claim_like("reader", "q1", True)
+    await s.record([], [LikeChange("reader", "s1", True), LikeChange("other", "q2", True)], [])
+
+    def liked(page: Any) -> list[tuple[str, int, bool]]:
+        return [(p.id, p.likes, p.liked) for p in page.items]
+
+    assert liked(await s.page("reader", 10, None)) == [
+        ("q2", 1, False), ("s1", 1, True), ("q1", 1, True)]
+    assert liked(await s.page("other", 10, None)) == [("q2", 1, True), ("q1", 1, False)]
+    assert liked(await s.page("pal", 10, None)) == [("q2", 1, False), ("q1", 1, False)]
+    first = await s.page("reader", 2, None)
+    assert first.next is not None
+    assert liked(await s.page("reader", 2, first.next)) == [("q1", 1, True)]
+    await s.claim_like("reader", "q1", False)
+    await s.record([], [LikeChange("reader", "s1", False)], [])
+    assert liked(await s.page("reader", 10, None)) == [
+        ("q2", 1, False), ("s1", 0, False), ("q1", 0, False)]
+
+
+async def graph_walk(s: Any, user: str, side: str, limit: int) -> list[list[str]]:
+    """Every page of one side of `user`'s graph, walked with the cursors it gives."""
+    pages: list[list[str]] = []
+    after = None
+    while True:
+        page = await s.graph(user, side, limit, after)
+        pages.append(page.items)
+        if page.next is None:
+            return pages
+        assert page.next == page.items[-1] and len(page.items) == limit
+        after = page.next
+
+
+async def test_graph_lists_page_in_user_id_order_and_follow_each_change(
+        feeds_kit: FeedsKit) -> None:
+    s = feeds_kit.store
+    for target in ("carol", "bob", "dave_2", "dave", "a0"):
+        await s.claim_follow("me", target, True)
+    await s.record([GraphChange("eve", "bob", True), GraphChange("me", "zed", True)], [], [])
+    everyone = ["a0", "bob", "carol", "dave", "dave_2", "zed"]
+    assert await graph_walk(s, "me", "following", 100) == [everyone]
+    assert await graph_walk(s, "me", "following", 2) == [everyone[0:2], everyone[2:4],
+                                                          everyone[4:6]]
+    assert await graph_walk(s, "me", "following", 4) == [everyone[:4], everyone[4:]]
+    assert await graph_walk(s, "me", "following", 1) == [[u] for u in everyone]
+    assert await graph_walk(s, "bob", "followers", 20) == [["eve", "me"]]
+    assert await graph_walk(s, "me", "followers", 20) == [[]]
+    assert await graph_walk(s, "nobody", "following", 20) == [[]]
+    # A cursor that is no longer in the list (unfollowed meanwhile) still finds its place.
+    first = await s.graph("me", "following", 2, None)
+    await s.claim_follow("me", "bob", False)
+    await s.record([GraphChange("me", "carol", False)], [], [])
+    rest = await s.graph("me", "following", 10, first.next)
+    assert rest.items == ["dave", "dave_2", "zed"] and rest.next is None
+    assert (await s.graph("bob", "followers", 10, None)).items == ["eve"]
+    assert (await s.graph("carol", "followers", 10, None)).items == []
+    assert (await s.graph("me", "following", 10, "dave")).items == ["dave_2", "zed"]
+    # Replayed changes leave the same lists (idempotent).
+    await s.record([GraphChange("eve", "bob", True), GraphChange("me", "bob", False)], [], [])
+    assert (await s.graph("bob", "followers", 10, None)).items == ["eve"]
+
+
+async def test_graph_lists_of_follows_stored_before_the_lists_existed(
+        feeds_kit: FeedsKit) -> None:
+    # Follows written by an older version: the sets without the zsets by id. The first read
+    # builds the list from the set; later changes keep both.
+    if feeds_kit.kind == "memory":
+        pytest.skip("the in-memory store has no older layout")
+    s = feeds_kit.store
+    r = redis_client(feeds_kit.redis_url)
+    try:
+        await r.sadd(f"{s.prefix}:following:old", *[f"u{i:04d}" for i in range(2500)])
+        await r.sadd(f"{s.prefix}:followers:u0001", "old")
+    finally:
+        await r.aclose()
+    page = await s.graph("old", "following", 100, None)
+    assert page.items == [f"u{i:04d}" for i in range(100)] and page.next == "u0099"
+    assert (await s.graph("u0001", "followers", 100, None)).items == ["old"]
+    await s.claim_follow("old", "new", True)
+    await s.claim_follow("old", "u0000", False)
+    walked = [u for p in await graph_walk(s, "old", "following", 100) for u in p]
+    assert walked == ["new"] + [f"u{i:04d}" for i in range(1, 2500)]
+
+
 async def test_pushes_reach_the_subscribers_of_each_channel(feeds_kit: FeedsKit) -> None:
     got, (ps, sub) = await feeds_kit.subscribe("u:test-push-a")
     try:
@@ -212,6 +304,8 @@ async def test_an_unreachable_store_is_unavailable(feeds_kit: FeedsKit) -> None:
     assert err.value.code.value == "unavailable"
     with pytest.raises(PeerNetError):
         await down.page("a", 10, None)
+    with pytest.raises(PeerNetError):
+        await down.graph("a", "followers", 10, None)
 
 
 async def test_several_celebrities_merge_into_one_order(feeds_kit: FeedsKit) -> None:

@@ -16,7 +16,7 @@ from redis_cluster_fixture import local_redis_cluster
 from replicas import connect
 from test_presence import ONLINE_WAIT_S, change, watch
 from test_restarts import send_until_ok
-from test_social import ids, ok, page, until
+from test_social import http_list, ids, ok, page, until
 from wsclient import Client, Server, running_server, server_env, server_port, unique_user
 
 from bus.inbox_redis import RedisInboxCache, session_slots
@@ -169,14 +169,17 @@ async def test_follow_post_feed_page_like_and_the_followers_push(cluster_server:
     assert await reader.expect("feed") == {"t": "feed", "item": item}
     assert await author.expect("feed") == {"t": "feed", "item": item}
     first = await until(lambda: page(reader), lambda p: ids(p) == [posted["id"]])
-    assert first["items"] == [item]
+    assert first["items"] == [{**item, "liked": False}]  # a page's item says if its reader likes it
+    assert await http_list(cluster_server, author_name, "followers") == {"items": [reader_name],
+                                                                         "next": None}
 
     await ok(reader, {"t": "like", "post": posted["id"]})
     await ok(reader, {"t": "like", "post": posted["id"]})  # idempotent: counted once
     liked = await author.next(lambda f: f.get("t") == "note" and f.get("kind") == "like")
     assert (liked["from"], liked["post"]) == (reader_name, posted["id"])
     await until(lambda: page(reader), lambda p: p["items"][0]["likes"] == 1)
-    assert (await page(author))["items"][0]["likes"] == 1
+    assert (await page(reader))["items"][0]["liked"] is True
+    assert [(i["likes"], i["liked"]) for i in (await page(author))["items"]] == [(1, False)]
     await reader.close()
     await author.close()
 

@@ -96,7 +96,8 @@ async def test_follow_post_like_notes_pushes_and_unfollow(peernet_server: Server
     assert await bob.expect("feed") == {"t": "feed", "item": item}  # the author's own too
 
     first = await until(lambda: page(alice), lambda p: ids(p) == [posted["id"]])
-    assert first["items"] == [item] and first["next"] is None
+    # In a page, as not in the push, a post says whether its reader likes it (protocol 1.1).
+    assert first["items"] == [{**item, "liked": False}] and first["next"] is None
 
     await ok(alice, {"t": "like", "post": posted["id"]})
     await ok(alice, {"t": "like", "post": posted["id"]})  # counted once, noted once
@@ -122,6 +123,96 @@ async def test_follow_post_like_notes_pushes_and_unfollow(peernet_server: Server
     assert notes == [], notes  # one follow note and one like note, no more
     await alice.close()
     await bob.close()
+
+
+async def http_list(server: Server, caller: str, side: str, **params: Any) -> Frame:
+    token = await dev_token(server.url, caller)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        reply = await http.get(f"/v1/{side}", params=params,
+                               headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 200, reply.text
+    body: Frame = reply.json()
+    return body
+
+
+async def test_following_and_followers_read_back_over_http(peernet_server: Server) -> None:
+    fan_name, a_name, b_name = unique_user("fan"), unique_user("idol"), unique_user("idol")
+    fan = await connect(peernet_server, fan_name)
+    await ok(fan, {"t": "follow", "user": a_name})
+    await ok(fan, {"t": "follow", "user": b_name})
+    first_id, second_id = sorted([a_name, b_name])  # the lists go up by user id
+
+    # Paged one at a time, with the cursor each page gives; `user` defaults to the caller.
+    first = await http_list(peernet_server, fan_name, "following", limit=1)
+    assert first == {"items": [first_id], "next": first_id}
+    second = await http_list(peernet_server, fan_name, "following", limit=1, before=first["next"])
+    assert second == {"items": [second_id], "next": None}
+    assert await http_list(peernet_server, fan_name, "following") == {
+        "items": [first_id, second_id], "next": None}
+    # Anyone's lists, read by another user.
+    assert await http_list(peernet_server, b_name, "followers", user=a_name) == {
+        "items": [fan_name], "next": None}
+    assert await http_list(peernet_server, a_name, "following", user=fan_name, limit=100) == {
+        "items": [first_id, second_id], "next": None}
+    assert await http_list(peernet_server, fan_name, "followers") == {"items": [], "next": None}
+
+    await ok(fan, {"t": "unfollow", "user": a_name})
+    assert await http_list(peernet_server, fan_name, "following") == {"items": [b_name],
+                                                                       "next": None}
+    assert await http_list(peernet_server, fan_name, "followers", user=a_name) == {
+        "items": [], "next": None}
+    assert await http_list(peernet_server, fan_name, "followers", user=b_name) == {
+        "items": [fan_name], "next": None}
+
+    async with httpx.AsyncClient(base_url=peernet_server.url) as http:
+        assert (await http.get("/v1/following")).status_code == 401
+        token = await dev_token(peernet_server.url, fan_name)
+        for side in ("following", "followers"):
+            for params in ({"user": "Not A User"}, {"limit": 0}, {"limit": 101},
+                           {"before": "no cursor"}):
+                bad = await http.get(f"/v1/{side}", params=params,
+                                     headers={"Authorization": f"Bearer {token}"})
+                assert bad.status_code == 400, (side, params, bad.text)
+                assert bad.json()["error"]["code"] == "bad_request"
+    await fan.close()
+
+
+async def test_liked_is_the_readers_own_on_the_websocket_and_over_http(
+        peernet_server: Server) -> None:
+    author_name, liker_name, other_name = (unique_user("author"), unique_user("liker"),
+                                           unique_user("other"))
+    author = await connect(peernet_server, author_name)
+    liker = await connect(peernet_server, liker_name)
+    other = await connect(peernet_server, other_name)
+    await ok(liker, {"t": "follow", "user": author_name})
+    await ok(other, {"t": "follow", "user": author_name})
+    post_id = (await author.request({"t": "post", "body": "like me"}))["id"]
+    for reader in (liker, other):
+        await until(lambda r=reader: page(r), lambda p: ids(p) == [post_id])
+
+    async def views() -> dict[str, tuple[int, bool]]:
+        """(likes, liked) of the post as each reader sees it, over both ways of reading."""
+        out = {}
+        for name, client in ((liker_name, liker), (other_name, other), (author_name, author)):
+            (ws_item,) = (await page(client))["items"]
+            reply = await http_page(peernet_server, name)
+            assert reply.status_code == 200
+            (http_item,) = reply.json()["items"]
+            assert http_item == ws_item
+            out[name] = (ws_item["likes"], ws_item["liked"])
+        return out
+
+    assert await views() == {liker_name: (0, False), other_name: (0, False),
+                             author_name: (0, False)}
+    # The like is claimed in Redis before its `ok`: the liker's next page says so at once.
+    await ok(liker, {"t": "like", "post": post_id})
+    assert await views() == {liker_name: (1, True), other_name: (1, False),
+                             author_name: (1, False)}
+    await ok(liker, {"t": "unlike", "post": post_id})
+    assert await views() == {liker_name: (0, False), other_name: (0, False),
+                             author_name: (0, False)}
+    for c in (author, liker, other):
+        await c.close()
 
 
 async def test_pages_walk_back_with_before_and_a_follow_backfills(peernet_server: Server) -> None:
@@ -265,12 +356,15 @@ async def test_bad_social_requests(peernet_server: Server) -> None:
 
 
 async def snapshot(server: Server, users: list[str]) -> dict[str, Any]:
-    """Every page of `users` (posts and like counts) and every projection document."""
+    """Every page of `users` (posts, like counts and `liked`), their graph lists and every
+    projection document."""
     pages = {}
     for user in users:
         reply = await http_page(server, user, limit=100)
         assert reply.status_code == 200
         pages[user] = reply.json()
+        for side in ("following", "followers"):
+            pages[f"{user} {side}"] = await http_list(server, user, side, limit=100)
     store = MongoDocumentStore(server.cfg.services.mongo_url, server.cfg.services.mongo_db)
     await store.start()
     try:
@@ -348,6 +442,7 @@ async def test_replay_rebuilds_feeds_counts_and_projections(peernet_server: Serv
         await store.stop()
     wiped = await snapshot(peernet_server, names)
     assert all(p["items"] == [] for p in wiped["pages"].values())
+    assert before["pages"][f"{names[1]} followers"]["items"] == sorted([names[0], names[2]])
     assert all(docs == [] for docs in wiped["docs"].values())
 
     out = await run_replay(peernet_server)

@@ -1,6 +1,6 @@
 """Hostile input the other unit suites do not cover, in-process: an unsigned (`alg: none`) token
 and an HMAC algorithm other than the pinned HS256 at hello (4401, a bystander unharmed), and
-fuzzed queries of the HTTP routes (history, feed, presence: never a 500)."""
+fuzzed queries of the HTTP routes (history, feed, presence, following, followers: never a 500)."""
 
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ QUERY_VALUES = st.one_of(EDGE_VALUES, EDGE_VALUES, st.text(max_size=30), st.inte
 
 
 @PROFILE
-@given(path=st.sampled_from(["/v1/feed", "/v1/presence"]),
-       params=st.dictionaries(st.sampled_from(["limit", "before", "users"]),
+@given(path=st.sampled_from(["/v1/feed", "/v1/presence", "/v1/following", "/v1/followers"]),
+       params=st.dictionaries(st.sampled_from(["limit", "before", "users", "user"]),
                               st.one_of(QUERY_VALUES, st.lists(st.sampled_from(["alice", "bob", "X", ""]),
                                                                max_size=4).map(",".join)),
                               max_size=3),

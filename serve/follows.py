@@ -1,0 +1,55 @@
+"""`GET /v1/following` and `GET /v1/followers` (protocol 1.1): a user's side of the social
+graph read back over HTTP a page at a time, so that every device sees the same follows."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bus.feeds import GraphSide
+from peernet.errors import ErrorCode, PeerNetError, bad_request
+from peernet.tokens import TokenError, valid_user_id
+from serve.social import bearer_user, feeds_of, http_error, limit_param
+
+if TYPE_CHECKING:
+    from serve.deps import GatewayDeps
+
+
+def _user_param(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    if not valid_user_id(value):
+        raise bad_request(f"'{name}' must be a user id")
+    return value
+
+
+def follow_routes(deps: GatewayDeps) -> list[Route]:
+    """`GET /v1/following` and `GET /v1/followers` `?user=&limit=&before=` with a bearer token:
+    `{"items":[USER,...],"next":CURSOR_OR_NULL}`, ascending by user id; `user` defaults to the
+    caller, and any user may read anyone's (the graph is public: a follow notes the followed)."""
+
+    def route(side: GraphSide) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                caller = bearer_user(request, deps)
+            except TokenError as exc:
+                return http_error(401, ErrorCode.FORBIDDEN, str(exc))
+            try:
+                user = _user_param(request, "user") or caller
+                limit = limit_param(request)
+                # The cursor is the last user id of the previous page. Named `before` as on
+                # every paged route, though this list goes up.
+                after = _user_param(request, "before")
+                page = await feeds_of(deps).graph(user, side, limit, after)
+            except PeerNetError as exc:
+                return http_error(400 if exc.code is ErrorCode.BAD_REQUEST else 503, exc.code,
+                                  exc.message)
+            return JSONResponse({"items": page.items, "next": page.next})
+
+        return Route(f"/v1/{side}", endpoint)
+
+    return [route("following"), route("followers")]
