@@ -70,13 +70,13 @@ class HostedLogic(Protocol):
     """A piece of actor logic as its actor hosts it: SessionShard, FeedShard, PresenceShard,
     Projector.
 
-    `start` is called once, on the actor's first call (the supervisor's `ensure_started` every
-    second, or a presence report), and the logic then runs until the actor dies: nothing calls
-    `stop` in an actor, whose state goes with its process; Ray restarts it and it starts afresh,
-    rebuilding its state from the log and Redis. A `start` that raises is tried again, on new
-    backends, at the next call. `stats` is a dataclass, read at any time, before `start` too;
-    `queue_depth` counts the work received and not yet finished (0 before `start`), for the
-    gateways' /metrics."""
+    `start` is called once per actor process, by the first `ensure_started` (the supervisor
+    calls it every second) or, for a presence shard, the first report; a `start` that raises is
+    tried again, on new backends, at the next such call. The logic then runs until its process
+    dies, and Ray's restart starts it afresh from the log and Redis: an actor never calls `stop`
+    (its other host, the unit tests, does). `stats` is a dataclass, read at
+    any time, before `start` too; `queue_depth` counts the work received and not yet finished (0
+    before `start`), for the gateways' /metrics."""
 
     @property
     def stats(self) -> Any: ...
@@ -126,7 +126,7 @@ async def build_projector(cfg: PeerNetConfig, index: int, count: int) -> Built[P
 
 async def build_feed_shard(cfg: PeerNetConfig, index: int, count: int) -> Built[FeedShard]:
     b = backends(cfg, client_id=f"peernet-{feed_shard_name(index, count)}")
-    await b.log.start()  # the feed store connects on first use
+    await b.log.start()  # the feed store has no start: its Redis client connects on use
     return Built(FeedShard(index, count, cfg, b.log, b.feeds), b)
 
 
