@@ -66,6 +66,8 @@ class GatewayApp(Starlette):
 
 
 def build_app(deps: GatewayDeps) -> Starlette:
+    """The gateway on `deps`: one Replica of its parts, started and stopped with the app, and the
+    routes of serve/routes in the order they match."""
     replica = Replica.build(deps)
     websocket = socket_endpoint(replica)
 

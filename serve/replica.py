@@ -26,6 +26,9 @@ log = logging.getLogger("peernet.app")
 
 @dataclass(frozen=True)
 class Replica:
+    """Built once per app (`Replica.build`); the socket entry, the presence route and the
+    lifespan share it, and the app exposes some of it on `app.state` for tests."""
+
     deps: GatewayDeps
     hub: Hub
     presence: Presence
