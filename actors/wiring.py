@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import ray
 import ray._private.state as ray_state
@@ -26,6 +26,7 @@ from actors.presence import LeaseTiming, PresenceShard
 from actors.projector import Projector
 from actors.session import SessionShard
 from bus.backends import Backends, backends, presence_store
+from bus.eventlog import ConsumerLag
 from bus.redis import RedisPubSub
 from peernet.config import PeerNetConfig, load_config, presence_lease_ms
 from peernet.logs import setup_logging
@@ -65,107 +66,137 @@ _ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_r
                                   "scheduling_strategy": "SPREAD"}
 
 
-@ray.remote(**_ACTOR_OPTIONS)
-class SessionShardActor:
-    def __init__(self, index: int, count: int) -> None:
+class HostedLogic(Protocol):
+    """A piece of actor logic as its actor hosts it: SessionShard, FeedShard, PresenceShard,
+    Projector.
+
+    `start` is called once per actor process, by the first `ensure_started` (the supervisor
+    calls it every second) or, for a presence shard, the first report; a `start` that raises is
+    tried again, on new backends, at the next such call. The logic then runs until its process
+    dies, and Ray's restart starts it afresh from the log and Redis: an actor never calls `stop`
+    (its other host, the unit tests, does). `stats` is a dataclass, read at
+    any time, before `start` too; `queue_depth` counts the work received and not yet finished (0
+    before `start`), for the gateways' /metrics."""
+
+    @property
+    def stats(self) -> Any: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def queue_depth(self) -> int: ...
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """Logic that reads the log in a consumer group (all but the presence shards)."""
+
+    async def lag(self) -> list[ConsumerLag]:
+        """How far its consumers trail their topics (empty before `start`)."""
+        ...
+
+
+L = TypeVar("L", bound=HostedLogic)
+
+
+@dataclass(frozen=True)
+class Built(Generic[L]):
+    logic: L
+    # Backends started for the logic and kept as long as it (it may hold only some of them).
+    backends: Backends | None = None
+
+
+# Builds an actor's logic, not yet started, from the configuration and the actor's shard index
+# and shard count (the projector has neither: 0 of 1).
+LogicBuilder = Callable[[PeerNetConfig, int, int], Awaitable[Built[Any]]]
+
+
+async def build_session_shard(cfg: PeerNetConfig, index: int, count: int) -> Built[SessionShard]:
+    b = backends(cfg, client_id=f"peernet-{session_shard_name(index, count)}")
+    await b.start()
+    return Built(SessionShard(index, count, cfg, b.log, b.inbox, b.pubsub), b)
+
+
+async def build_projector(cfg: PeerNetConfig, index: int, count: int) -> Built[Projector]:
+    b = backends(cfg, client_id="peernet-projector")
+    await b.start()
+    return Built(Projector(cfg, b.log, b.store), b)
+
+
+async def build_feed_shard(cfg: PeerNetConfig, index: int, count: int) -> Built[FeedShard]:
+    b = backends(cfg, client_id=f"peernet-{feed_shard_name(index, count)}")
+    await b.log.start()  # the feed store has no start: its Redis client connects on use
+    return Built(FeedShard(index, count, cfg, b.log, b.feeds), b)
+
+
+async def build_presence_shard(cfg: PeerNetConfig, index: int, count: int) -> Built[PresenceShard]:
+    pubsub = RedisPubSub(cfg.services.redis_url)
+    await pubsub.start()
+    return Built(PresenceShard(index, count, presence_store(cfg), pubsub,
+                               LeaseTiming(presence_lease_ms(cfg))))
+
+
+class LogicActor(Generic[L]):
+    """The body of every PeerNet actor: hosts one piece of logic (HostedLogic), built by its
+    kind's `build` from the PEERNET_* environment (connections do not travel between processes)
+    and started on first use. Each kind is a subclass naming its builder, wrapped by `ray.remote`
+    under its own name (`_remote`), so that a worker's process title says which actor it is
+    (`ray::SessionShardActor`: bench/probe.py and the chaos harness tell them apart by it)."""
+
+    build: LogicBuilder
+
+    def __init__(self, index: int = 0, count: int = 1) -> None:
         _setup_logging()
         self._index = index
         self._count = count
         self._lock = asyncio.Lock()
-        self._backends: Backends | None = None
-        self._shard: SessionShard | None = None
+        self._built: Built[L] | None = None
+
+    async def _started(self) -> L:
+        async with self._lock:
+            if self._built is None:
+                built = await type(self).build(load_config(), self._index, self._count)
+                await built.logic.start()
+                self._built = built
+        return self._built.logic
+
+    @property
+    def _logic(self) -> L | None:
+        return self._built.logic if self._built is not None else None
 
     async def ensure_started(self) -> dict[str, Any]:
-        async with self._lock:
-            if self._shard is None:
-                cfg = load_config()
-                b = backends(cfg, client_id=f"peernet-{session_shard_name(self._index, self._count)}")
-                await b.start()
-                shard = SessionShard(self._index, self._count, cfg, b.log, b.inbox, b.pubsub)
-                await shard.start()
-                self._backends, self._shard = b, shard
-        return asdict(self._shard.stats)
-
-    async def stats(self) -> dict[str, Any]:
-        return asdict(self._shard.stats) if self._shard else {"started": False}
-
-    async def lag(self) -> list[dict[str, Any]]:
-        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
-        return [asdict(lag) for lag in await self._shard.lag()] if self._shard else []
-
-    async def queue_depth(self) -> int:
-        """Records fetched and not yet handled (SessionShard.queue_depth), for /metrics."""
-        return self._shard.queue_depth() if self._shard else 0
-
-    async def ping(self) -> str:
-        return "pong"
-
-    async def node(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
-
-
-@ray.remote(**_ACTOR_OPTIONS)
-class ProjectorActor:
-    def __init__(self) -> None:
-        _setup_logging()
-        self._lock = asyncio.Lock()
-        self._projector: Projector | None = None
-
-    async def ensure_started(self) -> dict[str, Any]:
-        async with self._lock:
-            if self._projector is None:
-                cfg = load_config()
-                b = backends(cfg, client_id="peernet-projector")
-                await b.start()
-                projector = Projector(cfg, b.log, b.store)
-                await projector.start()
-                self._projector = projector
-        return asdict(self._projector.stats)
-
-    async def stats(self) -> dict[str, Any]:
-        return asdict(self._projector.stats) if self._projector else {"started": False}
-
-    async def lag(self) -> list[dict[str, Any]]:
-        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
-        return [asdict(lag) for lag in await self._projector.lag()] if self._projector else []
-
-    async def queue_depth(self) -> int:
-        """Records fetched and not yet handled (Projector.queue_depth), for /metrics."""
-        return self._projector.queue_depth() if self._projector else 0
-
-    async def ping(self) -> str:
-        return "pong"
-
-    async def node(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
-
-
-@ray.remote(**_ACTOR_OPTIONS)
-class PresenceShardActor:
-    """Hosts one PresenceShard. Reports start the shard themselves: a report that Ray retries
-    into a restarted actor must not wait for the supervisor."""
-
-    def __init__(self, index: int, count: int) -> None:
-        _setup_logging()
-        self._index = index
-        self._count = count
-        self._lock = asyncio.Lock()
-        self._shard: PresenceShard | None = None
-
-    async def _started(self) -> PresenceShard:
-        async with self._lock:
-            if self._shard is None:
-                cfg = load_config()
-                pubsub = RedisPubSub(cfg.services.redis_url)
-                await pubsub.start()
-                shard = PresenceShard(self._index, self._count, presence_store(cfg), pubsub,
-                                      LeaseTiming(presence_lease_ms(cfg)))
-                await shard.start()
-                self._shard = shard
-        return self._shard
-
-    async def ensure_started(self) -> dict[str, Any]:
+        """Start the logic if it is not running yet; its stats."""
         return asdict((await self._started()).stats)
+
+    async def stats(self) -> dict[str, Any]:
+        logic = self._logic
+        return asdict(logic.stats) if logic is not None else {"started": False}
+
+    async def lag(self) -> list[dict[str, Any]]:
+        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics;
+        empty for logic that is no consumer."""
+        logic = self._logic
+        if not isinstance(logic, Consumer):
+            return []
+        return [asdict(lag) for lag in await logic.lag()]
+
+    async def queue_depth(self) -> int:
+        """Work received and not yet handled (the logic's queue_depth), for /metrics."""
+        logic = self._logic
+        return logic.queue_depth() if logic is not None else 0
+
+    async def ping(self) -> str:
+        return "pong"
+
+    async def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+class PresenceShardHost(LogicActor[PresenceShard]):
+    """A PresenceShard's actor, which takes the gateways' reports. Reports start the shard
+    themselves: a report that Ray retries into a restarted actor must not wait for the
+    supervisor."""
 
     async def update(self, replica: str, seq: int, online: list[str], offline: list[str]) -> None:
         await (await self._started()).update(replica, seq, online, offline)
@@ -173,18 +204,19 @@ class PresenceShardActor:
     async def sync(self, replica: str, seq: int, users: list[str]) -> None:
         await (await self._started()).sync(replica, seq, users)
 
-    async def stats(self) -> dict[str, Any]:
-        return asdict(self._shard.stats) if self._shard else {"started": False}
 
-    async def queue_depth(self) -> int:
-        """Reports received and not yet finished (PresenceShard.queue_depth), for /metrics."""
-        return self._shard.queue_depth() if self._shard else 0
+def _remote(name: str, build: LogicBuilder, host: type[LogicActor[Any]] = LogicActor) -> Any:
+    """The Ray actor class `name`: `host` with `build` as its builder."""
+    cls = type(name, (host,), {"build": staticmethod(build), "__module__": __name__,
+                               "__qualname__": name})
+    return ray.remote(**_ACTOR_OPTIONS)(cls)
 
-    async def ping(self) -> str:
-        return "pong"
 
-    async def node(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
+SessionShardActor = _remote("SessionShardActor", build_session_shard)
+ProjectorActor = _remote("ProjectorActor", build_projector)
+PresenceShardActor = _remote("PresenceShardActor", build_presence_shard, PresenceShardHost)
+# A member of the feeds consumer group.
+FeedShardActor = _remote("FeedShardActor", build_feed_shard)
 
 
 class PresenceShardClient:
@@ -217,46 +249,6 @@ class PresenceShardClient:
 
     async def sync(self, shard: int, replica: str, seq: int, users: list[str]) -> None:
         await self._call(shard, "sync", replica, seq, users)
-
-
-@ray.remote(**_ACTOR_OPTIONS)
-class FeedShardActor:
-    """Hosts one FeedShard, a member of the feeds consumer group."""
-
-    def __init__(self, index: int, count: int) -> None:
-        _setup_logging()
-        self._index = index
-        self._count = count
-        self._lock = asyncio.Lock()
-        self._shard: FeedShard | None = None
-
-    async def ensure_started(self) -> dict[str, Any]:
-        async with self._lock:
-            if self._shard is None:
-                cfg = load_config()
-                b = backends(cfg, client_id=f"peernet-{feed_shard_name(self._index, self._count)}")
-                await b.log.start()
-                shard = FeedShard(self._index, self._count, cfg, b.log, b.feeds)
-                await shard.start()
-                self._shard = shard
-        return asdict(self._shard.stats)
-
-    async def stats(self) -> dict[str, Any]:
-        return asdict(self._shard.stats) if self._shard else {"started": False}
-
-    async def lag(self) -> list[dict[str, Any]]:
-        """Its consumers' lag (bus.eventlog.ConsumerLag as dicts), for the gateways' /metrics."""
-        return [asdict(lag) for lag in await self._shard.lag()] if self._shard else []
-
-    async def queue_depth(self) -> int:
-        """Records fetched and not yet handled (FeedShard.queue_depth), for /metrics."""
-        return self._shard.queue_depth() if self._shard else 0
-
-    async def ping(self) -> str:
-        return "pong"
-
-    async def node(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
 
 
 def actor_names(cfg: PeerNetConfig) -> list[str]:

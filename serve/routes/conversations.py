@@ -1,0 +1,60 @@
+"""`GET /v1/conversations/{conv}/messages`: a page of a conversation's history, newest first,
+for its participants."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from peernet.errors import ErrorCode, PeerNetError
+from peernet.tokens import TokenError
+from serve.deps import GatewayDeps
+from serve.routes import error_reply
+from serve.routes.tokens import bearer_user
+from serve.validate import conv_participants
+
+
+def conversation_routes(deps: GatewayDeps) -> list[Route]:
+    """`?limit=` (1 to 100, 50) `&before=` (the `next` of the page before): {"items", "next"},
+    `next` null on the last page."""
+
+    async def conversation_messages(request: Request) -> Response:
+        try:
+            user = bearer_user(request, deps.cfg.gateway)
+        except TokenError as exc:
+            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        conv = request.path_params["conv"]
+        parts = conv_participants(conv)
+        if parts is None:
+            return error_reply(404, ErrorCode.NOT_FOUND, "no such conversation")
+        if user not in parts:
+            return error_reply(403, ErrorCode.FORBIDDEN, "only participants may read a conversation")
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+            before_raw = request.query_params.get("before")
+            before = int(before_raw) if before_raw else None
+        except ValueError:
+            return error_reply(400, ErrorCode.BAD_REQUEST, "limit and before must be integers")
+        if not 1 <= limit <= 100:
+            return error_reply(400, ErrorCode.BAD_REQUEST, "limit must be from 1 to 100")
+        if before is not None and not 0 <= before < 2**63:
+            # A cursor is a log position (a Kafka offset); a larger int would reach MongoDB,
+            # whose BSON encoder raises OverflowError, a 500, for anything past 8 bytes.
+            return error_reply(400, ErrorCode.BAD_REQUEST,
+                               "before is not a cursor of this conversation")
+        query: dict[str, Any] = {"conv": conv}
+        if before is not None:
+            query["pos"] = {"$lt": before}
+        try:
+            docs = await deps.store.find("messages", query, sort=[("pos", -1)], limit=limit)
+        except PeerNetError as exc:
+            return error_reply(503, exc.code, exc.message)
+        items = [{"id": d["_id"], "conv": d["conv"], "from": d["from"], "to": d["to"],
+                  "body": d["body"], "ts": d["ts"]} for d in docs]
+        nxt = str(docs[-1]["pos"]) if len(docs) == limit else None
+        return JSONResponse({"items": items, "next": nxt})
+
+    return [Route("/v1/conversations/{conv}/messages", conversation_messages)]
