@@ -22,9 +22,12 @@ from actors.presence import LeaseTiming
 from actors.projector import Projector
 from actors.session import SessionShard, user_channel
 from bus.eventlog import Record
+from bus.eventlog_memory import MemoryEventLog
 from bus.feeds_memory import MemoryFeedStore
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryDocumentStore, MemoryEventLog, MemoryPresenceStore, MemoryPubSub
+from bus.presence_memory import MemoryPresenceStore
+from bus.pubsub_memory import MemoryPubSub
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.config import PeerNetConfig
 from peernet.envelope import Event

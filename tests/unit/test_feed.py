@@ -16,10 +16,11 @@ from actors.feed import Batch, FeedShard, feeds_group, parse, plan
 from actors.projector import Projector
 from actors.replay import replay
 from bus.eventlog import Record
+from bus.eventlog_memory import MemoryEventLog
 from bus.feeds import Cursor, GraphChange, Lookup, Post
 from bus.feeds_memory import MemoryFeedStore
-from bus.memory import MemoryDocumentStore, MemoryEventLog
 from bus.store import Document
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.codec import unpack
 from peernet.config import PeerNetConfig, load_config
@@ -471,8 +472,8 @@ async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
 async def test_a_feed_shard_reads_the_event_log_only_never_the_messages() -> None:
     """DMs have a log of their own, so the FeedShards never fetch one."""
     from actors.feed import FeedShard
+    from bus.eventlog_memory import MemoryEventLog
     from bus.feeds_memory import MemoryFeedStore
-    from bus.memory import MemoryEventLog
     from bus.topics import peernet_topics
 
     cfg = load_config()

@@ -10,8 +10,9 @@ import pytest
 
 from actors.projector import Projector, WrittenUsers
 from bus.eventlog import Record
-from bus.memory import MemoryDocumentStore, MemoryEventLog
+from bus.eventlog_memory import MemoryEventLog
 from bus.store import Document
+from bus.store_memory import MemoryDocumentStore
 from peernet.config import PeerNetConfig, load_config
 from peernet.envelope import Event
 from peernet.errors import PeerNetError, unavailable
