@@ -187,3 +187,6 @@ class MemoryFeedStore:
              + len(self.posts) + len(self.likes) + (1 if self.celebrities else 0))
         self.__init__(cap=self.cap, pubsub=self.pubsub)  # type: ignore[misc]
         return n
+
+    async def close(self) -> None:
+        return None  # no connection to release
