@@ -5,14 +5,13 @@ PeerNetError(unavailable). `client()` returns another client of the same server.
 from __future__ import annotations
 
 import datetime
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import bson
 
-from bus.store import Document, DuplicateKeyError
+from bus.store import MESSAGES, Document, DuplicateKeyError, page_limit
 from peernet.errors import unavailable
 
 # MongoDB's sort order of BSON types (null stands for a missing field too).
@@ -48,96 +47,22 @@ def _canon(v: Any) -> Any:
     return (r, v)
 
 
-_MISSING = object()
+def _field(doc: Document, name: str) -> Any:
+    """The canonical value of a top-level field; a missing one counts as null, as in MongoDB's
+    indexes and sorts."""
+    return _canon(doc.get(name))
 
 
-def _values_at(doc: Any, path: list[str]) -> list[Any]:
-    """The values a dotted path reaches, MongoDB-style: arrays along the way are traversed."""
-    if not path:
-        return [doc]
-    if isinstance(doc, dict):
-        if path[0] not in doc:
-            return [_MISSING]
-        return _values_at(doc[path[0]], path[1:])
-    if isinstance(doc, list):
-        if path[0].isdigit():
-            i = int(path[0])
-            return _values_at(doc[i], path[1:]) if i < len(doc) else [_MISSING]
-        out: list[Any] = []
-        for item in doc:
-            if isinstance(item, (dict, list)):
-                out.extend(v for v in _values_at(item, path) if v is not _MISSING)
-        return out or [_MISSING]
-    return [_MISSING]
+def _below(value: Any, bound: Any) -> bool:
+    """MongoDB's `$lt`: only values of the bound's type bracket compare (a missing `pos` or a
+    string is below no number)."""
+    return _rank(value) == _rank(bound) and _canon(value) < _canon(bound)
 
 
-def _candidates(v: Any) -> list[Any]:
-    # A field holding an array matches a condition on the array or on any element.
-    return [v, *v] if isinstance(v, list) else [v]
-
-
-def _eq(v: Any, target: Any) -> bool:
-    if v is _MISSING:
-        return target is None
-    return any(_canon(c) == _canon(target) for c in _candidates(v))
-
-
-def _cmp(v: Any, target: Any, op: Callable[[Any, Any], bool]) -> bool:
-    if v is _MISSING:
-        return False
-    t = _canon(target)
-    return any(_rank(c) == _rank(target) and op(_canon(c), t) for c in _candidates(v))
-
-
-_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "$eq": _eq,
-    "$ne": lambda v, t: not _eq(v, t),
-    "$gt": lambda v, t: _cmp(v, t, lambda a, b: a > b),
-    "$gte": lambda v, t: _cmp(v, t, lambda a, b: a >= b),
-    "$lt": lambda v, t: _cmp(v, t, lambda a, b: a < b),
-    "$lte": lambda v, t: _cmp(v, t, lambda a, b: a <= b),
-    "$in": lambda v, t: any(_eq(v, x) for x in t),
-    "$nin": lambda v, t: not any(_eq(v, x) for x in t),
-    "$exists": lambda v, t: (v is not _MISSING) == bool(t),
-}
-
-
-def _field_matches(values: list[Any], cond: Any) -> bool:
-    if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
-        for op, target in cond.items():
-            fn = _OPERATORS.get(op)
-            if fn is None:
-                raise NotImplementedError(f"memory store: query operator {op} not supported")
-            if op in ("$ne", "$nin"):  # true only if no reached value matches
-                if not all(fn(v, target) for v in values):
-                    return False
-            elif not any(fn(v, target) for v in values):
-                return False
-        return True
-    return any(_eq(v, cond) for v in values)
-
-
-def _matches(doc: Document, query: Mapping[str, Any]) -> bool:
-    for key, cond in query.items():
-        if key == "$and":
-            if not all(_matches(doc, q) for q in cond):
-                return False
-        elif key == "$or":
-            if not any(_matches(doc, q) for q in cond):
-                return False
-        elif key == "$nor":
-            if any(_matches(doc, q) for q in cond):
-                return False
-        elif key.startswith("$"):
-            raise NotImplementedError(f"memory store: query operator {key} not supported")
-        elif not _field_matches(_values_at(doc, key.split(".")), cond):
-            return False
-    return True
-
-
-def _sort_key(doc: Document, path: str) -> Any:
-    v = _values_at(doc, path.split("."))[0]
-    return _canon(None if v is _MISSING else v)
+def _as_sent(**values: Any) -> dict[str, Any]:
+    """`values` as the server receives them: through BSON, which refuses what it cannot carry
+    (OverflowError past 8-byte integers, TypeError) as the driver would."""
+    return dict(bson.decode(bson.encode(values)))
 
 
 @dataclass
@@ -156,9 +81,9 @@ class _StoreServer:
 class MemoryDocumentStore:
     """DocumentStore in memory. Documents are stored as BSON and decoded on every read, so
     callers get copies with exactly the types MongoDB gives back; `_id` and unique indexes are
-    enforced (a missing field counts as null; arrays are compared whole, not per element).
-    Queries support equality, $eq/$ne/$gt/$gte/$lt/$lte/$in/$nin/$exists, $and/$or/$nor and
-    dotted paths; anything else raises NotImplementedError rather than answer wrongly."""
+    enforced (a missing field counts as null; arrays are compared whole, not per element; index
+    keys are top-level fields, a dotted one raises NotImplementedError rather than answer
+    wrongly). `_id`s compare as MongoDB's do (1 and 1.0 are the same)."""
 
     def __init__(self, _server: _StoreServer | None = None) -> None:
         self._server = _server or _StoreServer()
@@ -197,12 +122,12 @@ class MemoryDocumentStore:
         for keys, unique in coll.indexes.items():
             if not unique:
                 continue
-            mine = tuple(_sort_key(doc, k) for k, _ in keys)
+            mine = tuple(_field(doc, k) for k, _ in keys)
             for other_id, raw in coll.docs.items():
                 if other_id == own_id:
                     continue
                 other = self._decode(raw)
-                if tuple(_sort_key(other, k) for k, _ in keys) == mine:
+                if tuple(_field(other, k) for k, _ in keys) == mine:
                     raise DuplicateKeyError(
                         f"{name}: E11000 duplicate key on {[k for k, _ in keys]}: {mine}")
 
@@ -212,6 +137,8 @@ class MemoryDocumentStore:
         pattern = tuple((str(k), int(d)) for k, d in keys)
         if not pattern:
             raise ValueError("an index needs keys")
+        if any("." in k for k, _ in pattern):
+            raise NotImplementedError("memory store: dotted index keys are not supported")
         existing = coll.indexes.get(pattern)
         if existing is not None:
             if existing != unique:
@@ -221,7 +148,7 @@ class MemoryDocumentStore:
             seen: set[Any] = set()
             for raw in coll.docs.values():
                 doc = self._decode(raw)
-                k = tuple(_sort_key(doc, f) for f, _ in pattern)
+                k = tuple(_field(doc, f) for f, _ in pattern)
                 if k in seen:
                     raise DuplicateKeyError(f"{collection}: unique index {list(pattern)} over "
                                             f"duplicates: {k}")
@@ -273,20 +200,40 @@ class MemoryDocumentStore:
         if refused:
             raise DuplicateKeyError("; ".join(refused))
 
-    async def find(self, collection: str, query: Mapping[str, Any], *,
-                   sort: Sequence[tuple[str, int]] = (), limit: int = 0) -> list[Document]:
+    async def delete(self, collection: str, ids: Sequence[Any]) -> int:
+        if not ids:
+            return 0
         coll = self._coll(collection)
-        found = [d for d in map(self._decode, coll.docs.values()) if _matches(d, query)]
-        for path, direction in reversed(list(sort)):  # stable sorts, last key first
-            found.sort(key=functools.partial(_sort_key, path=path), reverse=direction < 0)
-        return found[:limit] if limit > 0 else found
-
-    async def delete_many(self, collection: str, query: Mapping[str, Any]) -> int:
-        coll = self._coll(collection)
-        doomed = [k for k, raw in coll.docs.items() if _matches(self._decode(raw), query)]
-        for k in doomed:
-            del coll.docs[k]
+        doomed = {_canon(i) for i in _as_sent(ids=list(ids))["ids"]} & coll.docs.keys()
+        for key in doomed:
+            del coll.docs[key]
         return len(doomed)
+
+    async def clear(self, collection: str) -> int:
+        coll = self._coll(collection)
+        count = len(coll.docs)
+        coll.docs.clear()
+        return count
+
+    async def documents(self, collection: str, ids: Sequence[Any] | None = None
+                        ) -> list[Document]:
+        coll = self._coll(collection)
+        if ids is None:
+            keys = list(coll.docs)
+        else:
+            keys = list({_canon(i) for i in _as_sent(ids=list(ids))["ids"]} & coll.docs.keys())
+        return [self._decode(coll.docs[k]) for k in sorted(keys)]
+
+    async def history_page(self, conversation: str, *, before: int | None = None,
+                           limit: int) -> list[Document]:
+        page_limit(limit)
+        sent = _as_sent(conv=conversation, before=before)
+        conv, bound = _canon(sent["conv"]), sent["before"]
+        page = [doc for doc in map(self._decode, self._coll(MESSAGES).docs.values())
+                if _field(doc, "conv") == conv
+                and (bound is None or _below(doc.get("pos"), bound))]
+        page.sort(key=lambda doc: _field(doc, "pos"), reverse=True)
+        return page[:limit]
 
     async def ping(self) -> None:
         if self._server.down:

@@ -223,11 +223,8 @@ def build_app(deps: GatewayDeps) -> Starlette:
             # A cursor is a log position (a Kafka offset); a larger int would reach MongoDB,
             # whose BSON encoder raises OverflowError, a 500, for anything past 8 bytes.
             return _error(400, ErrorCode.BAD_REQUEST, "before is not a cursor of this conversation")
-        query: dict[str, Any] = {"conv": conv}
-        if before is not None:
-            query["pos"] = {"$lt": before}
         try:
-            docs = await deps.store.find("messages", query, sort=[("pos", -1)], limit=limit)
+            docs = await deps.store.history_page(conv, before=before, limit=limit)
         except PeerNetError as exc:
             return _error(503, exc.code, exc.message)
         items = [{"id": d["_id"], "conv": d["conv"], "from": d["from"], "to": d["to"],

@@ -230,12 +230,12 @@ async def test_a_projector_whose_poll_and_write_raise_counts_both_and_writes_the
         event = await post(cfg, log, "alice", "hello")
         await eventually(lambda: projector.stats.written > 0)
         assert projector.stats.errors == 2 and projector.stats.last_error.startswith("write")
-        docs = await store.find("posts", {"_id": event.id})
+        docs = await store.documents("posts", [event.id])
         assert [d["body"] for d in docs] == ["hello"]
         written = projector.stats.written
         second = await post(cfg, log, "alice", "again")
         await eventually(lambda: projector.stats.written > written)
-        assert [d["body"] for d in await store.find("posts", {"_id": second.id})] == ["again"]
+        assert [d["body"] for d in await store.documents("posts", [second.id])] == ["again"]
     finally:
         await projector.stop()
 

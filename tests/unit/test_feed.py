@@ -317,7 +317,7 @@ async def script(w: World) -> None:
 
 
 async def projections(store: MemoryDocumentStore) -> dict[str, list[dict[str, Any]]]:
-    return {c: await store.find(c, {}, sort=[("_id", 1)])
+    return {c: await store.documents(c)
             for c in ("users", "follows", "posts", "likes", "notes", "messages")}
 
 
@@ -395,7 +395,7 @@ async def test_the_projector_writes_events_that_arrive_within_its_linger_as_one_
             await asyncio.sleep(0.03)
         await eventually(lambda: projector.stats.records == 6)
         await eventually(lambda: projector.stats.written >= 6)
-        assert len(await docs.find("posts", {})) == 6
+        assert len(await docs.documents("posts")) == 6
         if linger_ms:
             assert projector.stats.batches <= 2, projector.stats
         else:
@@ -464,7 +464,7 @@ async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
         assert projector.queue_depth() == 3
         docs.gate.set()
         await eventually(lambda: projector.queue_depth() == 0)
-        assert len(await docs.find("posts", {})) == 3
+        assert len(await docs.documents("posts")) == 3
     finally:
         await projector.stop()
 
