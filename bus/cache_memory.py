@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from bus.lifecycle import Lifecycle
 from bus.memory_wire import as_bytes
 from peernet.errors import unavailable
 
@@ -20,7 +21,7 @@ class _CacheServer:
         self.down = False
 
 
-class MemoryCache:
+class MemoryCache(Lifecycle):
     """Cache in memory, with expiry by `clock` (time.monotonic unless given, so tests can
     advance time)."""
 
@@ -33,19 +34,6 @@ class MemoryCache:
 
     def set_down(self, down: bool) -> None:
         self._server.down = down
-
-    async def __aenter__(self) -> MemoryCache:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     def _live(self, key: str) -> bytes | None:
         s = self._server

@@ -16,7 +16,8 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from bus.eventlog import Appended, Headers, Record, TopicSpec
+from bus.eventlog import Appended, EventLog, Headers, Record, TopicSpec
+from bus.lifecycle import Lifecycle
 from bus.memory_wire import as_bytes
 from peernet.errors import bad_request, unavailable
 from peernet.routing import stable_hash
@@ -54,7 +55,7 @@ class _LogServer:
             raise unavailable("memory event log is down")
 
 
-class MemoryEventLog:
+class MemoryEventLog(EventLog, Lifecycle):
     """EventLog in memory. Keyed records go to partition stable_hash(key) % partitions (not
     Kafka's murmur2: callers must not depend on the partition number, only on its stability)."""
 
@@ -70,13 +71,6 @@ class MemoryEventLog:
         """Make every call (of every client) raise PeerNetError(unavailable), or stop that."""
         self._server.down = down
         self._server.notify()
-
-    async def __aenter__(self) -> MemoryEventLog:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         self._server.check_up()
@@ -96,11 +90,6 @@ class MemoryEventLog:
             if spec.partitions < 1:
                 raise ValueError(f"topic {spec.name}: partitions must be positive")
             self._server.topics.setdefault(spec.name, [[] for _ in range(spec.partitions)])
-
-    async def append(self, topic: str, value: bytes, *, key: bytes | None = None,
-                     headers: Headers = ()) -> Appended:
-        (appended,) = await self.append_many(topic, [(key, value, headers)])
-        return appended
 
     async def append_many(self, topic: str,
                           items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:
@@ -143,7 +132,7 @@ class MemoryEventLog:
         return [r for part in self._server.topics.get(topic, []) for r in part]
 
 
-class MemoryLogConsumer:
+class MemoryLogConsumer(Lifecycle):
     """LogConsumer in memory. Group members share the partitions round-robin by join order and
     take over a partition from its last commit, as Kafka's group protocol does."""
 
@@ -173,13 +162,6 @@ class MemoryLogConsumer:
         if parts is None:
             raise unavailable(f"memory event log: unknown topic {self._topic}")
         return parts
-
-    async def __aenter__(self) -> MemoryLogConsumer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         self._server.check_up()

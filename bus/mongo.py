@@ -12,6 +12,7 @@ import pymongo.errors
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorCollection, AsyncIOMotorDatabase
 from pymongo import ReplaceOne, WriteConcern
 
+from bus.lifecycle import Lifecycle
 from bus.store import MESSAGES, Document, DuplicateKeyError, page_limit
 from peernet.errors import PeerNetError, unavailable
 
@@ -49,7 +50,7 @@ def _is_duplicate(exc: pymongo.errors.PyMongoError) -> bool:
     return False
 
 
-class MongoDocumentStore:
+class MongoDocumentStore(Lifecycle):
     """DocumentStore on MongoDB (any wire-compatible server).
 
     Writes use WriteConcern(j=True). A server that cannot be selected within
@@ -70,13 +71,6 @@ class MongoDocumentStore:
     @property
     def db_name(self) -> str:
         return self._db_name
-
-    async def __aenter__(self) -> MongoDocumentStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._client is not None:

@@ -12,8 +12,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from bus.lifecycle import Lifecycle, cancelled
 from bus.memory_wire import as_bytes
-from bus.pubsub import Handler
+from bus.pubsub import Handler, LocalSubscription, deliver, reconnected
 from peernet.errors import unavailable
 
 log = logging.getLogger(__name__)
@@ -25,20 +26,7 @@ class _PubSubServer:
         self.down = False
 
 
-class _MemorySubscription:
-    def __init__(self, owner: MemoryPubSub, channel: str, handler: Handler) -> None:
-        self._owner = owner
-        self.channel = channel
-        self.handler = handler
-        self._active = True
-
-    async def unsubscribe(self) -> None:
-        if self._active:
-            self._active = False
-            self._owner._remove(self)
-
-
-class MemoryPubSub:
+class MemoryPubSub(Lifecycle):
     """PubSub in memory: each instance is one process with one connection to a shared server.
 
     `publish` returns the number of instances subscribed to the channel; each gets a copy of the
@@ -51,7 +39,7 @@ class MemoryPubSub:
                  ) -> None:
         self._server = _server or _PubSubServer()
         self._capacity = queue_capacity
-        self._handlers: dict[str, list[_MemorySubscription]] = {}
+        self._handlers: dict[str, list[LocalSubscription]] = {}
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue_capacity)
         self._reader: asyncio.Task[None] | None = None
         self._reconnect_callbacks: list[Callable[[], None]] = []
@@ -72,13 +60,6 @@ class MemoryPubSub:
             for inst in {i for subs in self._server.channels.values() for i in subs}:
                 inst.drop_connection()
 
-    async def __aenter__(self) -> MemoryPubSub:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         if self._server.down:
             raise unavailable("memory pub/sub is down")
@@ -90,12 +71,7 @@ class MemoryPubSub:
             self._server.channels.get(channel, set()).discard(self)
         self._handlers.clear()
         reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                pass
+        await cancelled(reader)
 
     async def publish(self, channel: str, payload: bytes) -> int:
         if self._reader is None:
@@ -119,17 +95,17 @@ class MemoryPubSub:
             self.dropped += 1
             self.drop_connection()
 
-    async def subscribe(self, channel: str, handler: Handler) -> _MemorySubscription:
+    async def subscribe(self, channel: str, handler: Handler) -> LocalSubscription:
         if self._reader is None:
             raise RuntimeError("MemoryPubSub is not started")
         if self._server.down:
             raise unavailable("memory pub/sub is down")
-        sub = _MemorySubscription(self, channel, handler)
+        sub = LocalSubscription(channel, handler, self._remove)
         self._handlers.setdefault(channel, []).append(sub)
         self._server.channels.setdefault(channel, set()).add(self)
         return sub
 
-    def _remove(self, sub: _MemorySubscription) -> None:
+    async def _remove(self, sub: LocalSubscription) -> None:
         handlers = self._handlers.get(sub.channel)
         if handlers is None or sub not in handlers:
             return
@@ -169,19 +145,9 @@ class MemoryPubSub:
             if channel == "" and self._reconnect_scheduled:
                 self._reconnect_scheduled = False
                 self.reconnects += 1
-                for callback in list(self._reconnect_callbacks):
-                    try:
-                        callback()
-                    except Exception:
-                        self.handler_errors += 1
-                        log.exception("pub/sub on_reconnect callback failed")
+                self.handler_errors += reconnected(self._reconnect_callbacks, log)
                 continue
-            for sub in list(self._handlers.get(channel, ())):
-                try:
-                    sub.handler(channel, data)
-                except Exception:
-                    self.handler_errors += 1
-                    log.exception("pub/sub handler for %r failed", channel)
+            self.handler_errors += deliver(self._handlers.get(channel, ()), channel, data, log)
 
 
 __all__ = ["MemoryPubSub"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import bson
 
+from bus.lifecycle import Lifecycle
 from bus.store import MESSAGES, Document, DuplicateKeyError, page_limit
 from peernet.errors import unavailable
 
@@ -78,7 +79,7 @@ class _StoreServer:
         self.down = False
 
 
-class MemoryDocumentStore:
+class MemoryDocumentStore(Lifecycle):
     """DocumentStore in memory. Documents are stored as BSON and decoded on every read, so
     callers get copies with exactly the types MongoDB gives back; `_id` and unique indexes are
     enforced (a missing field counts as null; arrays are compared whole, not per element; index
@@ -93,19 +94,6 @@ class MemoryDocumentStore:
 
     def set_down(self, down: bool) -> None:
         self._server.down = down
-
-    async def __aenter__(self) -> MemoryDocumentStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     def _coll(self, name: str) -> _Collection:
         if self._server.down:
