@@ -222,7 +222,7 @@ class Projector:
             if upserts:
                 await self._store.upsert_many(collection, upserts)
             if deletes:
-                await self._store.delete_many(collection, {"_id": {"$in": deletes}})
+                await self._store.delete(collection, deletes)
             self.stats.written += len(upserts) + len(deletes)
 
     def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:

@@ -73,7 +73,7 @@ async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: D
     if wipe:
         result.keys_wiped = await feeds.clear()
         for collection in PROJECTIONS:
-            result.documents_wiped += await store.delete_many(collection, {})
+            result.documents_wiped += await store.clear(collection)
     shard = FeedShard(0, 1, cfg, log_, feeds, push=False)
     projector = Projector(cfg, log_, store)
     await projector.ensure_indexes()

@@ -4,8 +4,8 @@ Kafka records, Redis replies and MongoDB documents never leave this package: cal
 types defined in the seam modules (`eventlog`, `pubsub`, `cache`, `store`, `inbox`, `presence`).
 
 The seam types are imported here; the implementations (`bus.kafka`, `bus.redis`, `bus.mongo`,
-`bus.memory`) are imported on first use, so that importing `bus` does not load aiokafka, redis,
-motor or bson.
+and the in-memory ones, one module each: `bus.eventlog_memory`, `bus.pubsub_memory`, ...) are
+imported on first use, so that importing `bus` does not load aiokafka, redis, motor or bson.
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ from bus.pubsub import Handler, PubSub, Subscription
 from bus.store import Document, DocumentStore, DuplicateKeyError
 
 if TYPE_CHECKING:
+    from bus.cache_memory import MemoryCache
+    from bus.eventlog_memory import MemoryEventLog, MemoryLogConsumer
     from bus.kafka import KafkaEventLog, KafkaLogConsumer
-    from bus.memory import (
-        MemoryCache,
-        MemoryDocumentStore,
-        MemoryEventLog,
-        MemoryLogConsumer,
-        MemoryPresenceStore,
-        MemoryPubSub,
-    )
     from bus.mongo import MongoDocumentStore
+    from bus.presence_memory import MemoryPresenceStore
     from bus.presence_redis import RedisPresenceStore
+    from bus.pubsub_memory import MemoryPubSub
     from bus.redis import RedisCache, RedisPubSub, redis_client
+    from bus.store_memory import MemoryDocumentStore
 
 _LAZY = {
     "KafkaEventLog": "bus.kafka",
@@ -41,12 +38,12 @@ _LAZY = {
     "redis_client": "bus.redis",
     "MongoDocumentStore": "bus.mongo",
     "RedisPresenceStore": "bus.presence_redis",
-    "MemoryEventLog": "bus.memory",
-    "MemoryLogConsumer": "bus.memory",
-    "MemoryPubSub": "bus.memory",
-    "MemoryCache": "bus.memory",
-    "MemoryDocumentStore": "bus.memory",
-    "MemoryPresenceStore": "bus.memory",
+    "MemoryEventLog": "bus.eventlog_memory",
+    "MemoryLogConsumer": "bus.eventlog_memory",
+    "MemoryPubSub": "bus.pubsub_memory",
+    "MemoryCache": "bus.cache_memory",
+    "MemoryDocumentStore": "bus.store_memory",
+    "MemoryPresenceStore": "bus.presence_memory",
 }
 
 

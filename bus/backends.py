@@ -1,28 +1,36 @@
-"""The real backends of a process, opened from configuration in one place."""
+"""The real backends of a process, opened from configuration in one place, and handed on as
+their seams: what a caller may rely on is the seam's contract, not the implementation."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 
-from bus.feeds_redis import RedisFeedStore, feed_store
+from bus.cache import Cache
+from bus.eventlog import EventLog
+from bus.feeds import Feeds
+from bus.feeds_redis import feed_store
+from bus.inbox import InboxCache
 from bus.inbox_redis import RedisInboxCache, session_slots
 from bus.kafka import KafkaEventLog, KafkaSecurity
 from bus.mongo import MongoDocumentStore
+from bus.presence import PresenceStore
 from bus.presence_redis import RedisPresenceStore
+from bus.pubsub import PubSub
 from bus.redis import RedisCache, RedisPubSub, redis_client
+from bus.store import DocumentStore
 from peernet.config import PeerNetConfig
 
 
 @dataclass
 class Backends:
-    log: KafkaEventLog
-    cache: RedisCache
-    pubsub: RedisPubSub
-    inbox: RedisInboxCache
-    store: MongoDocumentStore
-    feeds: RedisFeedStore
-    presence: RedisPresenceStore
+    log: EventLog
+    cache: Cache
+    pubsub: PubSub
+    inbox: InboxCache
+    store: DocumentStore
+    feeds: Feeds
+    presence: PresenceStore
 
     async def start(self) -> None:
         await self.log.start()
@@ -53,7 +61,7 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int =
     )
 
 
-def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> KafkaEventLog:
+def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> EventLog:
     """The event log on the configured Kafka, with its settings (TLS included)."""
     s = cfg.services
     return KafkaEventLog(s.kafka_bootstrap, client_id=client_id, linger_ms=linger_ms,
@@ -62,6 +70,6 @@ def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int 
                          security=KafkaSecurity.of(s))
 
 
-def presence_store(cfg: PeerNetConfig) -> RedisPresenceStore:
+def presence_store(cfg: PeerNetConfig) -> PresenceStore:
     return RedisPresenceStore(redis_client(cfg.services.redis_url), keyspace=cfg.presence.keyspace,
                               last_seen_ttl_s=cfg.presence.last_seen_ttl_s)

@@ -60,7 +60,10 @@ class EventLog(Protocol):
         """Create the topics that do not exist yet (existing ones are left as they are)."""
 
     async def append(self, topic: str, value: bytes, *, key: bytes | None = None,
-                     headers: Headers = ()) -> Appended: ...
+                     headers: Headers = ()) -> Appended:
+        """Append one record: `append_many` of one, for the implementations that subclass this."""
+        (appended,) = await self.append_many(topic, [(key, value, headers)])
+        return appended
 
     async def append_many(self, topic: str,
                           items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:

@@ -165,3 +165,10 @@ class FeedFanout(Protocol):
 
     async def clear(self) -> int:
         """Delete everything this store holds (its keyspace); the number of keys deleted."""
+
+
+class Feeds(FeedStore, FeedFanout, Protocol):
+    """Both sides of the feeds, as one backend holds them (the gateway reads and claims, the
+    FeedShards and `peernet replay` write), on a connection of its own that `close` releases."""
+
+    async def close(self) -> None: ...

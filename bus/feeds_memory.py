@@ -1,6 +1,6 @@
 """FeedStore and FeedFanout in memory, for unit tests: the same semantics as bus/feeds_redis.py
 (the contract suite runs against both), values copied in and out, pushes delivered to a
-MemoryPubSub when one is given, and `set_down` to exercise the unavailable paths."""
+PubSub when one is given, and `set_down` to exercise the unavailable paths."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bus.feeds import (
     Post,
 )
 from bus.feeds_redis import MAX_SCAN
-from bus.memory import MemoryPubSub
+from bus.pubsub import PubSub
 from peernet.errors import unavailable
 
 
@@ -44,7 +44,7 @@ class _ZSet:
 class MemoryFeedStore:
     """FeedStore and FeedFanout in memory (see bus/feeds.py)."""
 
-    def __init__(self, *, cap: int, pubsub: MemoryPubSub | None = None) -> None:
+    def __init__(self, *, cap: int, pubsub: PubSub | None = None) -> None:
         self.cap = cap
         self.pubsub = pubsub
         self.feeds: dict[str, _ZSet] = {}
@@ -206,3 +206,6 @@ class MemoryFeedStore:
              + len(self.posts) + len(self.likes) + (1 if self.celebrities else 0))
         self.__init__(cap=self.cap, pubsub=self.pubsub)  # type: ignore[misc]
         return n
+
+    async def close(self) -> None:
+        return None  # no connection to release

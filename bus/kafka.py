@@ -25,7 +25,8 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
-from bus.eventlog import Appended, Headers, Record, TopicSpec
+from bus.eventlog import Appended, EventLog, Headers, Record, TopicSpec
+from bus.lifecycle import Lifecycle
 from peernet.config import KAFKA_SECURITY_PROTOCOLS, ServicesConfig
 from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
 
@@ -130,7 +131,7 @@ class FailFast:
             self._open_until = self._clock() + self.cooldown_s
 
 
-class KafkaEventLog:
+class KafkaEventLog(EventLog, Lifecycle):
     """EventLog on Kafka.
 
     One idempotent producer (acks=all, default murmur2 partitioner, so a key maps to the same
@@ -171,13 +172,6 @@ class KafkaEventLog:
     @property
     def bootstrap(self) -> str:
         return self._bootstrap
-
-    async def __aenter__(self) -> KafkaEventLog:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Connect the producer; PeerNetError(unavailable) if the cluster does not answer."""
@@ -270,11 +264,6 @@ class KafkaEventLog:
                        and all(p["leader"] >= 0 for p in t["partitions"]) for t in described):
                     return
                 await asyncio.sleep(0.05)
-
-    async def append(self, topic: str, value: bytes, *, key: bytes | None = None,
-                     headers: Headers = ()) -> Appended:
-        (appended,) = await self.append_many(topic, [(key, value, headers)])
-        return appended
 
     async def append_many(self, topic: str,
                           items: Sequence[tuple[bytes | None, bytes, Headers]]) -> list[Appended]:
@@ -422,7 +411,7 @@ def fetch_wait(*, group: str | None, linger_ms: int) -> dict[str, int]:
             "fetch_min_bytes": 1}
 
 
-class KafkaLogConsumer:
+class KafkaLogConsumer(Lifecycle):
     """LogConsumer on an AIOKafkaConsumer (auto-commit off: offsets advance only by `commit`).
 
     Renewal: after a broker restart aiokafka's group coordinator can stay stuck: every commit
@@ -474,13 +463,6 @@ class KafkaLogConsumer:
         self._held: dict[int, int] = {}
         self._commit_interval_s = commit_interval_ms / 1000
         self._last_commit = -float("inf")
-
-    async def __aenter__(self) -> KafkaLogConsumer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(**self._options)

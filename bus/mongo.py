@@ -1,5 +1,6 @@
 """DocumentStore on MongoDB through motor: journaled writes, idempotent upserts by `_id`, unique
-indexes surfaced as bus.store.DuplicateKeyError."""
+indexes surfaced as bus.store.DuplicateKeyError; the only place PeerNet speaks MongoDB's query
+language."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pymongo.errors
 from motor.motor_asyncio import AsyncIOMotorClient, AsyncIOMotorCollection, AsyncIOMotorDatabase
 from pymongo import ReplaceOne, WriteConcern
 
-from bus.store import Document, DuplicateKeyError
+from bus.lifecycle import Lifecycle
+from bus.store import MESSAGES, Document, DuplicateKeyError, page_limit
 from peernet.errors import PeerNetError, unavailable
 
 _DUPLICATE_KEY = 11000
@@ -48,7 +50,7 @@ def _is_duplicate(exc: pymongo.errors.PyMongoError) -> bool:
     return False
 
 
-class MongoDocumentStore:
+class MongoDocumentStore(Lifecycle):
     """DocumentStore on MongoDB (any wire-compatible server).
 
     Writes use WriteConcern(j=True). A server that cannot be selected within
@@ -69,13 +71,6 @@ class MongoDocumentStore:
     @property
     def db_name(self) -> str:
         return self._db_name
-
-    async def __aenter__(self) -> MongoDocumentStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._client is not None:
@@ -176,16 +171,36 @@ class MongoDocumentStore:
         except _WIRE_ERRORS as exc:
             raise _unavailable(f"insert into {collection}", exc) from exc
 
-    async def find(self, collection: str, query: Mapping[str, Any], *,
-                   sort: Sequence[tuple[str, int]] = (), limit: int = 0) -> list[Document]:
+    async def delete(self, collection: str, ids: Sequence[Any]) -> int:
+        if not ids:
+            return 0
+        return await self._delete_many(collection, {"_id": {"$in": list(ids)}})
+
+    async def clear(self, collection: str) -> int:
+        return await self._delete_many(collection, {})
+
+    async def documents(self, collection: str, ids: Sequence[Any] | None = None
+                        ) -> list[Document]:
+        query = {} if ids is None else {"_id": {"$in": list(ids)}}
+        return await self._find(collection, query, sort=[("_id", 1)])
+
+    async def history_page(self, conversation: str, *, before: int | None = None,
+                           limit: int) -> list[Document]:
+        # Served by the projector's index on (conv, pos descending).
+        query: dict[str, Any] = {"conv": conversation}
+        if before is not None:
+            query["pos"] = {"$lt": before}
+        return await self._find(MESSAGES, query, sort=[("pos", -1)], limit=page_limit(limit))
+
+    async def _find(self, collection: str, query: Mapping[str, Any], *,
+                    sort: Sequence[tuple[str, int]], limit: int = 0) -> list[Document]:
         try:
-            cursor = self._coll(collection).find(dict(query), sort=list(sort) or None,
-                                                 limit=limit)
+            cursor = self._coll(collection).find(dict(query), sort=list(sort), limit=limit)
             return list(await cursor.to_list(length=None))
         except _WIRE_ERRORS as exc:
             raise _unavailable(f"find in {collection}", exc) from exc
 
-    async def delete_many(self, collection: str, query: Mapping[str, Any]) -> int:
+    async def _delete_many(self, collection: str, query: Mapping[str, Any]) -> int:
         try:
             result = await self._coll(collection).delete_many(dict(query))
         except _WIRE_ERRORS as exc:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 Handler = Callable[[str, bytes], None]
@@ -44,3 +45,46 @@ class PubSub(Protocol):
         """Call `callback` (in the reader task) after every reconnect, once every channel is
         subscribed again: what was published during the gap is lost, what is published from
         then on is delivered."""
+
+
+class LocalSubscription:
+    """One local handler of a channel, as a PubSub implementation keeps it: the first
+    `unsubscribe` hands it to the implementation's `remove`, later ones do nothing."""
+
+    def __init__(self, channel: str, handler: Handler,
+                 remove: Callable[[LocalSubscription], Awaitable[None]]) -> None:
+        self.channel = channel
+        self.handler = handler
+        self._remove = remove
+        self._active = True
+
+    async def unsubscribe(self) -> None:
+        if self._active:
+            self._active = False
+            await self._remove(self)
+
+
+def deliver(subs: Iterable[LocalSubscription], channel: str, payload: bytes,
+            log: logging.Logger) -> int:
+    """Call each handler with a message (in the reader task): a handler's exception is logged,
+    never let out into the reader; returns how many raised, for the `handler_errors` count."""
+    failed = 0
+    for sub in list(subs):
+        try:
+            sub.handler(channel, payload)
+        except Exception:
+            failed += 1
+            log.exception("pub/sub handler for %r failed", channel)
+    return failed
+
+
+def reconnected(callbacks: Iterable[Callable[[], None]], log: logging.Logger) -> int:
+    """Call the `on_reconnect` callbacks as `deliver` calls handlers; how many raised."""
+    failed = 0
+    for callback in list(callbacks):
+        try:
+            callback()
+        except Exception:
+            failed += 1
+            log.exception("pub/sub on_reconnect callback failed")
+    return failed

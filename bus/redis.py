@@ -29,7 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bus.pubsub import Handler
+from bus.lifecycle import Lifecycle, cancelled
+from bus.pubsub import Handler, LocalSubscription, deliver, reconnected
 from peernet.errors import PeerNetError, unavailable
 
 log = logging.getLogger(__name__)
@@ -314,20 +315,7 @@ _READ_CHUNK = 256 * 1024
 _PUBLISH_CHUNK = 500
 
 
-class _RedisSubscription:
-    def __init__(self, owner: RedisPubSub, channel: str, handler: Handler) -> None:
-        self._owner = owner
-        self.channel = channel
-        self.handler = handler
-        self._active = True
-
-    async def unsubscribe(self) -> None:
-        if self._active:
-            self._active = False
-            await self._owner._remove(self)
-
-
-class RedisPubSub:
+class RedisPubSub(Lifecycle):
     """PubSub on Redis.
 
     One dedicated connection per instance (use one instance per process) carries every
@@ -356,7 +344,7 @@ class RedisPubSub:
         self._publish_script: Any = None
         self._conn: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._handlers: dict[str, list[_RedisSubscription]] = {}
+        self._handlers: dict[str, list[LocalSubscription]] = {}
         # channel -> future done when Redis has confirmed the current subscription
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._unsub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
@@ -370,13 +358,6 @@ class RedisPubSub:
         # Why the last connection attempt failed (a refused certificate, say): start's error says.
         self._last_error: BaseException | None = None
         self.handler_errors = 0
-
-    async def __aenter__(self) -> RedisPubSub:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Start the reader; PeerNetError(unavailable) if Redis does not answer in time."""
@@ -393,12 +374,7 @@ class RedisPubSub:
 
     async def stop(self) -> None:
         reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                pass
+        await cancelled(reader)
         await self._drop_connection()
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
@@ -437,13 +413,13 @@ class RedisPubSub:
         except _WIRE_ERRORS as exc:
             raise _unavailable("publish", exc) from exc
 
-    async def subscribe(self, channel: str, handler: Handler) -> _RedisSubscription:
+    async def subscribe(self, channel: str, handler: Handler) -> LocalSubscription:
         """Add a local handler; returns once Redis has confirmed the channel's subscription (so a
         message published after this returns is delivered), or raises PeerNetError(unavailable)
         and adds nothing."""
         if self._reader is None:
             raise RuntimeError("RedisPubSub is not started")
-        sub = _RedisSubscription(self, channel, handler)
+        sub = LocalSubscription(channel, handler, self._remove)
         handlers = self._handlers.setdefault(channel, [])
         handlers.append(sub)
         if len(handlers) == 1:
@@ -464,7 +440,7 @@ class RedisPubSub:
         """The channels this process is subscribed to upstream."""
         return sorted(self._handlers)
 
-    async def _remove(self, sub: _RedisSubscription) -> None:
+    async def _remove(self, sub: LocalSubscription) -> None:
         handlers = self._handlers.get(sub.channel)
         if handlers is None or sub not in handlers:
             return
@@ -595,12 +571,7 @@ class RedisPubSub:
         if kind == b"message":
             channel = bytes(reply[1]).decode("utf-8")
             payload = bytes(reply[2])
-            for sub in list(self._handlers.get(channel, ())):
-                try:
-                    sub.handler(channel, payload)
-                except Exception:
-                    self.handler_errors += 1
-                    log.exception("pub/sub handler for %r failed", channel)
+            self.handler_errors += deliver(self._handlers.get(channel, ()), channel, payload, log)
         elif kind == b"subscribe":
             channel = bytes(reply[1]).decode("utf-8")
             fut = self._confirmed.get(channel)
@@ -627,12 +598,7 @@ class RedisPubSub:
         self._reconnect_pending = False
         self.reconnects += 1
         log.info("redis pub/sub reconnected; %d channels re-subscribed", len(self._handlers))
-        for callback in list(self._reconnect_callbacks):
-            try:
-                callback()
-            except Exception:
-                self.handler_errors += 1
-                log.exception("pub/sub on_reconnect callback failed")
+        self.handler_errors += reconnected(self._reconnect_callbacks, log)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

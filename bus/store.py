@@ -1,11 +1,18 @@
-"""DocumentStore: the store of record (MongoDB through motor)."""
+"""DocumentStore: the store of record (MongoDB through motor), spoken in PeerNet's terms: the
+projector's writes by `_id`, documents by `_id`, a conversation's history page. No query
+language crosses it: each implementation answers these calls its own way."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 Document = dict[str, Any]
+
+# The collection of direct messages that `history_page` reads: the projector (actors/projector.py)
+# writes one document per DM there, {_id, conv, from, to, body, ts, pos}, `pos` being the DM's
+# offset in its partition of the messages log.
+MESSAGES = "messages"
 
 
 class DuplicateKeyError(Exception):
@@ -13,15 +20,23 @@ class DuplicateKeyError(Exception):
 
 
 class DocumentStore(Protocol):
-    """The store of record, written asynchronously by log consumers.
+    """The store of record, written asynchronously by log consumers, read for history.
 
+    Writes:
     - `upsert_many` is idempotent: documents are keyed by `_id` (an event id, or a natural key),
       so applying the same log record twice leaves one document.
     - `insert_new` is idempotent for documents that never change once written: a document whose
       `_id` exists is left as it is, without error, and the new ones are written.
+    - `delete` is idempotent too: an `_id` that is not there is no error.
     - `insert` enforces unique indexes: it raises DuplicateKeyError.
     - Writes return once the server has journaled them (j=True).
-    - Failures to reach the server raise PeerNetError(unavailable).
+    Reads:
+    - A read sees every write that returned before it began.
+    - Documents come back as copies, with the types MongoDB gives back (datetimes naive UTC,
+      to the millisecond).
+    - Values BSON cannot carry (an integer past 8 bytes) are refused as BSON refuses them
+      (OverflowError, TypeError), before anything is read or written.
+    Failures to reach the server raise PeerNetError(unavailable).
     """
 
     async def start(self) -> None: ...
@@ -45,9 +60,29 @@ class DocumentStore(Protocol):
         document that a unique index other than `_id`'s refuses raises DuplicateKeyError once the
         others are written. Every document needs an `_id` (ValueError)."""
 
-    async def find(self, collection: str, query: Mapping[str, Any], *,
-                   sort: Sequence[tuple[str, int]] = (), limit: int = 0) -> list[Document]: ...
+    async def delete(self, collection: str, ids: Sequence[Any]) -> int:
+        """Delete the documents with these `_id`s; how many there were."""
 
-    async def delete_many(self, collection: str, query: Mapping[str, Any]) -> int: ...
+    async def clear(self, collection: str) -> int:
+        """Delete every document of `collection` (its indexes stay); how many there were."""
+
+    async def documents(self, collection: str, ids: Sequence[Any] | None = None
+                        ) -> list[Document]:
+        """The documents with these `_id`s (those not there are left out), or with `None` the
+        whole collection (for checks and tests: unbounded), in ascending `_id` order."""
+
+    async def history_page(self, conversation: str, *, before: int | None = None,
+                           limit: int) -> list[Document]:
+        """One page of `conversation`'s direct messages (MESSAGES), newest first: the `limit`
+        (1 or more, else ValueError) with the highest `pos` below `before`, or the newest with
+        `before` None. A page of `limit` documents may have more after it: the next page is
+        `before` its last `pos`."""
 
     async def ping(self) -> None: ...
+
+
+def page_limit(limit: int) -> int:
+    """`limit` as a page size, refused unless positive: MongoDB would read 0 as no limit."""
+    if limit < 1:
+        raise ValueError(f"a page holds at least one document, not {limit}")
+    return limit

@@ -3,8 +3,6 @@ for its participants."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -45,11 +43,8 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
             # whose BSON encoder raises OverflowError, a 500, for anything past 8 bytes.
             return error_reply(400, ErrorCode.BAD_REQUEST,
                                "before is not a cursor of this conversation")
-        query: dict[str, Any] = {"conv": conv}
-        if before is not None:
-            query["pos"] = {"$lt": before}
         try:
-            docs = await deps.store.find("messages", query, sort=[("pos", -1)], limit=limit)
+            docs = await deps.store.history_page(conv, before=before, limit=limit)
         except PeerNetError as exc:
             return error_reply(503, exc.code, exc.message)
         items = [{"id": d["_id"], "conv": d["conv"], "from": d["from"], "to": d["to"],

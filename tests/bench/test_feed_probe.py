@@ -29,10 +29,14 @@ from bench.feed_probe import (
     run_cli,
     run_load,
 )
+from bus.cache_memory import MemoryCache
+from bus.eventlog_memory import MemoryEventLog
 from bus.feeds import Cursor, FeedPage
 from bus.feeds_memory import MemoryFeedStore
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPresenceStore, MemoryPubSub
+from bus.presence_memory import MemoryPresenceStore
+from bus.pubsub_memory import MemoryPubSub
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.config import load_config
 from peernet.errors import unavailable

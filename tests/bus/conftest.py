@@ -22,13 +22,16 @@ from bus_helpers import (
 from redis_cluster_fixture import CLUSTER, cluster_url
 
 from bus.cache import Cache
+from bus.cache_memory import MemoryCache
 from bus.eventlog import EventLog
+from bus.eventlog_memory import MemoryEventLog
 from bus.kafka import KafkaEventLog
-from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
 from bus.mongo import MongoDocumentStore
 from bus.pubsub import PubSub
+from bus.pubsub_memory import MemoryPubSub
 from bus.redis import RedisCache, RedisPubSub, redis_client, redis_target
 from bus.store import DocumentStore
+from bus.store_memory import MemoryDocumentStore
 from peernet.config import PeerNetConfig, load_config
 from peernet.errors import PeerNetError
 

@@ -15,7 +15,7 @@ from redis_cluster_fixture import CLUSTER, cluster_url
 from bus.feeds import Cursor, FeedWrites, GraphChange, LikeChange, Post
 from bus.feeds_memory import MemoryFeedStore
 from bus.feeds_redis import RedisFeedStore
-from bus.memory import MemoryPubSub
+from bus.pubsub_memory import MemoryPubSub
 from bus.redis import RedisPubSub, redis_client
 from peernet.codec import unpack
 from peernet.config import load_config

@@ -94,7 +94,7 @@ async def test_store_writes_and_reads_over_tls(tls_mongo: TlsMongo) -> None:
         await store.ping()
         await store.insert("posts", {"_id": "p1", "body": "over tls"})
         await store.upsert_many("posts", [{"_id": "p2", "body": "second"}])
-        found = await store.find("posts", {}, sort=[("_id", 1)])
+        found = await store.documents("posts")
         assert [d["body"] for d in found] == ["over tls", "second"]
     finally:
         await store.drop_database()

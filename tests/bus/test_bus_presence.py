@@ -9,8 +9,8 @@ import pytest
 from bus_helpers import Services, closed_port, eventually_equal, service_addresses, unique
 from redis_cluster_fixture import CLUSTER, cluster_url
 
-from bus.memory import MemoryPresenceStore
 from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, Change, PresenceState, PresenceStore
+from bus.presence_memory import MemoryPresenceStore
 from bus.presence_redis import RedisPresenceStore
 from bus.redis import hash_tag, redis_client
 from peernet.config import load_config

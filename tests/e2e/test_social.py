@@ -368,7 +368,7 @@ async def snapshot(server: Server, users: list[str]) -> dict[str, Any]:
     store = MongoDocumentStore(server.cfg.services.mongo_url, server.cfg.services.mongo_db)
     await store.start()
     try:
-        docs = {c: await store.find(c, {}, sort=[("_id", 1)]) for c in PROJECTIONS}
+        docs = {c: await store.documents(c) for c in PROJECTIONS}
     finally:
         await store.stop()
     return {"pages": pages, "docs": docs}
@@ -437,7 +437,7 @@ async def test_replay_rebuilds_feeds_counts_and_projections(peernet_server: Serv
     await store.start()
     try:
         for collection in PROJECTIONS:
-            await store.delete_many(collection, {})
+            await store.clear(collection)
     finally:
         await store.stop()
     wiped = await snapshot(peernet_server, names)

@@ -20,9 +20,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient, WebSocketTestSession
 
+from bus.cache_memory import MemoryCache
+from bus.eventlog_memory import MemoryEventLog
 from bus.inbox import Item
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
+from bus.pubsub_memory import MemoryPubSub
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.codec import pack
 from peernet.config import PeerNetConfig
@@ -63,7 +66,7 @@ def _presence_parts() -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(GatewayDeps)}
     parts: dict[str, Any] = {}
     if "presence" in names:
-        parts["presence"] = importlib.import_module("bus.memory").MemoryPresenceStore()
+        parts["presence"] = importlib.import_module("bus.presence_memory").MemoryPresenceStore()
     if "presence_shards" in names:
         parts["presence_shards"] = _NoPresenceShards()
     return parts

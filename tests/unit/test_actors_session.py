@@ -16,10 +16,12 @@ from unit_helpers import eventually, unit_cfg, users_of_shard
 from actors.consuming import group_name
 from actors.inbox_items import recipients_header
 from actors.session import RECENT_IDS, Session, SessionShard, user_channel
+from bus.cache_memory import MemoryCache
 from bus.eventlog import Record
+from bus.eventlog_memory import MemoryEventLog
 from bus.inbox import Item
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryCache, MemoryEventLog, MemoryPubSub
+from bus.pubsub_memory import MemoryPubSub
 from bus.topics import peernet_topics
 from peernet.codec import unpack
 from peernet.config import PeerNetConfig

@@ -22,9 +22,12 @@ from actors.presence import LeaseTiming
 from actors.projector import Projector
 from actors.session import SessionShard, user_channel
 from bus.eventlog import Record
+from bus.eventlog_memory import MemoryEventLog
 from bus.feeds_memory import MemoryFeedStore
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryDocumentStore, MemoryEventLog, MemoryPresenceStore, MemoryPubSub
+from bus.presence_memory import MemoryPresenceStore
+from bus.pubsub_memory import MemoryPubSub
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.config import PeerNetConfig
 from peernet.envelope import Event
@@ -227,12 +230,12 @@ async def test_a_projector_whose_poll_and_write_raise_counts_both_and_writes_the
         event = await post(cfg, log, "alice", "hello")
         await eventually(lambda: projector.stats.written > 0)
         assert projector.stats.errors == 2 and projector.stats.last_error.startswith("write")
-        docs = await store.find("posts", {"_id": event.id})
+        docs = await store.documents("posts", [event.id])
         assert [d["body"] for d in docs] == ["hello"]
         written = projector.stats.written
         second = await post(cfg, log, "alice", "again")
         await eventually(lambda: projector.stats.written > written)
-        assert [d["body"] for d in await store.find("posts", {"_id": second.id})] == ["again"]
+        assert [d["body"] for d in await store.documents("posts", [second.id])] == ["again"]
     finally:
         await projector.stop()
 

@@ -13,8 +13,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from unit_helpers import eventually
 
+from bus.cache_memory import MemoryCache
 from bus.eventlog import ConsumerLag
-from bus.memory import MemoryCache
 from serve import metrics
 from serve.cluster_metrics import (
     DEPLOYMENT_WIDE,

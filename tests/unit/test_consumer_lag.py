@@ -13,8 +13,8 @@ from unit_helpers import eventually
 from actors.feed import FeedShard, feeds_group
 from bench.probe import parse_lag
 from bus.eventlog import ConsumerLag, TopicSpec, consumer_lag
+from bus.eventlog_memory import MemoryEventLog, _partition_for_key
 from bus.feeds_memory import MemoryFeedStore
-from bus.memory import MemoryEventLog, _partition_for_key
 from bus.topics import peernet_topics
 from peernet.config import load_config
 from serve import app as app_module

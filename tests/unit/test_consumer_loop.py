@@ -10,7 +10,7 @@ from unit_helpers import eventually
 
 from actors.consuming import ConsumerLoop
 from bus.eventlog import Record, TopicSpec
-from bus.memory import MemoryEventLog
+from bus.eventlog_memory import MemoryEventLog
 
 
 async def _log(*topics: str) -> MemoryEventLog:

@@ -16,10 +16,11 @@ from actors.feed import Batch, FeedShard, feeds_group, parse, plan
 from actors.projector import Projector
 from actors.replay import replay
 from bus.eventlog import Record
+from bus.eventlog_memory import MemoryEventLog
 from bus.feeds import Cursor, GraphChange, Lookup, Post
 from bus.feeds_memory import MemoryFeedStore
-from bus.memory import MemoryDocumentStore, MemoryEventLog
 from bus.store import Document
+from bus.store_memory import MemoryDocumentStore
 from bus.topics import peernet_topics
 from peernet.codec import unpack
 from peernet.config import PeerNetConfig, load_config
@@ -310,7 +311,7 @@ async def script(w: World) -> None:
 
 
 async def projections(store: MemoryDocumentStore) -> dict[str, list[dict[str, Any]]]:
-    return {c: await store.find(c, {}, sort=[("_id", 1)])
+    return {c: await store.documents(c)
             for c in ("users", "follows", "posts", "likes", "notes", "messages")}
 
 
@@ -388,7 +389,7 @@ async def test_the_projector_writes_events_that_arrive_within_its_linger_as_one_
             await asyncio.sleep(0.03)
         await eventually(lambda: projector.stats.records == 6)
         await eventually(lambda: projector.stats.written >= 6)
-        assert len(await docs.find("posts", {})) == 6
+        assert len(await docs.documents("posts")) == 6
         if linger_ms:
             assert projector.stats.batches <= 2, projector.stats
         else:
@@ -457,7 +458,7 @@ async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
         assert projector.queue_depth() == 3
         docs.gate.set()
         await eventually(lambda: projector.queue_depth() == 0)
-        assert len(await docs.find("posts", {})) == 3
+        assert len(await docs.documents("posts")) == 3
     finally:
         await projector.stop()
 
@@ -465,8 +466,8 @@ async def test_the_projectors_queue_depth_counts_what_it_gathers_until_written(
 async def test_a_feed_shard_reads_the_event_log_only_never_the_messages() -> None:
     """DMs have a log of their own, so the FeedShards never fetch one."""
     from actors.feed import FeedShard
+    from bus.eventlog_memory import MemoryEventLog
     from bus.feeds_memory import MemoryFeedStore
-    from bus.memory import MemoryEventLog
     from bus.topics import peernet_topics
 
     cfg = load_config()

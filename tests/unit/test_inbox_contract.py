@@ -377,7 +377,7 @@ async def test_an_append_publishes_its_pushes_once_stored_and_none_when_it_store
     pubsub: PubSub
     cache: InboxCache
     if kind == MEMORY:
-        from bus.memory import MemoryPubSub
+        from bus.pubsub_memory import MemoryPubSub
 
         memory_pubsub = MemoryPubSub()
         pubsub = memory_pubsub

@@ -16,8 +16,11 @@ import websockets
 from gateway_harness import _presence_parts
 from unit_helpers import unique_user, unit_cfg
 
+from bus.cache_memory import MemoryCache
+from bus.eventlog_memory import MemoryEventLog
 from bus.inbox_memory import MemoryInboxCache
-from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
+from bus.pubsub_memory import MemoryPubSub
+from bus.store_memory import MemoryDocumentStore
 from peernet.errors import CloseCode
 from peernet.tokens import issue_token
 from serve.app import build_app

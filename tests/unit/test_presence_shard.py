@@ -1,5 +1,6 @@
 """Presence logic without Ray or Redis: PresenceShards, the replicas' reporting and leases, and the
-watchers, on the in-memory PresenceStore and PubSub (bus/memory.py)."""
+watchers, on the in-memory PresenceStore and PubSub (bus/presence_memory.py,
+bus/pubsub_memory.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from unit_helpers import eventually, users_of_shard
 
 from actors.presence import LeaseTiming, PresenceShard, presence_channel
-from bus.memory import MemoryPresenceStore, MemoryPubSub
 from bus.presence import NEVER_SEEN, OFFLINE, ONLINE, Change, PresenceState
+from bus.presence_memory import MemoryPresenceStore
+from bus.pubsub_memory import MemoryPubSub
 from peernet.codec import unpack
 from peernet.errors import ErrorCode, PeerNetError
 from serve.hub import Outgoing

@@ -10,8 +10,9 @@ import pytest
 
 from actors.projector import Projector, WrittenUsers
 from bus.eventlog import Record
-from bus.memory import MemoryDocumentStore, MemoryEventLog
+from bus.eventlog_memory import MemoryEventLog
 from bus.store import Document
+from bus.store_memory import MemoryDocumentStore
 from peernet.config import PeerNetConfig, load_config
 from peernet.envelope import Event
 from peernet.errors import PeerNetError, unavailable
@@ -81,10 +82,10 @@ async def test_users_are_written_once_per_projector_not_per_event(cfg: PeerNetCo
         ("insert_new", "users"), ("insert_new", "messages"), ("insert_new", "notes"),
         ("upsert_many", "follows")}
     # A new projector (a restart) writes them again, which leaves the store as it was.
-    before = await store.find("users", {}, sort=[("_id", 1)])
+    before = await store.documents("users")
     await projector(cfg, store).apply([log.dm("a", "b")])
     assert sorted(store.written("users")) == ["a", "a", "b", "b", "c"]
-    assert await store.find("users", {}, sort=[("_id", 1)]) == before
+    assert await store.documents("users") == before
 
 
 async def test_users_of_a_failed_write_are_written_when_the_batch_is_retried(
@@ -96,7 +97,7 @@ async def test_users_of_a_failed_write_are_written_when_the_batch_is_retried(
     with pytest.raises(PeerNetError):
         await p.apply(batch)
     await p.apply(batch)  # the projector's retry of the whole batch
-    assert [d["_id"] for d in await store.find("users", {}, sort=[("_id", 1)])] == ["a", "b"]
+    assert [d["_id"] for d in await store.documents("users")] == ["a", "b"]
     await p.apply([log.dm("b", "a")])
     assert sorted(store.written("users")) == ["a", "b"]
 
@@ -109,7 +110,7 @@ async def test_remembered_users_are_bounded_and_a_forgotten_one_is_written_again
     await p.apply([log.dm("c", "d")])  # a and b forgotten
     await p.apply([log.dm("c", "a")])  # c still known
     assert store.written("users") == ["a", "b", "c", "d", "a"]
-    assert len(await store.find("users", {})) == 4
+    assert len(await store.documents("users")) == 4
 
 
 def test_written_users_keep_the_most_recently_seen() -> None:
@@ -133,9 +134,9 @@ async def test_follow_and_unfollow_in_one_batch_end_as_the_last_one_says(
                    log.follow("a", "b", on=False),
                    log.follow("c", "d", on=False), log.follow("c", "d"),
                    log.follow("e", "f"), log.follow("e", "f", on=False)])
-    assert [d["_id"] for d in await store.find("follows", {})] == ["c:d"]
+    assert [d["_id"] for d in await store.documents("follows")] == ["c:d"]
     # every follow noted the followed, unfollowed since or not
-    assert len(await store.find("notes", {})) == 5
+    assert len(await store.documents("notes")) == 5
 
 
 async def test_a_record_the_log_holds_twice_keeps_its_first_position(
@@ -151,7 +152,7 @@ async def test_a_record_the_log_holds_twice_keeps_its_first_position(
         p = projector(cfg, store)
         for batch in batches:
             await p.apply(batch)
-        (doc,) = await store.find("messages", {})
+        (doc,) = await store.documents("messages")
         assert doc["pos"] == 5
         await projector(cfg, store).apply([first, again])  # a replay from offset 0
-        assert await store.find("messages", {}) == [doc]
+        assert await store.documents("messages") == [doc]

@@ -533,7 +533,10 @@ async def test_a_close_before_the_welcome_is_sent_before_the_app_returns(
     from gateway_harness import _presence_parts
     from unit_helpers import unit_cfg
 
-    from bus.memory import MemoryCache, MemoryDocumentStore, MemoryEventLog, MemoryPubSub
+    from bus.cache_memory import MemoryCache
+    from bus.eventlog_memory import MemoryEventLog
+    from bus.pubsub_memory import MemoryPubSub
+    from bus.store_memory import MemoryDocumentStore
     from serve.deps import GatewayDeps
 
     cfg = unit_cfg(FAST_TIMING)

@@ -68,7 +68,8 @@ async def test_a_failed_batch_fails_every_caller_and_a_cancelled_one_is_skipped(
 
 
 async def test_a_turns_dms_with_cids_claim_and_mark_in_one_call_each() -> None:
-    from bus.memory import MemoryCache, MemoryEventLog
+    from bus.cache_memory import MemoryCache
+    from bus.eventlog_memory import MemoryEventLog
     from bus.topics import peernet_topics
     from peernet.config import load_config
     from serve.messaging import Messenger
