@@ -558,8 +558,13 @@ class RedisPubSub(Lifecycle):
                 reply = replies.gets()
                 while reply is not False:
                     if isinstance(reply, hiredis.ReplyError):
-                        raise RedisConnectionError(f"pub/sub connection: Redis said {reply}")
-                    self._dispatch(reply)
+                        # Redis takes SUBSCRIBE while it loads its data (AOF or RDB) but answers
+                        # the watchdog's PING with LOADING: an answer all the same, so the
+                        # connection lives. Any other error answers a SUBSCRIBE: start again.
+                        if not str(reply).startswith("LOADING"):
+                            raise RedisConnectionError(f"pub/sub connection: Redis said {reply}")
+                    else:
+                        self._dispatch(reply)
                     reply = replies.gets()
             except hiredis.ProtocolError as exc:
                 raise RedisConnectionError(f"pub/sub connection: {exc}") from exc

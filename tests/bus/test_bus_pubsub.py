@@ -10,6 +10,7 @@ import textwrap
 import time
 from urllib.parse import urlsplit
 
+import hiredis
 import pytest
 from bus_helpers import PubSubKit, Services, eventually, eventually_equal, unique
 
@@ -283,3 +284,44 @@ async def test_a_silent_connection_is_noticed_by_its_ping_and_replaced(services:
         await ps.stop()
         await publisher.stop()
         await relay.stop()
+
+
+async def test_a_loading_answer_to_the_watchdogs_ping_keeps_the_connection() -> None:
+    """Redis takes SUBSCRIBE while it loads its data but answers PING with LOADING (seen after a
+    restart reading a large AOF): that answer proves the connection alive, so the subscriber
+    keeps it and goes on delivering, where it used to reconnect on every quiet interval."""
+    pings = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pings
+        replies = hiredis.Reader()
+        while data := await reader.read(65536):
+            replies.feed(data)
+            while (command := replies.gets()) is not False:
+                name = bytes(command[0]).upper()
+                if name == b"SUBSCRIBE":
+                    for i, channel in enumerate(command[1:], 1):
+                        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:%d\r\n"
+                                     % (len(channel), channel, i))
+                elif name == b"PING":
+                    pings += 1
+                    writer.write(b"-LOADING Redis is loading the dataset in memory\r\n")
+                    if pings == 2:  # then a message, as Redis sends once it has loaded
+                        writer.write(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n")
+                else:  # the handshake (CLIENT SETNAME, CLIENT SETINFO)
+                    writer.write(b"+OK\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ps = RedisPubSub(f"redis://127.0.0.1:{port}/0", ping_interval_s=0.2)
+    await ps.start()
+    try:
+        inbox = Inbox()
+        await ps.subscribe("ch", inbox)
+        await eventually(lambda: pings >= 4, within_s=5)
+        assert inbox.got == [("ch", b"hello")]
+        assert ps.connection_errors == 0 and ps.reconnects == 0
+    finally:
+        await ps.stop()
+        server.close()
