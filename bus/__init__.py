@@ -27,14 +27,15 @@ if TYPE_CHECKING:
     from bus.presence_memory import MemoryPresenceStore
     from bus.presence_redis import RedisPresenceStore
     from bus.pubsub_memory import MemoryPubSub
-    from bus.redis import RedisCache, RedisPubSub, redis_client
+    from bus.pubsub_redis import RedisPubSub
+    from bus.redis import RedisCache, redis_client
     from bus.store_memory import MemoryDocumentStore
 
 _LAZY = {
     "KafkaEventLog": "bus.kafka",
     "KafkaLogConsumer": "bus.kafka",
     "RedisCache": "bus.redis",
-    "RedisPubSub": "bus.redis",
+    "RedisPubSub": "bus.pubsub_redis",
     "redis_client": "bus.redis",
     "MongoDocumentStore": "bus.mongo",
     "RedisPresenceStore": "bus.presence_redis",
