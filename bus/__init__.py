@@ -22,7 +22,8 @@ from bus.store import Document, DocumentStore, DuplicateKeyError
 if TYPE_CHECKING:
     from bus.cache_memory import MemoryCache
     from bus.eventlog_memory import MemoryEventLog, MemoryLogConsumer
-    from bus.kafka import KafkaEventLog, KafkaLogConsumer
+    from bus.kafka import KafkaEventLog
+    from bus.kafka_consumer import KafkaLogConsumer
     from bus.mongo import MongoDocumentStore
     from bus.presence_memory import MemoryPresenceStore
     from bus.presence_redis import RedisPresenceStore
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "KafkaEventLog": "bus.kafka",
-    "KafkaLogConsumer": "bus.kafka",
+    "KafkaLogConsumer": "bus.kafka_consumer",
     "RedisCache": "bus.redis",
     "RedisPubSub": "bus.pubsub_redis",
     "redis_client": "bus.redis",
