@@ -27,7 +27,7 @@ from actors.projector import Projector
 from actors.session import SessionShard
 from bus.backends import Backends, backends, presence_store
 from bus.eventlog import ConsumerLag
-from bus.redis import RedisPubSub
+from bus.pubsub_redis import RedisPubSub
 from peernet.config import PeerNetConfig, load_config, presence_lease_ms
 from peernet.logs import setup_logging
 

@@ -57,15 +57,7 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = BenchParams()
-    ap = argparse.ArgumentParser(prog="peernet bench", description=__doc__, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", nargs="?", default="dm", choices=SCENARIOS,
-                    help="dm: pairs/small groups chatting; fanout: authors posting to followers; "
-                         "presence: connect/disconnect churn seen by watchers; mixed: all three; "
-                         "connections: many idle connections opened at a rate and held, then "
-                         "optionally DMs and a reconnect storm")
+def _target_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("target")
     g.add_argument("--url", action="append", dest="urls", metavar="URL",
                    help=f"PeerNet HTTP address, repeatable (clients spread over them); default {DEFAULT_URL} "
@@ -86,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count only the service instances listening on these ports (default %(default)s)")
     g.add_argument("--json-frames", action="store_true", help="speak JSON text frames instead of MessagePack")
 
+
+def _load_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("load")
     g.add_argument("--clients", type=int, default=d.clients, help=f"simulated users (default {d.clients})")
     g.add_argument("--rate", type=float, default=None,
@@ -125,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"handshakes in flight at once while connecting (default {d.connect_concurrency})")
     g.add_argument("--run-tag", default="", help="name this run's users b<TAG>_<n> (default: random)")
 
+
+def _connections_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("connections (many idle sockets; see docs/benchmarks.md)")
     g.add_argument("--connect-rate", type=float, default=d.connect_rate,
                    help=f"connections opened per second, open loop (default {d.connect_rate:g})")
@@ -139,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the hold (and the DMs), kill one gateway replica --fault-at s into "
                         "DMs at --rate: every connection on it cut, all back with resume")
 
+
+def _find_max_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("find the maximum rate")
     g.add_argument("--find-max", action="store_true",
                    help="raise the rate by --step-factor until p99 > --bound-ms or anything is lost")
@@ -147,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-rate", type=float, default=d.max_rate, help="stop the ladder here")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
 
+
+def _chaos_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("chaos (dm on PeerNet's local stack; see docs/reliability.md)")
     g.add_argument("--chaos", metavar="FAULTS",
                    help="one phase per fault, injected --fault-at s into it: all, or some of "
@@ -165,11 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default="",
                    help="the target's GCS address (default: from `peernet serve`'s state file)")
 
+
+def _output_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
     g = ap.add_argument_group("output")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="results go to OUT/<timestamp>/ (default bench/results)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchParams()
+    ap = argparse.ArgumentParser(prog="peernet bench", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", nargs="?", default="dm", choices=SCENARIOS,
+                    help="dm: pairs/small groups chatting; fanout: authors posting to followers; "
+                         "presence: connect/disconnect churn seen by watchers; mixed: all three; "
+                         "connections: many idle connections opened at a rate and held, then "
+                         "optionally DMs and a reconnect storm")
+    _target_arguments(ap, d)
+    _load_arguments(ap, d)
+    _connections_arguments(ap, d)
+    _find_max_arguments(ap, d)
+    _chaos_arguments(ap, d)
+    _output_arguments(ap, d)
     return ap
 
 

@@ -16,6 +16,11 @@ seconds are sent and accounted but not timed.
 Every measured read ends exactly once: answered (a `feed_page`), or failed (an error reply, an
 HTTP status other than 200, a timeout, a lost connection). Failures are counted, never dropped
 and never retried; any failed read makes the exit status 1.
+
+One module, longer than the others: it is a program of its own, and its parts (the open-loop
+schedule, the read ledger, the set-up, the three readers, the results files) serve this probe
+alone, are read top to bottom in the order a run uses them, and are tested through its names
+(tests/bench/test_feed_probe.py); bench/go/feedprobe is the same probe in Go.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """The results of a run: one JSON document with every figure, the exact parameters and the
 versions; a Markdown summary that leads with losses; PNG plots (latency by percentile, and
-latency percentiles against rate for --find-max)."""
+latency percentiles against rate for --find-max).
+
+One module, a little over 600 lines: the three are views of the same figures and share their
+formatting helpers, and the summary's sections follow one another in the order they print."""
 
 from __future__ import annotations
 
@@ -291,90 +294,17 @@ _KIND_TITLE = {"dm": "DM delivery", "post": "feed push", "presence": "presence e
 
 def render_markdown(report: dict[str, Any]) -> str:
     p = report["params"]
-    losses = report["losses"]
-    lines: list[str] = []
-    title = f"# bench: `{p['scenario']}` on {', '.join(t['name'] for t in report['targets'])}"
-    lines += [title, ""]
-    by_t = ", ".join(f"{n} {_fmt(v)}" for n, v in losses["by_target"].items())
-    head = "No losses" if losses["lost"] == 0 else "LOSSES"
-    lines += [f"**{head}: {losses['lost']:,} lost of {losses['acknowledged_deliveries']:,} acknowledged "
-              f"deliveries** ({by_t}).", ""]
-    for t in report["targets"]:
-        for ph in t["phases"]:
-            c = ph["accounting"]["total"]
-            if c["duplicated"] or c["reordered"] or c["order_mismatch"] or c["failed"] or ph["inbox_gaps"]:
-                lines.append(f"- {t['name']} at {ph['rate_target']:g}/s: {c['duplicated']} duplicated, "
-                             f"{c['reordered']} reordered, {c['order_mismatch']} out of conversation order, "
-                             f"{c['failed']} failed actions, {ph['inbox_gaps']} inbox seq gaps")
-    if lines[-1] != "":
-        lines.append("")
-    unit = ACTION_UNIT.get(p["scenario"], "action")
-    for t in report["targets"]:
-        for ph in t["phases"]:
-            line = cpu_line(ph, unit)
-            if line:
-                lines.append(f"- {t['name']}: {line}")
-    if lines[-1] != "":
-        lines.append("")
-
+    lines = [f"# bench: `{p['scenario']}` on {', '.join(t['name'] for t in report['targets'])}", ""]
+    lines += _losses_section(report)
+    lines += _cpu_lines(report)
     faults = report.get("faults") or []
     if faults:
         lines += _fault_table(faults)
     comp = report.get("comparison")
     if comp:
-        lines += [f"## {comp['target']} against {comp['baseline']}", ""]
-        mr = comp["max_rate"]
-        if "ratio" in mr:
-            lines.append(f"- Largest rate with p99 <= {comp['bound_ms']:g} ms and nothing lost: "
-                         f"{comp['target']} {_fmt(mr.get(comp['target']))}/s, {comp['baseline']} "
-                         f"{_fmt(mr.get(comp['baseline']))}/s, ratio **{_fmt(mr['ratio'], 2)}**.")
-        else:
-            lines.append(f"- Largest rate: {mr['note']}.")
-        eq = comp.get("equal_load")
-        if eq:
-            a, b = eq[comp["target"]], eq[comp["baseline"]]
-            held = "" if eq["both_held"] else ", not held by both"
-            lines.append(
-                f"- At equal load ({eq['rate']:g}/s{held}): "
-                f"p50 {_fmt(a['p50_ms'], 2)} vs {_fmt(b['p50_ms'], 2)} ms "
-                f"(ratio **{_fmt(eq['p50_ratio'], 2)}**), "
-                f"p99 {_fmt(a['p99_ms'], 2)} vs {_fmt(b['p99_ms'], 2)} ms "
-                f"(ratio **{_fmt(eq['p99_ratio'], 2)}**).")
-            order = "; ".join(f"{n} {s['reordered']} reordered, {s['order_mismatch']} out of "
-                              "conversation order" for n, s in ((comp["target"], a), (comp["baseline"], b)))
-            lines.append(f"- Order at that load: {order} (PeerNet promises every participant one order).")
-        lines += [f"- {comp['durability']}", ""]
-
+        lines += _comparison_section(comp)
     for t in report["targets"]:
-        lines += [f"## {t['name']}", ""]
-        if t["error"]:
-            lines += [f"**Failed:** {t['error']}", ""]
-        lines.append(f"- URLs: {', '.join(t['urls'])}; {t['connections']:,} connections, set up in "
-                     f"{t['setup_s']:.1f} s")
-        mem = t["memory"]
-        if mem:
-            lines.append(f"- Server memory: {_fmt(mem.get('server_rss_before_mib'))} MiB before the clients, "
-                         f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
-                         f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
-                         f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
-            if "server_rss_after_hold_mib" in mem:
-                lines.append(f"- After the hold: {_fmt(mem['server_rss_after_hold_mib'])} MiB; "
-                             "per connection "
-                             f"{_fmt(mem.get('per_connection_kib_after_hold'))} KiB (services included), "
-                             f"{_fmt(mem.get('per_connection_kib_after_hold_without_services'))} KiB "
-                             "(without)")
-        if ((t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos")
-                and p["scenario"] != "connections"):
-            lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
-                         f"{_fmt(t['max_held_rate'])}/s")
-        for n in t["notes"]:
-            lines.append(f"- Note: {n}")
-        lines.append("")
-        if t.get("connections_scenario"):
-            lines += _connections_section(t["connections_scenario"], p)
-        if t["phases"]:
-            lines += _phase_table(t["phases"], p["scenario"])
-            lines += _server_table(t["phases"][-1])
+        lines += _target_section(t, p)
     lines += ["## Parameters", "", "```", " ".join(report["command"]), "```", "",
               "| parameter | value |", "|---|---|"]
     for k, v in p.items():
@@ -384,6 +314,91 @@ def render_markdown(report: dict[str, Any]) -> str:
               ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), "",
               ", ".join(f"{k} {val}" for k, val in report["machine"].items()), ""]
     return "\n".join(lines)
+
+
+def _losses_section(report: dict[str, Any]) -> list[str]:
+    """The summary's lead: what was lost, then every phase's other accounting faults."""
+    losses = report["losses"]
+    by_t = ", ".join(f"{n} {_fmt(v)}" for n, v in losses["by_target"].items())
+    head = "No losses" if losses["lost"] == 0 else "LOSSES"
+    lines = [f"**{head}: {losses['lost']:,} lost of {losses['acknowledged_deliveries']:,} acknowledged "
+             f"deliveries** ({by_t}).", ""]
+    for t in report["targets"]:
+        for ph in t["phases"]:
+            c = ph["accounting"]["total"]
+            if c["duplicated"] or c["reordered"] or c["order_mismatch"] or c["failed"] or ph["inbox_gaps"]:
+                lines.append(f"- {t['name']} at {ph['rate_target']:g}/s: {c['duplicated']} duplicated, "
+                             f"{c['reordered']} reordered, {c['order_mismatch']} out of conversation order, "
+                             f"{c['failed']} failed actions, {ph['inbox_gaps']} inbox seq gaps")
+    if lines[-1] != "":
+        lines.append("")
+    return lines
+
+
+def _cpu_lines(report: dict[str, Any]) -> list[str]:
+    """CPU per message of every phase, per process and in total."""
+    unit = ACTION_UNIT.get(report["params"]["scenario"], "action")
+    lines = [f"- {t['name']}: {line}" for t in report["targets"] for ph in t["phases"]
+             if (line := cpu_line(ph, unit))]
+    return [*lines, ""] if lines else []
+
+
+def _comparison_section(comp: dict[str, Any]) -> list[str]:
+    lines = [f"## {comp['target']} against {comp['baseline']}", ""]
+    mr = comp["max_rate"]
+    if "ratio" in mr:
+        lines.append(f"- Largest rate with p99 <= {comp['bound_ms']:g} ms and nothing lost: "
+                     f"{comp['target']} {_fmt(mr.get(comp['target']))}/s, {comp['baseline']} "
+                     f"{_fmt(mr.get(comp['baseline']))}/s, ratio **{_fmt(mr['ratio'], 2)}**.")
+    else:
+        lines.append(f"- Largest rate: {mr['note']}.")
+    eq = comp.get("equal_load")
+    if eq:
+        a, b = eq[comp["target"]], eq[comp["baseline"]]
+        held = "" if eq["both_held"] else ", not held by both"
+        lines.append(
+            f"- At equal load ({eq['rate']:g}/s{held}): "
+            f"p50 {_fmt(a['p50_ms'], 2)} vs {_fmt(b['p50_ms'], 2)} ms "
+            f"(ratio **{_fmt(eq['p50_ratio'], 2)}**), "
+            f"p99 {_fmt(a['p99_ms'], 2)} vs {_fmt(b['p99_ms'], 2)} ms "
+            f"(ratio **{_fmt(eq['p99_ratio'], 2)}**).")
+        order = "; ".join(f"{n} {s['reordered']} reordered, {s['order_mismatch']} out of "
+                          "conversation order" for n, s in ((comp["target"], a), (comp["baseline"], b)))
+        lines.append(f"- Order at that load: {order} (PeerNet promises every participant one order).")
+    return [*lines, f"- {comp['durability']}", ""]
+
+
+def _target_section(t: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    lines = [f"## {t['name']}", ""]
+    if t["error"]:
+        lines += [f"**Failed:** {t['error']}", ""]
+    lines.append(f"- URLs: {', '.join(t['urls'])}; {t['connections']:,} connections, set up in "
+                 f"{t['setup_s']:.1f} s")
+    mem = t["memory"]
+    if mem:
+        lines.append(f"- Server memory: {_fmt(mem.get('server_rss_before_mib'))} MiB before the clients, "
+                     f"{_fmt(mem.get('server_rss_connected_mib'))} MiB connected; per connection "
+                     f"{_fmt(mem.get('per_connection_kib'))} KiB (services included), "
+                     f"{_fmt(mem.get('per_connection_kib_without_services'))} KiB (without)")
+        if "server_rss_after_hold_mib" in mem:
+            lines.append(f"- After the hold: {_fmt(mem['server_rss_after_hold_mib'])} MiB; "
+                         "per connection "
+                         f"{_fmt(mem.get('per_connection_kib_after_hold'))} KiB (services included), "
+                         f"{_fmt(mem.get('per_connection_kib_after_hold_without_services'))} KiB "
+                         "(without)")
+    if ((t["max_held_rate"] is not None or p["find_max"]) and not p.get("chaos")
+            and p["scenario"] != "connections"):
+        lines.append(f"- Largest rate held (p99 <= {p['bound_ms']:g} ms, nothing lost or failed): "
+                     f"{_fmt(t['max_held_rate'])}/s")
+    for n in t["notes"]:
+        lines.append(f"- Note: {n}")
+    lines.append("")
+    if t.get("connections_scenario"):
+        lines += _connections_section(t["connections_scenario"], p)
+    if t["phases"]:
+        lines += _phase_table(t["phases"], p["scenario"])
+        lines += _server_table(t["phases"][-1])
+    return lines
 
 
 def _ms_row(name: str, s: dict[str, Any]) -> str:

@@ -22,19 +22,21 @@ from bus.store import Document, DocumentStore, DuplicateKeyError
 if TYPE_CHECKING:
     from bus.cache_memory import MemoryCache
     from bus.eventlog_memory import MemoryEventLog, MemoryLogConsumer
-    from bus.kafka import KafkaEventLog, KafkaLogConsumer
+    from bus.kafka import KafkaEventLog
+    from bus.kafka_consumer import KafkaLogConsumer
     from bus.mongo import MongoDocumentStore
     from bus.presence_memory import MemoryPresenceStore
     from bus.presence_redis import RedisPresenceStore
     from bus.pubsub_memory import MemoryPubSub
-    from bus.redis import RedisCache, RedisPubSub, redis_client
+    from bus.pubsub_redis import RedisPubSub
+    from bus.redis import RedisCache, redis_client
     from bus.store_memory import MemoryDocumentStore
 
 _LAZY = {
     "KafkaEventLog": "bus.kafka",
-    "KafkaLogConsumer": "bus.kafka",
+    "KafkaLogConsumer": "bus.kafka_consumer",
     "RedisCache": "bus.redis",
-    "RedisPubSub": "bus.redis",
+    "RedisPubSub": "bus.pubsub_redis",
     "redis_client": "bus.redis",
     "MongoDocumentStore": "bus.mongo",
     "RedisPresenceStore": "bus.presence_redis",

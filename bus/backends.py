@@ -17,7 +17,8 @@ from bus.mongo import MongoDocumentStore
 from bus.presence import PresenceStore
 from bus.presence_redis import RedisPresenceStore
 from bus.pubsub import PubSub
-from bus.redis import RedisCache, RedisPubSub, redis_client
+from bus.pubsub_redis import RedisPubSub
+from bus.redis import RedisCache, redis_client
 from bus.store import DocumentStore
 from peernet.config import PeerNetConfig
 

@@ -125,7 +125,7 @@ class LogConsumer(Protocol):
     @property
     def renewals(self) -> int:
         """How many times this consumer replaced its client because its commits kept failing
-        (a group coordinator that stays lost; bus/kafka.py `RENEW_AFTER_COMMIT_FAILURES`). 0
+        (a group coordinator that stays lost; bus/kafka_consumer.py `RENEW_AFTER_COMMIT_FAILURES`). 0
         for a log that never needs to."""
 
 

@@ -1,2 +1,3 @@
 """The WebSocket and HTTP gateway: a Starlette app built from injected dependencies
-(`serve.app.build_app`), and the one module that serves it on Ray Serve (`serve.deployment`)."""
+(`serve.app.build_app`), and the operator's side that serves it on Ray Serve
+(`serve.deployment`, `serve.gateway`)."""

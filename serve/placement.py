@@ -1,6 +1,7 @@
 """Where the gateway's replicas go in `every_node` placement (PEERNET_GATEWAY_PLACEMENT): one on
 each live Ray node that carries GATEWAY_RESOURCE. Pure functions of Ray's node table
-(`ray.nodes()` rows); serve/deployment.py reads the table and applies what they decide."""
+(`ray.nodes()` rows); serve/deployment.py and serve/node_watch.py read the table and apply
+what they decide."""
 
 from __future__ import annotations
 

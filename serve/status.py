@@ -28,7 +28,8 @@ from peernet.status_report import (
     pick_actors,
     replica_actors,
 )
-from serve.deployment import APP_NAME, already_serving, state_file
+from serve.deployment import already_serving, state_file
+from serve.serve_config import APP_NAME
 
 # Threads that read for `peernet status` are named so; one still running after its deadline
 # is stuck in a call that has no timeout of its own (ray.init, Serve's controller).

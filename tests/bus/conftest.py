@@ -29,7 +29,8 @@ from bus.kafka import KafkaEventLog
 from bus.mongo import MongoDocumentStore
 from bus.pubsub import PubSub
 from bus.pubsub_memory import MemoryPubSub
-from bus.redis import RedisCache, RedisPubSub, redis_client, redis_target
+from bus.pubsub_redis import RedisPubSub
+from bus.redis import RedisCache, redis_client, redis_target
 from bus.store import DocumentStore
 from bus.store_memory import MemoryDocumentStore
 from peernet.config import PeerNetConfig, load_config

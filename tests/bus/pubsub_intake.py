@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 
-from bus.redis import RedisPubSub
+from bus.pubsub_redis import RedisPubSub
 
 _PUBLISHER = """
 import redis, sys

@@ -14,7 +14,8 @@ from stack_faults import require_ours_running
 
 from bus.eventlog import LogConsumer, Record, TopicSpec
 from bus.kafka import KafkaEventLog
-from bus.redis import RedisCache, RedisPubSub
+from bus.pubsub_redis import RedisPubSub
+from bus.redis import RedisCache
 from peernet.config import PeerNetConfig
 from peernet.errors import ErrorCode, PeerNetError
 

@@ -16,7 +16,8 @@ from bus.feeds import Cursor, FeedWrites, GraphChange, LikeChange, Post
 from bus.feeds_memory import MemoryFeedStore
 from bus.feeds_redis import RedisFeedStore
 from bus.pubsub_memory import MemoryPubSub
-from bus.redis import RedisPubSub, redis_client
+from bus.pubsub_redis import RedisPubSub
+from bus.redis import redis_client
 from peernet.codec import unpack
 from peernet.config import load_config
 from peernet.errors import PeerNetError

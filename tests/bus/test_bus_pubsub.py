@@ -14,7 +14,7 @@ import hiredis
 import pytest
 from bus_helpers import PubSubKit, Services, eventually, eventually_equal, unique
 
-from bus.redis import RedisPubSub
+from bus.pubsub_redis import RedisPubSub
 from peernet.config import PROJECT_ROOT
 
 
@@ -158,7 +158,7 @@ async def test_reconnect_resubscribes_and_calls_on_reconnect(pubsub_kit: PubSubK
 
 _PEER = textwrap.dedent("""
     import asyncio, sys
-    from bus.redis import RedisPubSub
+    from bus.pubsub_redis import RedisPubSub
 
     async def main(url, inbound, outbound):
         ps = RedisPubSub(url)

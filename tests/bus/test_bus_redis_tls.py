@@ -23,7 +23,8 @@ from bus_tls import TlsFiles, make_tls_files
 from ports import free_ports
 
 from bus.backends import presence_store
-from bus.redis import RedisCache, RedisPubSub, redis_client
+from bus.pubsub_redis import RedisPubSub
+from bus.redis import RedisCache, redis_client
 from peernet.config import load_config
 from peernet.errors import ErrorCode, PeerNetError
 from stack.process import tail

@@ -39,7 +39,8 @@ from wsclient import (
 from bench.chaos import ACTOR_TITLES, _scan, pick_processes, worker_raylets
 from bench.params import BenchParams
 from peernet.config import GATEWAY_RESOURCE, RAY_HEALTH_CHECKS, PeerNetConfig
-from serve.deployment import free_port_in, state_file
+from serve.deployment import state_file
+from serve.ray_env import free_port_in
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "multinode"
 RAY = str(Path(sys.executable).parent / "ray")

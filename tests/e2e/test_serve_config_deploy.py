@@ -25,7 +25,7 @@ CONFIG = {
     # Refused by the port below, set in the environment: the environment wins.
     "http_options": {"host": "127.0.0.1", "port": 1},
     "applications": [{
-        "name": "peernet", "route_prefix": "/", "import_path": "serve.deployment:Gateway",
+        "name": "peernet", "route_prefix": "/", "import_path": "serve.gateway:Gateway",
         "runtime_env": {"env_vars": {"PEERNET_HEARTBEAT_MS": "20000"}},
         "deployments": [{
             "name": "Gateway",

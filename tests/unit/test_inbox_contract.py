@@ -386,7 +386,8 @@ async def test_an_append_publishes_its_pushes_once_stored_and_none_when_it_store
         assert not MemoryInboxCache(retention_items=1, retention_ms=1).publishes
     else:
         from bus.inbox_redis import RedisInboxCache
-        from bus.redis import RedisPubSub, redis_client
+        from bus.pubsub_redis import RedisPubSub
+        from bus.redis import redis_client
 
         url = cluster_url(request) if kind == "cluster" else load_config().services.redis_url
         pubsub = RedisPubSub(url)

@@ -1,4 +1,4 @@
-"""KafkaLogConsumer's renewal (bus/kafka.py): a group consumer whose commits keep failing is
+"""KafkaLogConsumer's renewal (bus/kafka_consumer.py): a group consumer whose commits keep failing is
 replaced by a new one that reads again from the committed offsets. aiokafka's consumer is
 replaced by a small stand-in here (logic only); the real broker restart that needed this is the
 `kafka` fault of tests/bench/test_chaos.py."""
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from aiokafka.structs import TopicPartition
 
-from bus import kafka
-from bus.kafka import RENEW_AFTER_COMMIT_FAILURES, KafkaLogConsumer
+from bus import kafka_consumer
+from bus.kafka_consumer import RENEW_AFTER_COMMIT_FAILURES, KafkaLogConsumer
 from peernet.errors import ErrorCode, PeerNetError
 
 TOPIC = "events"
@@ -69,7 +69,7 @@ class StandIn:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     StandIn.made.clear()
     COMMITTED.clear()
-    monkeypatch.setattr(kafka, "AIOKafkaConsumer", StandIn)
+    monkeypatch.setattr(kafka_consumer, "AIOKafkaConsumer", StandIn)
     yield
 
 

@@ -18,7 +18,7 @@ REPO_FILE = PROJECT_ROOT / "deploy" / "serve-config.yaml"
 
 BASE: dict[str, Any] = {
     "applications": [{
-        "name": "peernet", "route_prefix": "/", "import_path": "serve.deployment:Gateway",
+        "name": "peernet", "route_prefix": "/", "import_path": "serve.gateway:Gateway",
         "runtime_env": {"env_vars": {"PEERNET_HEARTBEAT_MS": "20000"}},
         "deployments": [{"name": "Gateway", "num_replicas": 3, "graceful_shutdown_timeout_s": 7}],
     }],

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from peernet.config import ConfigError, load_config
-from serve import deployment
-from serve.deployment import GatewayNodeWatch, replicas_per_node_limit, start
+from serve import node_watch
+from serve.deployment import start
+from serve.node_watch import GatewayNodeWatch, replicas_per_node_limit
 from serve.placement import ReplicaTarget, count_conflicts, gateway_nodes, wanted_replicas
 from serve.serve_config import GatewayServeConfig
 
@@ -126,8 +127,8 @@ class FakeCluster:
         self.scaled: list[int] = []
         self.failures = failures
         self.done = asyncio.Event()
-        monkeypatch.setattr(deployment.ray, "nodes", lambda: list(self.nodes))
-        monkeypatch.setattr(deployment, "_scale_gateway", self.scale)
+        monkeypatch.setattr(node_watch.ray, "nodes", lambda: list(self.nodes))
+        monkeypatch.setattr(node_watch, "_scale_gateway", self.scale)
 
     async def scale(self, replicas: int) -> None:
         if self.failures:
@@ -182,7 +183,7 @@ def test_ray_runs_quiet_unless_the_operator_says_otherwise(monkeypatch: pytest.M
     """What PeerNet does not use (usage stats, Ray's metrics export) is off and Serve's loops
     slower in every Ray process `peernet serve` starts; a value already exported wins."""
     from peernet.config import load_config
-    from serve.deployment import QUIET_RAY_ENV, replica_env
+    from serve.ray_env import QUIET_RAY_ENV, replica_env
 
     for k in QUIET_RAY_ENV:
         monkeypatch.delenv(k, raising=False)
