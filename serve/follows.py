@@ -12,7 +12,9 @@ from starlette.routing import Route
 from bus.feeds import GraphSide
 from peernet.errors import ErrorCode, PeerNetError, bad_request
 from peernet.tokens import TokenError, valid_user_id
-from serve.social import bearer_user, feeds_of, http_error, limit_param
+from serve.routes import error_reply, request_error_reply
+from serve.routes.tokens import bearer_user
+from serve.social import feeds_of, limit_param
 
 if TYPE_CHECKING:
     from serve.deps import GatewayDeps
@@ -35,9 +37,9 @@ def follow_routes(deps: GatewayDeps) -> list[Route]:
     def route(side: GraphSide) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
-                caller = bearer_user(request, deps)
+                caller = bearer_user(request, deps.cfg.gateway)
             except TokenError as exc:
-                return http_error(401, ErrorCode.FORBIDDEN, str(exc))
+                return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
             try:
                 user = _user_param(request, "user") or caller
                 limit = limit_param(request)
@@ -46,8 +48,7 @@ def follow_routes(deps: GatewayDeps) -> list[Route]:
                 after = _user_param(request, "before")
                 page = await feeds_of(deps).graph(user, side, limit, after)
             except PeerNetError as exc:
-                return http_error(400 if exc.code is ErrorCode.BAD_REQUEST else 503, exc.code,
-                                  exc.message)
+                return request_error_reply(exc)
             return JSONResponse({"items": page.items, "next": page.next})
 
         return Route(f"/v1/{side}", endpoint)

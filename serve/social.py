@@ -25,9 +25,11 @@ from bus.feeds import Cursor, FeedPage, FeedStore, Post
 from peernet.codec import Frame
 from peernet.envelope import Event
 from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
-from peernet.tokens import TokenError, verify_token
+from peernet.tokens import TokenError
 from serve import metrics
 from serve.messaging import Messenger
+from serve.routes import error_reply, request_error_reply
+from serve.routes.tokens import bearer_user
 from serve.validate import int_field, text_field, user_field
 
 if TYPE_CHECKING:
@@ -175,18 +177,6 @@ async def _undo(claim: Awaitable[object]) -> None:
         log.warning("could not undo a claim after a failed append: %s", exc)
 
 
-def http_error(status: int, code: ErrorCode, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status)
-
-
-def bearer_user(request: Request, deps: GatewayDeps) -> str:
-    """The user of the request's bearer token; TokenError when it has none that is valid."""
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer "):
-        raise TokenError("missing bearer token")
-    return verify_token(header[7:].strip(), deps.cfg.gateway)
-
-
 def limit_param(request: Request) -> int:
     """The `limit` of a paged HTTP route: 1 to MAX_LIMIT, DEFAULT_LIMIT when absent."""
     raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
@@ -201,16 +191,15 @@ def social_routes(deps: GatewayDeps) -> list[Route]:
 
     async def feed(request: Request) -> Response:
         try:
-            user = bearer_user(request, deps)
+            user = bearer_user(request, deps.cfg.gateway)
         except TokenError as exc:
-            return http_error(401, ErrorCode.FORBIDDEN, str(exc))
+            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
         try:
             limit = limit_param(request)
             before = parse_before(request.query_params.get("before"))
             page = await read_page(feeds_of(deps), user, limit, before)
         except PeerNetError as exc:
-            return http_error(400 if exc.code is ErrorCode.BAD_REQUEST else 503, exc.code,
-                              exc.message)
+            return request_error_reply(exc)
         return JSONResponse({"t": "feed_page", **page_body(page)})
 
     return [Route("/v1/feed", feed)]
