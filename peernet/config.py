@@ -140,11 +140,17 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class ShardsConfig:
-    """The fixed pools of shard actors that host the virtual per-user actors."""
+    """The fixed pools of shard actors that host the virtual per-user actors.
 
-    session_shards: int = 2
-    feed_shards: int = 2
-    presence_shards: int = 2
+    One of each kind by default: that suits a node of a few cores. Every session shard fetches
+    every DM and pays its own fetch, inbox produce and Redis call per batch, and every actor is a
+    process that wakes when idle, so a second shard on the same cores doubles that work without
+    adding a core (docs/benchmarks-journal.md, "One shard of each kind"). A cluster sets its
+    counts (deploy/peernet.env: 4 of each)."""
+
+    session_shards: int = 1
+    feed_shards: int = 1
+    presence_shards: int = 1
     inbox_retention_items: int = 10_000
     inbox_retention_ms: int = 7 * 24 * 3600 * 1000
     # Deliveries batched into one shard call and one Kafka produce.

@@ -47,7 +47,9 @@ def cluster_server(local_stack: PeerNetConfig, failover_cluster: LocalRedisClust
     env = {**server_env(local_stack, tmp_path_factory.mktemp("rc-home")),
            # Kafka and MongoDB are the local stack's, Redis is the cluster.
            "PEERNET_PORT": server_port("PEERNET_TEST_REDIS_CLUSTER_PORT"),
-           "PEERNET_REDIS_URL": failover_cluster.url}
+           "PEERNET_REDIS_URL": failover_cluster.url,
+           # Two session shards, whose inboxes the cluster keeps on different masters.
+           "PEERNET_SESSION_SHARDS": "2"}
     log_path = tmp_path_factory.mktemp("rc-server") / "peernet-serve.log"
     with running_server(env, log_path, START_TIMEOUT_S) as server:
         yield server
