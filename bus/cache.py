@@ -28,10 +28,13 @@ class Cache(Protocol):
         (PeerNetError unavailable) may leave some set and others not."""
 
     async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
-                                 ttl_s: float | None = None) -> list[bool]:
+                                 ttl_s: float | None = None,
+                                 first: Sequence[tuple[str, bytes]] = ()) -> list[bool]:
         """`set_if_absent` of every (key, value), in one round trip: for each, in order, True
         when this call set it. Each key is claimed atomically on its own (the batch is not a
-        transaction); a key named twice is set by its first entry only."""
+        transaction); a key named twice is set by its first entry only. `first`: (key, value)
+        pairs `set` unconditionally in the same round trip, before the claims (as `set_many`:
+        a failure may leave some set and others not)."""
 
     async def delete(self, key: str) -> None: ...
 

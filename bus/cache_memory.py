@@ -76,7 +76,10 @@ class MemoryCache(Lifecycle):
             await self.set(key, value, ttl_s=ttl_s)
 
     async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
-                                 ttl_s: float | None = None) -> list[bool]:
+                                 ttl_s: float | None = None,
+                                 first: Sequence[tuple[str, bytes]] = ()) -> list[bool]:
+        for key, value in first:
+            await self.set(key, value, ttl_s=ttl_s)
         return [await self.set_if_absent(key, value, ttl_s=ttl_s) for key, value in items]
 
     async def delete(self, key: str) -> None:

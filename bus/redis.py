@@ -240,15 +240,18 @@ class RedisCache:
             raise _unavailable("set_many", exc) from exc
 
     async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], *,
-                                 ttl_s: float | None = None) -> list[bool]:
-        if not items:
+                                 ttl_s: float | None = None,
+                                 first: Sequence[tuple[str, bytes]] = ()) -> list[bool]:
+        if not items and not first:
             return []
         px = _px(ttl_s)
         try:
             async with self._c().pipeline(transaction=False) as pipe:
+                for key, value in first:
+                    pipe.set(key, value, px=px)
                 for key, value in items:
                     pipe.set(key, value, px=px, nx=True)
-                return [bool(r) for r in await pipe.execute()]
+                return [bool(r) for r in (await pipe.execute())[len(first):]]
         except _WIRE_ERRORS as exc:
             raise _unavailable("set_many_if_absent", exc) from exc
 

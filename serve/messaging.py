@@ -4,6 +4,7 @@ idempotency for 24 hours."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,14 +14,23 @@ from bus.eventlog import EventLog
 from peernet.codec import pack, unpack
 from peernet.config import PeerNetConfig
 from peernet.envelope import Event
-from peernet.errors import unavailable
+from peernet.errors import PeerNetError, unavailable
 from peernet.wire import recipients_header
 from serve import metrics
 from serve.batching import TurnBatch
 from serve.validate import dm_conv
 
+log = logging.getLogger("peernet.messaging")
+
 # How long a second request with the same cid waits for the first to become durable.
 _CID_WAIT_S = 3.0
+# A claim still `pending` after this long belongs to a request whose append is over, one way or
+# the other (the gateway's producer gives up on a record after its delivery timeout, 10 s), but
+# whose mark never reached the cache (its replica died, or the cache failed meanwhile): a retry
+# then appends the same event again, as after `failed`.
+_STALE_PENDING_S = 30.0
+# How long a mark may wait for a claim's round trip to ride on before it goes on its own.
+_MARK_DELAY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,22 +45,61 @@ def _claim(event: Event, state: str) -> bytes:
 
 
 class Messenger:
-    """Sends DMs. The `cid` claims and their state changes of one event-loop turn go to the cache
-    together (TurnBatch): one pipelined round trip for the turn's claims, one for its marks,
-    instead of two round trips per DM."""
+    """Sends DMs. The `cid` claims of one event-loop turn go to the cache together (TurnBatch),
+    and the marks that say how a claimed send ended (done, failed) ride on the next claims' round
+    trip, or go on their own after at most _MARK_DELAY_S: one round trip per turn with cids
+    instead of two per DM. A mark is not awaited: `ok` waits only for the log. A second request
+    with the same cid that comes before its mark waits for it (`_earlier`)."""
 
     def __init__(self, cfg: PeerNetConfig, log: EventLog, cache: Cache) -> None:
         self._cfg = cfg
         self._log = log
         self._cache = cache
-        ttl_s = cfg.gateway.cid_ttl_s
-        self._claims: TurnBatch[tuple[str, bytes], bool] = TurnBatch(
-            "cid_claim", lambda items: cache.set_many_if_absent(items, ttl_s=ttl_s))
-        self._marks: TurnBatch[tuple[str, bytes], None] = TurnBatch("cid_mark", self._mark_many)
+        self._claims: TurnBatch[tuple[str, bytes], bool] = TurnBatch("cid_claim", self._claim_many)
+        self._marks_due: list[tuple[str, bytes]] = []
+        self._mark_timer: asyncio.TimerHandle | None = None
+        self._mark_tasks: set[asyncio.Task[None]] = set()
 
-    async def _mark_many(self, items: list[tuple[str, bytes]]) -> list[None]:
-        await self._cache.set_many(items, ttl_s=self._cfg.gateway.cid_ttl_s)
-        return [None] * len(items)
+    async def _claim_many(self, items: list[tuple[str, bytes]]) -> list[bool]:
+        marks = self._take_marks()
+        try:
+            return await self._cache.set_many_if_absent(items, ttl_s=self._cfg.gateway.cid_ttl_s,
+                                                        first=marks)
+        except BaseException:
+            self._marks_due[:0] = marks  # a failed round trip may have set none: send them again
+            self._schedule_marks()
+            raise
+
+    def _mark(self, key: str, event: Event, state: str) -> None:
+        self._marks_due.append((key, _claim(event, state)))
+        self._schedule_marks()
+
+    def _schedule_marks(self) -> None:
+        if self._mark_timer is None and self._marks_due:
+            self._mark_timer = asyncio.get_running_loop().call_later(_MARK_DELAY_S, self._send_marks)
+
+    def _take_marks(self) -> list[tuple[str, bytes]]:
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+        marks, self._marks_due = self._marks_due, []
+        return marks
+
+    def _send_marks(self) -> None:
+        self._mark_timer = None
+        marks = self._take_marks()
+        if marks:
+            task = asyncio.create_task(self._write_marks(marks), name="cid-marks")
+            self._mark_tasks.add(task)
+            task.add_done_callback(self._mark_tasks.discard)
+
+    async def _write_marks(self, marks: list[tuple[str, bytes]]) -> None:
+        try:
+            await self._cache.set_many(marks, ttl_s=self._cfg.gateway.cid_ttl_s)
+        except PeerNetError as exc:
+            # Lost marks leave their claims pending; a retry treats a stale one as failed.
+            metrics.BACKGROUND_ERRORS.labels("cid_marks").inc()
+            log.warning("cid marks not written (%d): %s", len(marks), exc)
 
     async def append(self, event: Event, *, key: str, recipients: list[str],
                      topic: str | None = None) -> None:
@@ -85,9 +134,9 @@ class Messenger:
         try:
             await self.append(event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages)
         except BaseException:
-            await self._marks.submit((key, _claim(event, "failed")))
+            self._mark(key, event, "failed")
             raise
-        await self._marks.submit((key, _claim(event, "done")))
+        self._mark(key, event, "done")
         return Sent(event.id, conv, event.ts)
 
     async def _earlier(self, key: str) -> Sent | dict[str, Any]:
@@ -101,7 +150,7 @@ class Messenger:
             state = unpack(raw)
             if state["state"] == "done":
                 return Sent(state["id"], state["conv"], state["ts"])
-            if state["state"] == "failed":
+            if state["state"] == "failed" or time.time() * 1000 - state["ts"] > _STALE_PENDING_S * 1000:
                 return state
             if asyncio.get_running_loop().time() > deadline:
                 raise unavailable("an earlier request with this cid is still in flight; retry")

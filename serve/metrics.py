@@ -43,8 +43,8 @@ PRESENCE_ERRORS = Counter("peernet_presence_errors_total",
                           "Presence reports and lease renewals that failed, and lapsed leases",
                           ["kind"], registry=REGISTRY)
 # Failures inside this process's background tasks (a connection's writer, the ack buffer, the
-# presence lease, pub/sub unsubscribes, re-reading watched users, publishing the metrics), by
-# loop: each is logged and the loop goes on (a writer closes its connection). The shard actors
+# cid marks, the presence lease, pub/sub unsubscribes, re-reading watched users, publishing the
+# metrics), by loop: each is logged and the loop goes on (a writer closes its connection). The shard actors
 # count theirs in their own stats.
 BACKGROUND_ERRORS = Counter("peernet_background_errors_total",
                             "Errors caught in the gateway's background loops and tasks, by loop",

@@ -81,6 +81,13 @@ async def test_batched_claims_and_sets_behave_as_one_call_each(cache_kit: CacheK
     await eventually_equal(lambda: b.get(f"{p}:new1"), None, EXPIRED_WITHIN_S)
     await eventually_equal(lambda: b.get(f"{p}:taken"), None, EXPIRED_WITHIN_S)
     assert await a.set_many_if_absent([]) == [] and await a.set_many([]) is None
+    # `first`: set outright in the same round trip, before the claims (which may then see them).
+    got = await a.set_many_if_absent([(f"{p}:f2", b"claim"), (f"{p}:f3", b"claim")], ttl_s=30,
+                                     first=[(f"{p}:f1", b"set"), (f"{p}:f2", b"set")])
+    assert got == [False, True]
+    assert [await b.get(f"{p}:{k}") for k in ("f1", "f2", "f3")] == [b"set", b"set", b"claim"]
+    assert await a.set_many_if_absent([], first=[(f"{p}:f1", b"again")]) == []
+    assert await b.get(f"{p}:f1") == b"again"
 
 
 async def test_set_if_absent_after_expiry(cache_kit: CacheKit) -> None:
