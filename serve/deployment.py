@@ -1,7 +1,8 @@
 """`peernet serve`, the main job: Ray started (or joined) in the environment serve/ray_env.py
 gives it, the topics, the shard actors and their supervisor, the gateway (serve/gateway.py)
 deployed on Serve, the node watch of `every_node` placement (serve/node_watch.py), and the state
-file that `peernet status` and `peernet upgrade` read."""
+file that `peernet status` and `peernet upgrade` read. Ray and Serve are called through
+serve/ray_cluster.py."""
 
 from __future__ import annotations
 
@@ -17,10 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-import ray
-from ray import serve
-
 from actors.wiring import NAMESPACE, ensure_started, start_actors
 from bus.backends import event_log
 from bus.topics import peernet_topics
@@ -32,6 +29,13 @@ from serve.limits import TrustedProxies
 from serve.node_watch import NODE_WATCH_EVERY_S, GatewayNodeWatch, replicas_per_node_limit
 from serve.os_limits import files_for, listen_backlog, raise_open_files
 from serve.placement import count_conflicts, gateway_nodes, wanted_replicas
+from serve.ray_cluster import (
+    node_table,
+    run_application,
+    start_driver,
+    start_serve,
+    stop_serve_and_driver,
+)
 from serve.ray_env import MIN_BACKLOG, peernet_env, replica_env
 from serve.serve_config import APP_NAME, GatewayServeConfig, apply_env, load_serve_config
 from serve.upgrade import UpgradeRecord, rolling_upgrade, save_record
@@ -44,38 +48,6 @@ SUPERVISE_EVERY_S = 1.0
 async def _ensure_topics(cfg: PeerNetConfig) -> None:
     log_ = event_log(cfg, client_id="peernet-admin")
     await log_.ensure_topics(peernet_topics(cfg))
-
-
-# Ray waits 30 s (hard-coded) for a new raylet to register; a starved machine can miss that.
-RAY_START_ATTEMPTS = 3
-
-
-def _init_ray(init_args: dict[str, Any]) -> Any:
-    """ray.init, retried when a local head timed out during startup (the processes of the
-    failed attempt are stopped first)."""
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
-        try:
-            return ray.init(**init_args)
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or "address" in init_args \
-                    or attempt == RAY_START_ATTEMPTS:
-                raise
-            print(f"peernet: ray did not start in time (attempt {attempt}); retrying", flush=True)
-            ray.shutdown()
-            _stop_ray_processes(str(init_args.get("_temp_dir", "")))
-    raise AssertionError("unreachable")
-
-
-def _stop_ray_processes(temp_dir: str) -> None:
-    """Kill what a failed local start left running: the processes that name its temp dir."""
-    if not temp_dir:
-        return
-
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if temp_dir in cmdline and proc.pid != os.getpid():
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
 
 
 def _check_host(cfg: PeerNetConfig, sc: GatewayServeConfig, every_node: bool) -> None:
@@ -148,7 +120,7 @@ class _GatewayPlan:
 
 
 def _plan_gateway(cfg: PeerNetConfig, sc: GatewayServeConfig, every_node: bool) -> _GatewayPlan:
-    ray_nodes = ray.nodes()
+    ray_nodes = node_table()
     nodes = sum(1 for n in ray_nodes if n.get("Alive"))
     watch: GatewayNodeWatch | None = None
     actor_resources: dict[str, Any] = {}
@@ -214,20 +186,17 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
     t0 = time.monotonic()
     asyncio.run(_ensure_topics(cfg))
     print(f"peernet: topics ready ({time.monotonic() - t0:.1f}s)", flush=True)
-    info: Any = _init_ray(_ray_init_args(cfg, env, every_node))
-    gcs = info.address_info.get("gcs_address")
+    gcs = start_driver(_ray_init_args(cfg, env, every_node))
     print(f"peernet: ray ready at {gcs} "
           f"({time.monotonic() - t0:.1f}s)", flush=True)
-    if every_node and not gateway_nodes(ray.nodes()):
+    if every_node and not gateway_nodes(node_table()):
         # serve.run would wait for ever for a replica that no node can take.
         raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT=every_node, and no live Ray node carries "
                           f"the {GATEWAY_RESOURCE} resource: start the nodes that take traffic "
                           f"with `ray start --resources='{{\"{GATEWAY_RESOURCE}\": 1}}'` "
                           "(docs/deploy.md, \"Gateway on every node\")")
     handles = _start_shards(cfg)
-    serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port,
-                              "location": cfg.gateway.proxy_location},
-                detached=False)
+    start_serve(cfg.gateway.host, cfg.gateway.port, cfg.gateway.proxy_location)
     plan = _plan_gateway(cfg, sc, every_node)
     watch = plan.watch
 
@@ -235,13 +204,11 @@ def start(cfg: PeerNetConfig, serve_config: GatewayServeConfig | None = None
         """Deploy the gateway; a new `version` makes Serve roll the replicas one at a time (Serve
         keeps versions to itself: a changed actor environment is what makes it restart them)."""
         count = {"num_replicas": watch.replicas} if watch else {}  # the nodes' count, now
-        gateway = Gateway.options(  # type: ignore[attr-defined]
-            ray_actor_options={"num_cpus": 0, **plan.actor_resources, "runtime_env": {
+        run_application(
+            Gateway, name=APP_NAME,
+            actor_options={"num_cpus": 0, **plan.actor_resources, "runtime_env": {
                 "env_vars": {**env, "PEERNET_GATEWAY_VERSION": version}}},
-            **{**plan.options, **count},
-        )
-        serve.run(gateway.bind(), name=APP_NAME, route_prefix="/", blocking=False,
-                  external_scaler_enabled=every_node)
+            settings={**plan.options, **count}, external_scaler=every_node)
 
     deploy_gateway("v0")
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
@@ -349,9 +316,8 @@ def run_forever(cfg: PeerNetConfig, *, dev_tokens: bool = False) -> int:
     finally:
         print("peernet: shutting down", flush=True)
         try:
-            serve.shutdown()
+            stop_serve_and_driver()
         finally:
-            ray.shutdown()
             state_file(cfg).unlink(missing_ok=True)
     return 0
 

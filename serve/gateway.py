@@ -1,6 +1,7 @@
 """The gateway as a Ray Serve deployment: one replica is the Starlette app (serve/app.py) on this
 process's own backends, and answers /healthz's Ray check and /metrics' reads of the shard actors.
-The operator's side (serve/deployment.py) deploys it."""
+The operator's side (serve/deployment.py) deploys it; Serve and the actors are reached through
+serve/ray_cluster.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import os
 from typing import Any
 
 import psutil
-import ray
-from ray import serve
 from starlette.applications import Starlette
 
 from actors.wiring import NAMESPACE, PresenceShardClient, actor_names, consumer_actor_names
@@ -21,6 +20,7 @@ from peernet.config import load_config
 from peernet.logs import setup_logging
 from serve.app import build_app
 from serve.deps import GatewayDeps
+from serve.ray_cluster import call, ingress_deployment, named_actor, node_address, replica_id
 from serve.ws_server import use_server_settings
 
 log = logging.getLogger("peernet.serve")
@@ -45,9 +45,8 @@ def own_listening_port(ports: range) -> int | None:
     return min(found) if found else None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
-                  graceful_shutdown_timeout_s=5)
-@serve.ingress()
+@ingress_deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=2,
+                    graceful_shutdown_timeout_s=5)
 class Gateway:
     """One gateway replica: the Starlette app with this process's own backends."""
 
@@ -61,9 +60,8 @@ class Gateway:
 
     async def __serve_build_asgi_app__(self) -> Starlette:
         cfg = self._cfg
-        try:
-            replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a replica (tests)
+        replica = replica_id()
+        if replica is None:  # outside a replica (tests)
             replica = f"pid{os.getpid()}"
         b = backends(cfg, client_id=f"peernet-gateway-{replica}", linger_ms=cfg.gateway.kafka_linger_ms)
         deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
@@ -88,14 +86,14 @@ class Gateway:
             return None
         host = self._cfg.gateway.host
         if host in ("", "0.0.0.0", "::"):
-            host = ray.util.get_node_ip_address()
+            host = node_address()
         self._direct = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         return self._direct
 
     async def _ray_check(self) -> None:
         if not self._handles:
-            self._handles = {n: ray.get_actor(n, namespace=NAMESPACE) for n in actor_names(self._cfg)}
-        stats = await asyncio.gather(*(h.stats.remote() for h in self._handles.values()))
+            self._handles = {n: named_actor(n, NAMESPACE) for n in actor_names(self._cfg)}
+        stats = await asyncio.gather(*(call(h, "stats") for h in self._handles.values()))
         down = [n for n, s in zip(self._handles, stats, strict=True) if not s.get("started")]
         if down:
             raise RuntimeError(f"actors not started: {', '.join(down)}")
@@ -108,9 +106,8 @@ class Gateway:
             try:
                 handle = self._metric_handles.get(name)
                 if handle is None:
-                    handle = self._metric_handles[name] = ray.get_actor(name, namespace=NAMESPACE)
-                return name, await asyncio.wait_for(getattr(handle, method).remote(),
-                                                    LAG_CALL_TIMEOUT_S)
+                    handle = self._metric_handles[name] = named_actor(name, NAMESPACE)
+                return name, await asyncio.wait_for(call(handle, method), LAG_CALL_TIMEOUT_S)
             except Exception as exc:
                 self._metric_handles.pop(name, None)  # looked up again: it may have been recreated
                 log.warning("%s of %s not read: %s: %s", method, name, type(exc).__name__, exc)

@@ -7,10 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-import ray
-
 from peernet.config import GATEWAY_RESOURCE, PeerNetConfig
 from serve.placement import ReplicaTarget, gateway_nodes, wanted_replicas
+from serve.ray_cluster import node_table, scale_deployment
 from serve.serve_config import APP_NAME, DEPLOYMENT_NAME
 from serve.upgrade import update_state
 
@@ -37,17 +36,10 @@ def replicas_per_node_limit(cfg: PeerNetConfig, nodes: int, replicas: int | None
 
 
 async def _scale_gateway(replicas: int) -> None:
-    """Set the gateway's replica count in place: Serve starts or stops replicas and leaves the
-    others running. This is the controller call behind Serve's REST `scale` endpoint (its
-    "external scaler", enabled for the application by `serve.run(external_scaler_enabled=True)`),
-    which is served by the dashboard, and PeerNet runs without one. `serve.run` again would
-    restart every replica instead: Serve gives each deploy from Python a new code version."""
-    from ray.serve._private.common import DeploymentID
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    await controller.update_deployment_replicas.remote(
-        DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME), replicas)
+    """Set the gateway's replica count in place, without restarting a running replica
+    (serve/ray_cluster.py's scale_deployment; `peernet serve` deploys the gateway with the
+    external scaler in `every_node` placement)."""
+    await scale_deployment(APP_NAME, DEPLOYMENT_NAME, replicas)
 
 
 class GatewayNodeWatch:
@@ -67,7 +59,7 @@ class GatewayNodeWatch:
 
     async def check(self) -> None:
         """Read the node table once and apply the count it calls for."""
-        nodes = await asyncio.to_thread(ray.nodes)
+        nodes = await asyncio.to_thread(node_table)
         carrying = gateway_nodes(nodes)
         before = self.target.current
         new = self.target.observe(wanted_replicas(nodes))

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from peernet.config import ConfigError
+from serve.ray_cluster import serve_config_fields
 
 APP_NAME = "peernet"
 DEPLOYMENT_NAME = "Gateway"
@@ -69,8 +70,6 @@ class GatewayServeConfig:
 
 def load_serve_config(path: Path) -> GatewayServeConfig:
     """Read and check the file at `path`; a ConfigError says what is wrong with it."""
-    from ray.serve.schema import ServeDeploySchema
-
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -80,10 +79,9 @@ def load_serve_config(path: Path) -> GatewayServeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"PEERNET_SERVE_CONFIG: {path} must hold a mapping")
     try:
-        schema = ServeDeploySchema.model_validate(raw)
+        given = serve_config_fields(raw)
     except Exception as exc:  # pydantic's ValidationError, with every field that failed
         raise ConfigError(f"PEERNET_SERVE_CONFIG: {path} is not a valid Serve config: {exc}") from None
-    given = schema.model_dump(exclude_unset=True)
     _refuse(path, "", set(given) - _TOP_KEYS)
     _refuse(path, "http_options.", set(given.get("http_options", {})) - _HTTP_KEYS)
     apps = given.get("applications", [])

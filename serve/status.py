@@ -1,11 +1,11 @@
 """Reads a running PeerNet for `peernet status`, changing nothing: Ray's node and actor tables
-and Serve's status (attached as a driver, read-only), the gateway's /healthz and /metrics over
-HTTP, and the backing services through a reader the caller passes in. Every read is bounded."""
+and Serve's status (attached as a read-only driver, through serve/ray_cluster.py), the gateway's
+/healthz and /metrics over HTTP, and the backing services through a reader the caller passes in.
+Every read is bounded."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -29,6 +29,7 @@ from peernet.status_report import (
     replica_actors,
 )
 from serve.deployment import already_serving, state_file
+from serve.ray_cluster import actor_table, attach_reader, detach, node_table, serve_status
 from serve.serve_config import APP_NAME
 
 # Threads that read for `peernet status` are named so; one still running after its deadline
@@ -127,9 +128,6 @@ def _gcs_reachable(gcs: str, timeout_s: float) -> None:
 def read_ray(report: StatusReport, cfg: PeerNetConfig, state: dict[str, Any]) -> None:
     """Nodes, shard actors and the gateway on Serve, into `report` (errors under "ray" and
     "gateway"). Attaches to the cluster as a driver and detaches; starts and changes nothing."""
-    import ray
-    from ray import serve
-
     gcs = report.serve.gcs_address
     try:
         _gcs_reachable(gcs, GCS_CONNECT_TIMEOUT_S)
@@ -137,34 +135,27 @@ def read_ray(report: StatusReport, cfg: PeerNetConfig, state: dict[str, Any]) ->
         report.errors["ray"] = f"Ray at {gcs} not reachable: {exc}"
         return
     os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)
-    # Ray warns that a driver started off the main thread sets no SIGTERM handler; this one
-    # runs in a thread on purpose (so that it can be given up on) and wants none.
-    logging.getLogger("ray._private.worker").addFilter(
-        lambda record: not record.getMessage().startswith("SIGTERM handler is not set"))
     try:
-        ray.init(address=gcs, namespace=report.serve.namespace, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        attach_reader(gcs, report.serve.namespace)
     except Exception as exc:
         report.errors["ray"] = f"could not attach to Ray at {gcs}: {type(exc).__name__}: {exc}"
         return
     try:
-        nodes = [node_from_ray(n) for n in ray.nodes()]
+        nodes = [node_from_ray(n) for n in node_table()]
         addresses = {n.node_id: n.address for n in nodes}
-        # ray.util.state would be the public way, but it asks the dashboard, which PeerNet runs
-        # without; this reads the same table from the GCS.
-        table = list(ray._private.state.actors().values())
+        table = actor_table()
         names = [str(n) for n in state.get("actors") or actor_names(cfg)]
         report.nodes = nodes
         report.shards = pick_actors(table, names, addresses)
         try:
-            report.gateway = _gateway(serve.status(), int(state.get("replicas") or cfg.gateway.replicas),
+            report.gateway = _gateway(serve_status(), int(state.get("replicas") or cfg.gateway.replicas),
                                       replica_actors(table, APP_NAME, addresses))
         except Exception as exc:
             report.errors["gateway"] = f"Serve's status not read: {type(exc).__name__}: {exc}"
     except Exception as exc:
         report.errors["ray"] = f"Ray's tables not read: {type(exc).__name__}: {exc}"
     finally:
-        ray.shutdown()
+        detach()
 
 
 def _name(value: Any) -> str:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
+from serve.ray_cluster import actor_pid, call, kill_for_restart
 
 log = logging.getLogger("peernet.upgrade")
 
@@ -50,13 +50,8 @@ class UpgradeRecord:
     gateway_version: str | None = None
 
 
-def _pid(self: Any) -> int:
-    return os.getpid()
-
-
 async def _actor_pid(handle: Any, timeout_s: float) -> int:
-    pid: int = await asyncio.wait_for(handle.__ray_call__.remote(_pid), timeout_s)
-    return pid
+    return await asyncio.wait_for(actor_pid(handle), timeout_s)
 
 
 async def restart_actor(name: str, handle: Any, timeout_s: float = ACTOR_RESTART_TIMEOUT_S) -> float:
@@ -64,13 +59,13 @@ async def restart_actor(name: str, handle: Any, timeout_s: float = ACTOR_RESTART
     the seconds it took."""
     t0 = time.monotonic()
     before = await _actor_pid(handle, 30.0)
-    ray.kill(handle, no_restart=False)
+    kill_for_restart(handle)
     deadline = t0 + timeout_s
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
             if await _actor_pid(handle, 5.0) != before:
-                await asyncio.wait_for(handle.ensure_started.remote(), 60.0)
+                await asyncio.wait_for(call(handle, "ensure_started"), 60.0)
                 return time.monotonic() - t0
         except Exception as exc:  # restarting: calls fail or wait until it is back
             last = f"{type(exc).__name__}: {exc}"[:200]

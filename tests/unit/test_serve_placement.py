@@ -118,7 +118,7 @@ def test_a_serve_config_file_may_not_set_the_count_in_every_node_placement(tmp_p
 
 
 class FakeCluster:
-    """`ray.nodes()` and the controller's scale call, for GatewayNodeWatch without Ray. The first
+    """Ray's node table and the controller's scale call, for GatewayNodeWatch without Ray. The first
     `failures` scale calls fail; `done` is set by the first that succeeds."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, nodes: list[dict[str, Any]],
@@ -127,7 +127,7 @@ class FakeCluster:
         self.scaled: list[int] = []
         self.failures = failures
         self.done = asyncio.Event()
-        monkeypatch.setattr(node_watch.ray, "nodes", lambda: list(self.nodes))
+        monkeypatch.setattr(node_watch, "node_table", lambda: list(self.nodes))
         monkeypatch.setattr(node_watch, "_scale_gateway", self.scale)
 
     async def scale(self, replicas: int) -> None:
