@@ -24,7 +24,7 @@ from peernet.wire import GROUP_CONV_PREFIX
 
 # Groups a shard remembers, the most recently changed or used; a forgotten one costs only the
 # race rule above until its next change.
-REMEMBERED_GROUPS = 100_000
+REMEMBERED_GROUPS = 10_000
 
 _KEY_PREFIX = GROUP_CONV_PREFIX.encode()
 

@@ -40,8 +40,8 @@ MAX_TITLE_CHARS = 100
 # `unavailable` (nothing done; the client may retry).
 LOCK_WAIT_S = 5.0
 LOCK_POLL_S = 0.02
-# Longer than any append may take (the producer gives up well before), so a live holder never
-# loses the lock; a holder that died frees it by this expiry.
+# Longer than any append may take (the producer gives up after its 10 s delivery timeout), so a
+# live holder never loses the lock; a holder that died frees it by this expiry.
 LOCK_TTL_MS = 15_000
 
 _GROUP_CONV = re.compile(r"^g:[0-9a-z]{26}$")

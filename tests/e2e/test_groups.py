@@ -319,3 +319,19 @@ async def test_replay_rebuilds_group_membership(peernet_server: Server) -> None:
     assert await error_code(bob, {"t": "dm", "conv": conv, "body": "x"}) == "forbidden"
     assert await error_code(carol, {"t": "dm", "conv": conv, "body": "x"}) == "forbidden"
     await close(clients)
+
+
+async def test_a_dm_and_typing_by_the_conv_of_a_pair_reach_the_other(peernet_server: Server) -> None:
+    alice, bob, carol = clients = await three(peernet_server)
+    lo, hi = sorted([alice.user, bob.user])
+    pair = f"dm:{lo}:{hi}"
+    sent = await ok(alice, {"t": "dm", "conv": pair, "body": "by conv"})
+    assert sent["conv"] == pair
+    got = await bob.next(lambda f: f.get("t") == "msg")
+    assert got["id"] == sent["id"] and got["to"] == bob.user and got["from"] == alice.user
+    await bob.send({"t": "typing", "conv": pair})
+    assert await alice.expect("typing") == {"t": "typing", "from": bob.user, "conv": pair}
+    assert await error_code(carol, {"t": "typing", "conv": pair}) == "forbidden"
+    assert await error_code(carol, {"t": "dm", "conv": f"dm:{hi}:{lo}", "body": "x"}) \
+        == "bad_request"
+    await close(clients)
