@@ -9,6 +9,10 @@ inbox topic (durable, acks=all), then to the Redis inbox cache together with its
 publishes it on the user's channel `u:{user}`, which only the gateway replicas holding that user
 subscribe to. Offsets are committed only after all that, so a crash replays, never skips.
 
+A group's records (its messages and membership changes, keyed by its conversation) are read
+by every shard, whose view of the group's membership in the log's order decides the recipients
+of a message that raced a change (actors/groups.py).
+
 On start, and whenever the cache was wiped or lost writes (its checkpoint version is not the one
 the shard last wrote), a shard replays the inbox topic from the cache's checkpoint, so the cache
 holds everything the log holds; an events watermark stored with the items makes the inbox

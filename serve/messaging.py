@@ -1,5 +1,5 @@
-"""Messenger: direct messages into the event log, durable before acknowledged, with `cid`
-idempotency for 24 hours."""
+"""Messenger: direct and group messages into the messages log, durable before acknowledged, with
+`cid` idempotency for 24 hours (`once`, which a group's creation uses too)."""
 
 from __future__ import annotations
 
