@@ -18,6 +18,15 @@ def inbox_item(event: Event, user: str) -> Item | None:
     if event.type == "dm":
         return {"t": "msg", "id": event.id, "conv": d["conv"], "from": event.actor, "to": d["to"],
                 "body": d["body"], "ts": event.ts}
+    if event.type == "group_msg":
+        return {"t": "msg", "id": event.id, "conv": d["conv"], "from": event.actor,
+                "body": d["body"], "ts": event.ts}
+    if event.type == "group":
+        # The member list after the change; empty for a user it took out.
+        members = list(d["members"])
+        return {"t": "note", "id": event.id, "kind": "group", "from": event.actor,
+                "ts": event.ts, "conv": d["conv"], "change": d["change"], "title": d["title"],
+                "owner": d["owner"], "members": members if user in members else []}
     if event.type in ("follow", "like"):
         item: Item = {"t": "note", "id": event.id, "kind": event.type, "from": event.actor,
                       "ts": event.ts}

@@ -1,5 +1,5 @@
 """Projections: the store of record (MongoDB) written from the event log by a consumer group:
-users, follows, posts, likes, notes and messages.
+users, follows, posts, likes, notes, messages, groups and group memberships.
 
 Documents that never change once written (users, posts, notes, messages) are inserted, keyed by
 event id or user id, and one whose `_id` exists is left as it is; follows and likes, which an
@@ -27,7 +27,8 @@ log = logging.getLogger("peernet.projector")
 PROJECTIONS_GROUP = "peernet.projections"
 
 # The collections of the store of record, each written only here (and by `peernet replay`).
-PROJECTIONS = ("users", "follows", "posts", "likes", "notes", "messages")
+PROJECTIONS = ("users", "follows", "posts", "likes", "notes", "messages", "groups",
+               "memberships")
 
 # Those whose documents are made from one event alone and never change or go: written with
 # DocumentStore.insert_new, which costs SecantusDB a fraction of an upsert. A document that may
@@ -40,7 +41,8 @@ INSERTED = frozenset({"users", "posts", "notes", "messages"})
 REMEMBERED_USERS = 50_000
 
 # An index for each query made of them: history pages of a conversation; a user's followers
-# and followees; an author's posts; a post's likes and a user's likes; a user's notes.
+# and followees; an author's posts; a post's likes and a user's likes; a user's notes; a user's
+# groups and a group's members.
 PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
     ("messages", [("conv", 1), ("pos", -1)]),
     ("follows", [("follower", 1), ("ts", -1)]),
@@ -49,6 +51,8 @@ PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
     ("likes", [("post", 1), ("ts", -1)]),
     ("likes", [("user", 1), ("ts", -1)]),
     ("notes", [("user", 1), ("ts", -1)]),
+    ("memberships", [("user", 1), ("ts", -1)]),
+    ("memberships", [("conv", 1), ("ts", -1)]),
 )
 
 
@@ -70,6 +74,12 @@ def project(event: Event, offset: int, writes: dict[str, dict[str, Document | No
         writes["messages"].setdefault(event.id, {
             "_id": event.id, "conv": d["conv"], "from": actor, "to": d["to"], "body": d["body"],
             "ts": event.ts, "pos": offset})
+    elif event.type == "group_msg":
+        writes["messages"].setdefault(event.id, {
+            "_id": event.id, "conv": d["conv"], "from": actor, "body": d["body"],
+            "ts": event.ts, "pos": offset})
+    elif event.type == "group":
+        _project_group(event, writes)
     elif event.type in ("follow", "unfollow"):
         target = str(d["user"])
         users.setdefault(target, {"_id": target})
@@ -97,6 +107,24 @@ def project(event: Event, offset: int, writes: dict[str, dict[str, Document | No
                                                       "ts": event.ts, "post": post})
         else:
             writes["likes"][key] = None
+
+
+def _project_group(event: Event, writes: dict[str, dict[str, Document | None]]) -> None:
+    """A membership change: the group's state after it (an upsert, the last change wins: a
+    group's changes share a partition, in version order), a membership per user who joined
+    (upserted) or left (deleted)."""
+    d = event.data
+    conv = str(d["conv"])
+    writes["groups"][conv] = {"_id": conv, "title": str(d["title"]), "owner": d["owner"],
+                              "members": [str(u) for u in d["members"]],
+                              "version": int(d["version"]), "ts": event.ts}
+    for user in d["added"]:
+        writes["users"].setdefault(str(user), {"_id": str(user)})
+        key = f"{conv}:{user}"
+        writes["memberships"][key] = {"_id": key, "conv": conv, "user": str(user),
+                                      "ts": event.ts}
+    for user in d["removed"]:
+        writes["memberships"][f"{conv}:{user}"] = None
 
 
 class WrittenUsers:

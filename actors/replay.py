@@ -1,6 +1,7 @@
-"""`peernet replay`: rebuild the Redis feeds, graph and like sets and the MongoDB projections from
-the event log, offset 0 to the end as of the start, by the same code the FeedShards and the
-Projector run live (without live pushes).
+"""`peernet replay`: rebuild the Redis feeds, graph and like sets, the groups' membership and the
+MongoDB projections from the logs, offset 0 to the end as of the start, by the same code the
+FeedShards and the Projector run live (without live pushes); each group's state is written as
+its membership changes leave it (bus/groups.py: a newer state is never overwritten by an older).
 
 Every write is idempotent, so replaying twice, or while the server runs, leaves the same state.
 `--wipe` first empties the feed keyspace and the projection collections, for a rebuild into empty
@@ -12,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 from actors.feed import FeedShard
+from actors.groups import group_state, is_group_record
 from actors.projector import PROJECTIONS, Projector
-from bus.eventlog import EventLog
+from bus.eventlog import EventLog, Record
 from bus.feeds import FeedFanout
+from bus.groups import Group, GroupStore
 from bus.store import DocumentStore
 from peernet.config import PeerNetConfig
+from peernet.envelope import EnvelopeError, Event
 
 BATCH = 1_000
 
@@ -30,6 +34,7 @@ BATCH = 1_000
 class ReplayResult:
     records: int = 0
     social_events: int = 0
+    group_changes: int = 0
     feed_inserts: int = 0
     keys_wiped: int = 0
     documents_wiped: int = 0
@@ -63,11 +68,27 @@ class Progress:
         self.out.flush()
 
 
+def group_changes(records: Sequence[Record]) -> list[Group]:
+    """The states that the membership changes among `records` leave, in log order."""
+    states = []
+    for record in records:
+        if not is_group_record(record.key):
+            continue
+        try:
+            state = group_state(Event.decode(record.value))
+        except (EnvelopeError, KeyError, TypeError, ValueError):
+            continue  # the projector counts it
+        if state is not None:
+            states.append(state)
+    return states
+
+
 async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: DocumentStore, *,
-                 wipe: bool = False, out: TextIO | None = None,
+                 groups: GroupStore | None = None, wipe: bool = False, out: TextIO | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ReplayResult:
-    """Rebuild feeds and projections from the event log and projections from the messages log
-    (see the module docstring)."""
+    """Rebuild feeds and projections from the event log, and projections and (given `groups`)
+    the groups' membership from the messages log (see the module docstring). With `wipe`, the
+    groups go with the feed keyspace they share (bus/groups_redis.py)."""
     started = time.monotonic()
     result = ReplayResult()
     if wipe:
@@ -104,6 +125,10 @@ async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: D
                     continue
                 if social:
                     result.social_events += await shard.process(records)
+                if groups is not None:
+                    states = group_changes(records)
+                    await groups.put_many(states)
+                    result.group_changes += len(states)
                 await projector.apply(records)
                 result.records += len(records)
                 progress.update(result.records)
@@ -127,11 +152,12 @@ def run(cfg: PeerNetConfig, *, wipe: bool) -> int:
         await b.log.start()
         await b.store.start()
         try:
-            return await replay(cfg, b.log, b.feeds, b.store, wipe=wipe)
+            return await replay(cfg, b.log, b.feeds, b.store, groups=b.groups, wipe=wipe)
         finally:
             await b.log.stop()
             await b.store.stop()
             await b.feeds.close()
+            await b.groups.close()
 
     from peernet.errors import PeerNetError
 
@@ -143,6 +169,7 @@ def run(cfg: PeerNetConfig, *, wipe: bool) -> int:
     wiped = (f"; wiped {r.keys_wiped:,} keys and {r.documents_wiped:,} documents first"
              if wipe else "")
     print(f"peernet replay: {r.records:,} records ({r.social_events:,} social events, "
-          f"{r.feed_inserts:,} feed entries) from {cfg.topics.events} and {cfg.topics.messages} "
+          f"{r.feed_inserts:,} feed entries, {r.group_changes:,} group changes) "
+          f"from {cfg.topics.events} and {cfg.topics.messages} "
           f"in {r.seconds:.1f}s{wiped}")
     return 0

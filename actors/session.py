@@ -9,6 +9,10 @@ inbox topic (durable, acks=all), then to the Redis inbox cache together with its
 publishes it on the user's channel `u:{user}`, which only the gateway replicas holding that user
 subscribe to. Offsets are committed only after all that, so a crash replays, never skips.
 
+A group's records (its messages and membership changes, keyed by its conversation) are read
+by every shard, whose view of the group's membership in the log's order decides the recipients
+of a message that raced a change (actors/groups.py).
+
 On start, and whenever the cache was wiped or lost writes (its checkpoint version is not the one
 the shard last wrote), a shard replays the inbox topic from the cache's checkpoint, so the cache
 holds everything the log holds; an events watermark stored with the items makes the inbox
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from actors.consuming import ConsumerLoop, until_ok
+from actors.groups import Memberships, is_group_record
 from actors.inbox_items import inbox_item
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
@@ -105,6 +110,7 @@ class SessionShard:
         self._cache = cache
         self._pubsub = pubsub
         self._sessions: dict[str, Session] = {}
+        self._memberships = Memberships()
         self._checkpoint: dict[int, int] = {}  # inbox-topic offsets the cache holds
         # Positions delivered (the events watermark), per log read and partition.
         self._positions: dict[str, dict[int, int]] = {}
@@ -221,14 +227,21 @@ class SessionShard:
         return self._positions.setdefault(topic, {})
 
     async def _collect(self, record: Record, pending: list[tuple[str, Item, Source]]) -> None:
-        mine = [u for u in parse_recipients(record.headers) if self.owns(u)]
+        recipients = parse_recipients(record.headers)
+        event: Event | None = None
+        if is_group_record(record.key):
+            # Every shard reads a group's changes, its users in it or not, to know the members
+            # at each of the group's messages in the log's order (actors/groups.py).
+            event = self._decode(record)
+            if event is None:
+                return
+            recipients = self._memberships.recipients(event, recipients)
+            self.stats.extra["group_sends_raced"] = self._memberships.raced
+        mine = [u for u in recipients if self.owns(u)]
         if not mine:
             return
-        try:
-            event = Event.decode(record.value)
-        except EnvelopeError as exc:
-            self.stats.records_skipped += 1
-            self._count_error("decode", exc)
+        event = event or self._decode(record)
+        if event is None:
             return
         items = [(user, inbox_item(event, user)) for user in mine]  # raises before any admit
         for user, item in items:
@@ -241,6 +254,14 @@ class SessionShard:
                 continue
             item["seq"] = seq
             pending.append((user, item, (record.partition, record.offset, record.topic)))
+
+    def _decode(self, record: Record) -> Event | None:
+        try:
+            return Event.decode(record.value)
+        except EnvelopeError as exc:
+            self.stats.records_skipped += 1
+            self._count_error("decode", exc)
+            return None
 
     def _source(self, src: Source) -> list[object]:
         # Records of the event log keep the two-field form every inbox record had before the

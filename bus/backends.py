@@ -10,6 +10,8 @@ from bus.cache import Cache
 from bus.eventlog import EventLog
 from bus.feeds import Feeds
 from bus.feeds_redis import feed_store
+from bus.groups import GroupStore
+from bus.groups_redis import group_store
 from bus.inbox import InboxCache
 from bus.inbox_redis import RedisInboxCache, session_slots
 from bus.kafka import KafkaEventLog, KafkaSecurity
@@ -32,6 +34,7 @@ class Backends:
     store: DocumentStore
     feeds: Feeds
     presence: PresenceStore
+    groups: GroupStore
 
     async def start(self) -> None:
         await self.log.start()
@@ -59,6 +62,7 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int =
         store=MongoDocumentStore(s.mongo_url, s.mongo_db),
         feeds=feed_store(cfg),
         presence=presence_store(cfg),
+        groups=group_store(cfg),
     )
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 # skip events for users they do not own without decoding them.
 RECIPIENTS_HEADER = "to"
 
+# A group's conversation is this prefix and an id the server made; its log records (messages and
+# membership changes) are keyed by the conversation, so they start with it too.
+GROUP_CONV_PREFIX = "g:"
+
 # The frame types that are inbox items (they carry the per-user `seq`).
 INBOX_FRAME_TYPES = frozenset({"msg", "note"})
 

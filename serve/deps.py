@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from bus.cache import Cache
 from bus.eventlog import ConsumerLag, EventLog
 from bus.feeds import FeedStore
+from bus.groups import GroupStore
 from bus.inbox import InboxCache
 from bus.presence import PresenceStore
 from bus.pubsub import PubSub
@@ -40,6 +41,8 @@ class GatewayDeps:
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Home feeds and the social graph (serve/social.py); None: social frames are unavailable.
     feeds: FeedStore | None = None
+    # Groups' current membership (serve/groups.py); None: group requests are unavailable.
+    groups: GroupStore | None = None
     # The consumers' lag for /metrics (bounded by METRICS_LAG_TIMEOUT_S); None: not exported.
     consumer_lag: LagSource | None = None
     # The shard actors' queue depths for /metrics (bounded likewise); None: not exported.

@@ -11,10 +11,19 @@ from peernet.codec import Frame, pack
 from peernet.errors import bad_request
 from peernet.wire import user_channel
 from serve.acks import AckBuffer
+from serve.groups import Groups, forbidden, is_group_conv
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
 from serve.social import social_handlers
-from serve.validate import dm_conv, int_field, optional_text, text_field, user_field, user_list
+from serve.validate import (
+    conv_participants,
+    dm_conv,
+    int_field,
+    optional_text,
+    text_field,
+    user_field,
+    user_list,
+)
 
 if TYPE_CHECKING:
     from serve.connection import Connection
@@ -23,7 +32,33 @@ Handler = Callable[["Connection", Frame], Awaitable[Frame | None]]
 HandlerTable = dict[str, Handler]
 
 
-def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer) -> HandlerTable:
+def pair_peer(conv: str, user: str) -> str:
+    """The other participant of the `dm:a:b` conversation `conv`, which `user` must be in."""
+    parts = conv_participants(conv)
+    if parts is None:
+        raise bad_request("'conv' must be a group (g:ID) or a pair (dm:a:b, a < b)")
+    if user not in parts:
+        raise forbidden(f"not a participant of {conv}")
+    return parts[1] if parts[0] == user else parts[0]
+
+
+def conv_or_to(frame: Frame) -> tuple[str | None, str | None]:
+    """(conv, None) or (None, to): a request names exactly one of the two."""
+    conv, to = frame.get("conv"), frame.get("to")
+    if (conv is None) == (to is None):
+        raise bad_request("name exactly one of 'to' and 'conv'")
+    if conv is not None:
+        if not isinstance(conv, str):
+            raise bad_request("'conv' must be a conversation id")
+        return conv, None
+    return None, user_field(frame, "to")
+
+
+def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer,
+                   groups: Groups | None = None) -> HandlerTable:
+    """`groups` None: the group frames answer `unavailable`."""
+    groups = groups or Groups(None, messenger, "")
+
     async def ping(conn: Connection, frame: Frame) -> Frame | None:
         return {"t": "pong"}
 
@@ -31,16 +66,32 @@ def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer) ->
         raise bad_request("hello was already received on this connection")
 
     async def dm(conn: Connection, frame: Frame) -> Frame | None:
-        to = user_field(frame, "to")
-        if to == conn.user:
-            raise bad_request("a direct message to oneself is not allowed")
+        conv, to = conv_or_to(frame)
         body = text_field(frame, "body", conn.cfg.max_body_chars)
         cid = optional_text(frame, "cid", 64)
+        if conv is not None and is_group_conv(conv):
+            # Checked against the group as it is now; the shards deliver by the membership at
+            # the message's place in the log (a send that raced a removal: actors/groups.py).
+            group = await groups.member_view(conv, conn.user)
+            sent = await messenger.send_to_group(conn.user, group, body, cid)
+            return {"t": "ok", "id": sent.id, "conv": sent.conv, "ts": sent.ts}
+        to = pair_peer(conv, conn.user) if conv is not None else to
+        assert to is not None
+        if to == conn.user:
+            raise bad_request("a direct message to oneself is not allowed")
         sent = await messenger.send_dm(conn.user, to, body, cid)
         return {"t": "ok", "id": sent.id, "conv": sent.conv, "ts": sent.ts}
 
     async def typing(conn: Connection, frame: Frame) -> Frame | None:
-        to = user_field(frame, "to")
+        conv, to = conv_or_to(frame)
+        if conv is not None and is_group_conv(conv):
+            group = await groups.member_view(conv, conn.user)
+            payload = pack({"t": "typing", "from": conn.user, "conv": conv})
+            await conn.deps.pubsub.publish_many(
+                [(user_channel(u), payload) for u in group.members if u != conn.user])
+            return None
+        to = pair_peer(conv, conn.user) if conv is not None else to
+        assert to is not None
         if to == conn.user:
             raise bad_request("typing to oneself is not allowed")
         await conn.deps.pubsub.publish(user_channel(to), pack(
@@ -60,6 +111,6 @@ def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer) ->
         presence.unwatch(conn, user_list(frame, "users", conn.cfg.max_watch))
         return {"t": "ok"}
 
-    return {**social_handlers(messenger),
+    return {**social_handlers(messenger), **groups.handlers(),
             "ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack,
             "watch": watch, "unwatch": unwatch}

@@ -1,16 +1,18 @@
-"""Messenger: direct messages into the event log, durable before acknowledged, with `cid`
-idempotency for 24 hours."""
+"""Messenger: direct and group messages into the messages log, durable before acknowledged, with
+`cid` idempotency for 24 hours (`once`, which a group's creation uses too)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bus.cache import Cache
 from bus.eventlog import EventLog
+from bus.groups import Group
 from peernet.codec import pack, unpack
 from peernet.config import PeerNetConfig
 from peernet.envelope import Event
@@ -45,11 +47,12 @@ def _claim(event: Event, state: str) -> bytes:
 
 
 class Messenger:
-    """Sends DMs. The `cid` claims of one event-loop turn go to the cache together (TurnBatch),
-    and the marks that say how a claimed send ended (done, failed) ride on the next claims' round
-    trip, or go on their own after at most _MARK_DELAY_S: one round trip per turn with cids
-    instead of two per DM. A mark is not awaited: `ok` waits only for the log. A second request
-    with the same cid that comes before its mark waits for it (`_earlier`)."""
+    """Sends direct and group messages. The `cid` claims of one event-loop turn go to the cache
+    together (TurnBatch), and the marks that say how a claimed send ended (done, failed) ride on
+    the next claims' round trip, or go on their own after at most _MARK_DELAY_S: one round trip
+    per turn with cids instead of two per DM. A mark is not awaited: `ok` waits only for the
+    log. A second request with the same cid that comes before its mark waits for it
+    (`_earlier`)."""
 
     def __init__(self, cfg: PeerNetConfig, log: EventLog, cache: Cache) -> None:
         self._cfg = cfg
@@ -112,32 +115,58 @@ class Messenger:
 
     async def send_dm(self, sender: str, to: str, body: str, cid: str | None) -> Sent:
         conv = dm_conv(sender, to)
-        event = Event("dm", sender, {"to": to, "body": body, "conv": conv})
+
+        def make(**same: Any) -> Event:
+            return Event("dm", sender, {"to": to, "body": body, "conv": conv}, **same)
+
+        return await self.once(sender, cid, make, lambda event: self.append(
+            event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages))
+
+    async def send_to_group(self, sender: str, group: Group, body: str, cid: str | None) -> Sent:
+        """A message to `group` as the gateway read it (the sender a member): its recipients are
+        the members of that state, and `mv` its version, from which the session shards tell
+        a send that raced a membership change (actors/groups.py)."""
+
+        def make(**same: Any) -> Event:
+            return Event("group_msg", sender,
+                         {"conv": group.conv, "body": body, "mv": group.version}, **same)
+
+        return await self.once(sender, cid, make, lambda event: self.append(
+            event, key=group.conv, recipients=list(group.members),
+            topic=self._cfg.topics.messages))
+
+    async def once(self, sender: str, cid: str | None, make: Callable[..., Event],
+                   deliver: Callable[[Event], Awaitable[None]], *, scope: str = "cid") -> Sent:
+        """`deliver(make())` (which makes the event durable or raises), at most once per sender
+        and `cid` within the cid ttl: a repeat gets the first one's Sent. `make(id=, ts=)` makes
+        the event again with the first attempt's id and time; its `data["conv"]` is returned.
+        `scope` keeps the cids of different requests (a dm, a group_create) apart."""
         if cid is None:
-            await self.append(event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages)
-            return Sent(event.id, conv, event.ts)
+            event = make()
+            await deliver(event)
+            return Sent(event.id, event.data["conv"], event.ts)
 
         # The cid's claim: pending while an append is in flight, done once it is durable, failed
         # when it was refused. A refused append may still reach the log (the producer can deliver
         # a record after its caller's timeout), so a retry after `failed` appends the same event
         # again, with the same id: a copy that did land is then a duplicate the client drops by
         # id, never a second message.
-        key = f"cid:{sender}:{cid}"
+        event = make()
+        key = f"{scope}:{sender}:{cid}"
         ttl_s = self._cfg.gateway.cid_ttl_s
         if not await self._claims.submit((key, _claim(event, "pending"))):
             earlier = await self._earlier(key)
             if isinstance(earlier, Sent):
                 return earlier
-            event = Event("dm", sender, {"to": to, "body": body, "conv": conv},
-                          id=earlier["id"], ts=earlier["ts"])
+            event = make(id=earlier["id"], ts=earlier["ts"])
             await self._cache.set(key, _claim(event, "pending"), ttl_s=ttl_s)
         try:
-            await self.append(event, key=conv, recipients=[sender, to], topic=self._cfg.topics.messages)
+            await deliver(event)
         except BaseException:
             self._mark(key, event, "failed")
             raise
         self._mark(key, event, "done")
-        return Sent(event.id, conv, event.ts)
+        return Sent(event.id, event.data["conv"], event.ts)
 
     async def _earlier(self, key: str) -> Sent | dict[str, Any]:
         """The result of the first request with this cid once it is durable, or its claim when

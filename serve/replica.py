@@ -13,6 +13,7 @@ from serve import cluster_metrics, metrics
 from serve.acks import AckBuffer
 from serve.deps import GatewayDeps
 from serve.endpoints import endpoint_publisher
+from serve.groups import Groups
 from serve.handlers import HandlerTable, build_handlers
 from serve.hub import Hub
 from serve.limits import AddressLimiter, TrustedProxies
@@ -49,10 +50,12 @@ class Replica:
                             LeaseTiming(presence_lease_ms(cfg)), deps.replica, gw.max_watch)
         acks = AckBuffer(deps.inbox, gw.ack_flush_ms)
         direct_url = deps.direct_url
+        messenger = Messenger(cfg, deps.log, deps.cache)
+        groups = Groups(deps.groups, messenger, cfg.topics.messages)
         return cls(
             deps=deps, hub=hub, presence=presence, acks=acks,
             liveness=Liveness(tick_for(gw.hello_timeout_s, 2 * gw.heartbeat_ms / 1000)),
-            handlers=build_handlers(Messenger(cfg, deps.log, deps.cache), presence, acks),
+            handlers=build_handlers(messenger, presence, acks, groups),
             trusted=TrustedProxies(gw.trusted_proxies),
             per_address=AddressLimiter(gw.max_connections_per_address),
             publisher=cluster_metrics.MetricsPublisher(

@@ -3,16 +3,36 @@ for its participants."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from peernet.errors import ErrorCode, PeerNetError
+from bus.groups import GroupStore
+from bus.store import Document
+from peernet.errors import ErrorCode, PeerNetError, unavailable
 from peernet.tokens import TokenError
 from serve.deps import GatewayDeps
+from serve.groups import is_group_conv
 from serve.routes import error_reply
 from serve.routes.tokens import bearer_user
 from serve.validate import conv_participants
+
+
+def message_item(doc: Document) -> dict[str, Any]:
+    """A stored message as history gives it: a group's messages have no `to`."""
+    item = {"id": doc["_id"], "conv": doc["conv"], "from": doc["from"]}
+    if doc.get("to") is not None:
+        item["to"] = doc["to"]
+    item.update(body=doc["body"], ts=doc["ts"])
+    return item
+
+
+def groups_of(deps: GatewayDeps) -> GroupStore:
+    if deps.groups is None:
+        raise unavailable("groups are not configured on this gateway")
+    return deps.groups
 
 
 def conversation_routes(deps: GatewayDeps) -> list[Route]:
@@ -25,11 +45,21 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
         except TokenError as exc:
             return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
         conv = request.path_params["conv"]
-        parts = conv_participants(conv)
-        if parts is None:
-            return error_reply(404, ErrorCode.NOT_FOUND, "no such conversation")
-        if user not in parts:
-            return error_reply(403, ErrorCode.FORBIDDEN, "only participants may read a conversation")
+        if is_group_conv(conv):
+            # The group's members as they are now: a removed member reads nothing more.
+            try:
+                (group,) = await groups_of(deps).get_many([conv])
+            except PeerNetError as exc:
+                return error_reply(503, exc.code, exc.message)
+            if group is None or not group.has(user):
+                return error_reply(403, ErrorCode.FORBIDDEN, "only members may read a group")
+        else:
+            parts = conv_participants(conv)
+            if parts is None:
+                return error_reply(404, ErrorCode.NOT_FOUND, "no such conversation")
+            if user not in parts:
+                return error_reply(403, ErrorCode.FORBIDDEN,
+                                   "only participants may read a conversation")
         try:
             limit = int(request.query_params.get("limit", "50"))
             before_raw = request.query_params.get("before")
@@ -47,8 +77,7 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
             docs = await deps.store.history_page(conv, before=before, limit=limit)
         except PeerNetError as exc:
             return error_reply(503, exc.code, exc.message)
-        items = [{"id": d["_id"], "conv": d["conv"], "from": d["from"], "to": d["to"],
-                  "body": d["body"], "ts": d["ts"]} for d in docs]
+        items = [message_item(d) for d in docs]
         nxt = str(docs[-1]["pos"]) if len(docs) == limit else None
         return JSONResponse({"items": items, "next": nxt})
 
