@@ -62,6 +62,13 @@ def _haproxy_maxconn(cfg: PeerNetConfig) -> int:
     return bound if cfg.gateway.placement == "every_node" else min(budget, bound)
 
 
+def _haproxy_threads() -> int:
+    """Half this node's cores, 1 to 4 (Serve's own default is 4 whatever the node). HAProxy only
+    relays the sockets' bytes; with 4 threads on 2 cores it cost 0.22 ms of CPU per DM at 300/s,
+    with 1 thread 0.17-0.18 (docs/benchmarks-journal.md, "One shard of each kind")."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
     """Ray Serve's variables for `cfg.gateway.ingress` (see docs/architecture.md, "The ingress").
 
@@ -90,6 +97,7 @@ def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
         # HAProxy's own cap is 4,096 by default.
         "RAY_SERVE_HAPROXY_MAXCONN": str(_haproxy_maxconn(cfg)),
+        "RAY_SERVE_HAPROXY_NBTHREAD": str(_haproxy_threads()),
         # Fixed ports by default (8404, 9101, 8500): a second cluster on the machine would fail.
         "RAY_SERVE_HAPROXY_STATS_PORT": "",
         "RAY_SERVE_HAPROXY_METRICS_PORT": "",
