@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from bus.conversations import ConversationOp
+from bus.conversations_memory import ConversationState, MemoryConversations
 from bus.inbox import Bounds, CacheBehind, Item
 from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
@@ -22,6 +24,7 @@ class _InboxServer:
     checkpoints: dict[str, dict[int, int]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
+    conversations: ConversationState = field(default_factory=ConversationState)
     down: bool = False
 
 
@@ -59,6 +62,7 @@ class MemoryInboxCache:
         self._server.checkpoints.clear()
         self._server.versions.clear()
         self._server.acked.clear()
+        self._server.conversations.clear()
 
     def set_down(self, down: bool) -> None:
         """Make every call (of every client) raise PeerNetError(unavailable), or stop that."""
@@ -72,7 +76,8 @@ class MemoryInboxCache:
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[str] = ()) -> int:
+                     publish: Sequence[str] = (),
+                     conversations: Sequence[ConversationOp] = ()) -> int:
         self._check()
         if publish and self._pubsub is None:
             raise ValueError("this inbox cache has no pub/sub to publish on")
@@ -99,7 +104,10 @@ class MemoryInboxCache:
             if ckpt:
                 # Redis HSET: partitions not named keep their stored offsets.
                 self._server.checkpoints.setdefault(name, {}).update(ckpt)
+        receipts = self._server.conversations.apply(conversations)
         self._server.versions[checkpoint_name] = current + 1
+        if receipts and self._pubsub is not None:
+            await self._pubsub.publish_many(receipts)
         if publish and self._pubsub is not None:
             await self._pubsub.publish_many([(channel, raw) for channel, (_, _, raw)
                                              in zip(publish, staged, strict=True)])
@@ -159,6 +167,10 @@ class MemoryInboxCache:
     async def acked(self, user: str) -> int:
         self._check()
         return self._server.acked.get(user, 0)
+
+    def conversations(self) -> MemoryConversations:
+        """The conversation index this cache's appends write (bus/conversations.py)."""
+        return MemoryConversations(self._server.conversations, down=lambda: self._server.down)
 
     # -- for assertions in tests -------------------------------------------------------------
 
