@@ -38,14 +38,17 @@ class MemoryInboxCache:
 
     def __init__(self, *, retention_items: int, retention_ms: int,
                  clock: Callable[[], int] = now_ms, pubsub: PubSub | None = None,
-                 _server: _InboxServer | None = None) -> None:
+                 conversation_keep: int = 1_000, _server: _InboxServer | None = None) -> None:
         """`pubsub`: where `append` publishes (as the Redis cache publishes on its own
-        server); without it the cache does not publish."""
+        server); without it the cache does not publish. `conversation_keep`: as
+        RedisInboxCache's."""
         self._retention_items = retention_items
         self._retention_ms = retention_ms
         self._clock = clock
         self._pubsub = pubsub
-        self._server = _server or _InboxServer()
+        if _server is None:
+            _server = _InboxServer(conversations=ConversationState(keep=conversation_keep))
+        self._server = _server
 
     @property
     def publishes(self) -> bool:
