@@ -127,8 +127,10 @@ else
   end
 end
 local out = {}
-for _, row in ipairs(rows) do
+for i, row in ipairs(rows) do
   local conv = row[1]
+  -- The one past the page only says that there is a next page.
+  if i > limit then out[#out + 1] = {conv, row[2], '', 0, {}, ''}; break end
   local last = redis.call('ZREVRANGE', P .. 'cl:' .. conv, 0, 0)[1] or ''
   local unread = redis.call('ZCARD', P .. 'un:' .. conv .. ':' .. user)
   local markers = redis.call('HGETALL', P .. 'rd:' .. conv)

@@ -48,7 +48,9 @@ class InboxCache(Protocol):
       lost reply may publish twice: pushes are at-least-once). Delivery to subscribers is the
       PubSub's (at most once).
     - `append` applies the batch's conversation ops (bus/conversations.py) in the same step,
-      after the items; they name only users of the checkpoint's group, as the items do.
+      after the items; they name only users of the checkpoint's group, as the items do. A
+      cache that `publishes` publishes a read's receipts when it moves a marker; one that does
+      not (a double without pub/sub) drops them.
     """
 
     @property
