@@ -17,6 +17,8 @@ from peernet.wire import parse_recipients
 
 # The records of the messages log that concern conversations.
 CONVERSATION_EVENTS = frozenset({"dm", "group_msg", "read", "group"})
+# Those that are messages: an inbox item each.
+MESSAGE_EVENTS = frozenset({"dm", "group_msg"})
 
 # Groups a rebuild follows at once: every group of the log, as far as memory goes.
 REBUILD_GROUPS = 1_000_000
@@ -91,7 +93,7 @@ class ConversationRebuild:
                 recipients = parse_recipients(record.headers)
                 if is_group_record(record.key):
                     recipients = self._memberships.recipients(event, recipients)
-                if event.type in ("dm", "group_msg") and self._seen_before(event.id):
+                if event.type in MESSAGE_EVENTS and self._seen_before(event.id):
                     continue
                 op = conversation_op(event, record.offset, recipients, notify=False)
             except (EnvelopeError, KeyError, TypeError, ValueError):

@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from actors.consuming import ConsumerLoop, until_ok
-from actors.conversations import conversation_op
+from actors.conversations import MESSAGE_EVENTS, conversation_op
 from actors.groups import Memberships, is_group_record
 from actors.inbox_items import inbox_item
-from bus.conversations import ConversationOp, MessageOp
+from bus.conversations import ConversationOp
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
@@ -248,8 +248,12 @@ class SessionShard:
         if event is None:
             return
         items = [(user, inbox_item(event, user)) for user in mine]  # raises before any admit
-        # A conversation's position is its record's offset in the conversation's partition.
-        op = conversation_op(event, record.offset, mine, notify=True)
+        # A conversation's position is its record's offset in the conversation's partition. A
+        # message's op names the inboxes it entered (a duplicate record is no new message), so
+        # it is made after the admits; the others' before, so that a malformed one raises
+        # before any admit.
+        message = event.type in MESSAGE_EVENTS
+        op = None if message else conversation_op(event, record.offset, mine, notify=True)
         admitted = []
         for user, item in items:
             if item is None:
@@ -262,9 +266,8 @@ class SessionShard:
             item["seq"] = seq
             pending.append((user, item, (record.partition, record.offset, record.topic)))
             admitted.append(user)
-        if isinstance(op, MessageOp):
-            # Only for the inboxes it entered: a duplicate record is no new message.
-            op = replace(op, users=tuple(admitted)) if admitted else None
+        if message:
+            op = conversation_op(event, record.offset, admitted, notify=True)
         if op is not None:
             convs.append(op)
 

@@ -133,8 +133,9 @@ class ConversationIndex(Protocol):
       one message and one read.
     - `page` and `locate` are each one round trip; a page's cost grows with its size, not with
       the user's number of conversations.
-    - The index keeps the newest `keep` message ids of each conversation for `locate`; older
-      ones read as unknown (pos None), the caller looks them up in the store of record.
+    - The index keeps at least the newest `keep` message ids of each conversation for
+      `locate` (on Redis a few more, trimmed now and then); older ones read as unknown (pos
+      None), the caller looks them up in the store of record.
     - Every method raises PeerNetError(unavailable) when the store does not answer.
     """
 

@@ -6,8 +6,9 @@ Keys, `P` = `inbox:{G}:` (a conversation's keys exist once per group that holds 
 - `P cv:{user}`: the user's conversations (sorted set, score the last activity's ts)
 - `P un:{conv}:{user}`: the user's unread messages from others (sorted set of their pos)
 - `P cm:{conv}`: the conversation's newest message ids (sorted set, score pos), `keep` of them
-- `P cl:{conv}`: its newest message as history gives it (sorted set of one, score pos)
-- `P rd:{conv}`: every member's marker (hash, user -> "pos:id")
+  and at most a few more
+- `P rd:{conv}`: every member's marker (hash, user -> "pos:id") and, under `~` (no user id
+  has it), the newest message as history gives it ("pos:" and its msgpack)
 - `P gm:{conv}`: a group's state (hash, v: version, d: msgpack state)
 """
 
@@ -39,6 +40,7 @@ from peernet.wire import user_channel
 # that a shard's batch writes its items and its conversations in one step. Numbers stay under
 # 10^14 (offsets, ms), which Lua turns into strings without an exponent.
 CONVERSATION_OPS_LUA = """
+local LAST = '~'
 local function marker_pos(m)
   if not m then return -1 end
   return tonumber(string.match(m, '^(%d+)'))
@@ -48,21 +50,28 @@ local function conversation_ops(P, ops, keep)
     local kind, conv = op[1], op[2]
     if kind == 'm' then
       -- m, conv, pos, id, from, ts, message, users
-      local pos, cm = op[3], P .. 'cm:' .. conv
-      local fresh = redis.call('ZADD', cm, 'NX', pos, op[4]) == 1
+      local pos, id, cm = op[3], op[4], P .. 'cm:' .. conv
+      local fresh = redis.call('ZADD', cm, 'NX', pos, id) == 1
       -- Another record of a message already indexed (a producer's retry) changes nothing.
-      if fresh or tonumber(redis.call('ZSCORE', cm, op[4])) == pos then
-        if fresh then redis.call('ZREMRANGEBYRANK', cm, 0, -(keep + 1)) end
-        local cl = P .. 'cl:' .. conv
-        redis.call('ZADD', cl, pos, op[7])
-        redis.call('ZREMRANGEBYRANK', cl, 0, -2)
-        local rd = P .. 'rd:' .. conv
+      if fresh or tonumber(redis.call('ZSCORE', cm, id)) == pos then
+        -- Trimmed at about one message in 16 (an id's last character is random), a command
+        -- saved on the others: the index holds `keep` ids and at most a few more.
+        if fresh and string.byte(id, -1) % 16 == 0 then
+          redis.call('ZREMRANGEBYRANK', cm, 0, -(keep + 1))
+        end
+        -- The newest message and the recipients' markers are one hash: one read for both.
+        local rd, fields = P .. 'rd:' .. conv, {LAST}
         for _, u in ipairs(op[8]) do
-          redis.call('ZADD', P .. 'cv:' .. u, 'GT', op[6], conv)
-          if u ~= op[5] and marker_pos(redis.call('HGET', rd, u)) < pos then
-            redis.call('ZADD', P .. 'un:' .. conv .. ':' .. u, pos, pos)
+          if u ~= op[5] then fields[#fields + 1] = u end
+        end
+        local got = redis.call('HMGET', rd, unpack(fields))
+        if marker_pos(got[1]) < pos then redis.call('HSET', rd, LAST, pos .. ':' .. op[7]) end
+        for i = 2, #fields do
+          if marker_pos(got[i]) < pos then
+            redis.call('ZADD', P .. 'un:' .. conv .. ':' .. fields[i], pos, pos)
           end
         end
+        for _, u in ipairs(op[8]) do redis.call('ZADD', P .. 'cv:' .. u, 'GT', op[6], conv) end
       end
     elseif kind == 'r' then
       -- r, conv, pos, id, user, users, channels, receipt
@@ -100,7 +109,8 @@ return 1
 """
 
 # One page of a user's list. KEYS[1]: `P cv:{user}`. ARGV: P, user, limit, cursor ts ('' none),
-# cursor conv. Returns {conv, ts, last ('' none), unread, markers (flat), group state ('' none)}
+# cursor conv. Returns {conv, ts, unread, markers and the newest message (flat), group state
+# ('' none)}
 # for up to limit + 1 conversations (one more than asked: whether there is a next page).
 _PAGE = """
 local key, P, user, limit = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -130,18 +140,20 @@ local out = {}
 for i, row in ipairs(rows) do
   local conv = row[1]
   -- The one past the page only says that there is a next page.
-  if i > limit then out[#out + 1] = {conv, row[2], '', 0, {}, ''}; break end
-  local last = redis.call('ZREVRANGE', P .. 'cl:' .. conv, 0, 0)[1] or ''
+  if i > limit then out[#out + 1] = {conv, row[2], 0, {}, ''}; break end
   local unread = redis.call('ZCARD', P .. 'un:' .. conv .. ':' .. user)
   local markers = redis.call('HGETALL', P .. 'rd:' .. conv)
   local state = ''
   if string.sub(conv, 1, 2) == 'g:' then state = redis.call('HGET', P .. 'gm:' .. conv, 'd') or '' end
-  out[#out + 1] = {conv, row[2], last, unread, markers, state}
+  out[#out + 1] = {conv, row[2], unread, markers, state}
 end
 return out
 """
 
 _ERRORS = (RedisError, OSError, TimeoutError)
+
+# The field of a conversation's markers hash that holds its newest message (CONVERSATION_OPS_LUA).
+LAST_FIELD = "~"
 
 
 def encode_ops(ops: Sequence[ConversationOp]) -> list[list[Any]]:
@@ -214,12 +226,17 @@ class RedisConversations:
             prefix, user, limit, "" if before is None else before.ts,
             "" if before is None else before.conv])
         items = []
-        for conv, ts, last, unread, markers, state in rows:
-            read = {_s(markers[i]): _s(markers[i + 1]).partition(":")[2]
-                    for i in range(0, len(markers), 2)}
+        for conv, ts, unread, markers, state in rows:
+            read, last = {}, None
+            for i in range(0, len(markers), 2):
+                field, value = _s(markers[i]), bytes(markers[i + 1])
+                if field == LAST_FIELD:
+                    last = unpack(value.partition(b":")[2])
+                else:
+                    read[field] = value.decode().partition(":")[2]
             items.append(Conversation(
-                conv=_s(conv), ts=int(float(_s(ts))), last=unpack(last) if last else None,
-                unread=int(unread), read=read, group=unpack(state) if state else None))
+                conv=_s(conv), ts=int(float(_s(ts))), last=last, unread=int(unread), read=read,
+                group=unpack(state) if state else None))
         nxt = None
         if len(items) > limit:
             items = items[:limit]
