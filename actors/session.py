@@ -31,7 +31,7 @@ from actors.consuming import ConsumerLoop, until_ok
 from actors.conversations import MESSAGE_EVENTS, conversation_op
 from actors.groups import Memberships, is_group_record
 from actors.inbox_items import inbox_item
-from bus.conversations import ConversationOp
+from bus.conversations import ConversationOp, MessageOp
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
@@ -379,6 +379,7 @@ class SessionShard:
                 records = await reader.poll(max_records=self._cfg.shards.max_batch, timeout_ms=500)
                 batch: list[tuple[str, Item]] = []
                 unpublished: list[tuple[str, Item]] = []
+                convs: list[ConversationOp] = []
                 for record in records:
                     entry = unpack(record.value)
                     user, item = entry["user"], entry["item"]
@@ -396,10 +397,12 @@ class SessionShard:
                     batch.append((user, item))
                     if record.offset >= published_upto.get(record.partition, 0):
                         unpublished.append((user, item))
+                        if not behind:
+                            convs.extend(self._restored_op(user, item, src))
                 checkpoint = await reader.positions()
                 self._checkpoint = {p: o for p, o in checkpoint.items()}
                 if batch:
-                    await self._write_cache(batch)
+                    await self._write_cache(batch, (), convs)
                     await self._publish(unpublished)
                     restored += len(batch)
             if not restored:
@@ -411,6 +414,18 @@ class SessionShard:
                      self.index, restored)
         finally:
             await reader.stop()
+
+    def _restored_op(self, user: str, item: Item, src: Sequence[object] | None
+                     ) -> list[ConversationOp]:
+        """The conversation index's op of a message the inbox log holds and the cache never
+        had (the shard died between the two): the index entry went with the cache write that
+        never ran. A membership change's or a read's op cannot be made from the inbox log (a
+        read is no inbox item): those of such a batch wait for `peernet replay`. After a wipe
+        nothing is made here: without the markers every message would count as unread."""
+        if item.get("t") != "msg" or not src or len(src) < 3 or src[2] != self._cfg.topics.messages:
+            return []
+        message = {k: v for k, v in item.items() if k not in ("t", "seq")}
+        return [MessageOp(str(item["conv"]), int(str(src[1])), message, (user,))]
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
         # Retried, never skipped: the same seqs go again.
