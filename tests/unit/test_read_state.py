@@ -1,14 +1,16 @@
 """Read state and the conversation index, as plain logic: what each record does to the index
 (actors/conversations.py), the session shard writing it with the items and publishing receipts
-(on the in-memory log, inbox cache and pub/sub), the rebuild replay runs, and the projector's
-forward-only markers."""
+(on the in-memory log, inbox cache and pub/sub), the rebuild replay runs, the projector's
+forward-only markers, and the gateway's `read` (serve/reads.py) on in-memory backends."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway_harness import Gateway, gateway
 from test_actors_session import Rig, rig  # noqa: F401 (the fixture)
 from test_projector import CountingStore, Log
+from unit_helpers import unique_user
 
 from actors.conversations import ConversationRebuild, conversation_op, history_message
 from actors.projector import Projector
@@ -125,3 +127,34 @@ async def test_the_projector_keeps_each_users_furthest_marker() -> None:
     docs: list[dict[str, Any]] = await store.documents("reads")
     assert [(d["_id"], d["id"], d["pos"]) for d in docs] == [
         ("dm:ann:bob:ann", "m2", 2), ("dm:ann:bob:bob", "m6", 6)]
+
+
+def read_events(gw: Gateway) -> list[Event]:
+    records = gw.log.records(gw.cfg.topics.messages)
+    return [e for e in (Event.decode(r.value) for r in records) if e.type == "read"]
+
+
+def test_the_read_frame_finds_its_message_appends_once_and_never_goes_back() -> None:
+    alice, bob = unique_user("a"), unique_user("b")
+    lo, hi = sorted([alice, bob])
+    conv = f"dm:{lo}:{hi}"
+    with gateway() as gw, gw.connect(bob) as (ws, _):
+        index = gw.inbox.conversations()
+        # One message the index holds, one only the store of record has (older than it keeps).
+        gw.run(lambda: index.apply([MessageOp(conv, 9, {"id": "new", "conv": conv, "from": alice,
+                                                        "to": bob, "body": "x", "ts": 1},
+                                              (alice, bob))]))
+        gw.run(lambda: gw.store.insert_new("messages", [
+            {"_id": "old", "conv": conv, "from": alice, "to": bob, "body": "y", "ts": 0,
+             "pos": 4}]))
+        assert ws.request({"t": "read", "rid": 1, "conv": conv, "id": "old"}) == {
+            "t": "ok", "rid": 1}
+        (event,) = read_events(gw)
+        assert event.actor == bob and event.data == {"conv": conv, "id": "old", "pos": 4}
+        # As the shard applies it: then an older or equal read appends nothing.
+        gw.run(lambda: index.apply([ReadOp(conv, 9, "new", bob, 2, (alice, bob))]))
+        for rid, msg_id in ((2, "old"), (3, "new")):
+            assert ws.request({"t": "read", "rid": rid, "conv": conv, "id": msg_id})["t"] == "ok"
+        assert len(read_events(gw)) == 1
+        reply = ws.request({"t": "read", "rid": 4, "conv": conv, "id": "gone"})
+        assert reply["t"] == "error" and reply["code"] == "not_found"
