@@ -1,5 +1,5 @@
 """Projections: the store of record (MongoDB) written from the event log by a consumer group:
-users, follows, posts, likes, notes, messages, groups and group memberships.
+users, follows, posts, likes, notes, messages, groups, group memberships and read markers.
 
 Documents that never change once written (users, posts, notes, messages) are inserted, keyed by
 event id or user id, and one whose `_id` exists is left as it is; follows and likes, which an
@@ -28,7 +28,10 @@ PROJECTIONS_GROUP = "peernet.projections"
 
 # The collections of the store of record, each written only here (and by `peernet replay`).
 PROJECTIONS = ("users", "follows", "posts", "likes", "notes", "messages", "groups",
-               "memberships")
+               "memberships", "reads")
+
+# Read markers only move forward: a `reads` document is written only over one further back.
+FORWARD_ONLY = "reads"
 
 # Those whose documents are made from one event alone and never change or go: written with
 # DocumentStore.insert_new, which costs SecantusDB a fraction of an upsert. A document that may
@@ -42,7 +45,7 @@ REMEMBERED_USERS = 50_000
 
 # An index for each query made of them: history pages of a conversation; a user's followers
 # and followees; an author's posts; a post's likes and a user's likes; a user's notes; a user's
-# groups and a group's members.
+# groups and a group's members; a conversation's markers.
 PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
     ("messages", [("conv", 1), ("pos", -1)]),
     ("follows", [("follower", 1), ("ts", -1)]),
@@ -53,6 +56,7 @@ PROJECTION_INDEXES: tuple[tuple[str, list[tuple[str, int]]], ...] = (
     ("notes", [("user", 1), ("ts", -1)]),
     ("memberships", [("user", 1), ("ts", -1)]),
     ("memberships", [("conv", 1), ("ts", -1)]),
+    ("reads", [("conv", 1), ("pos", -1)]),
 )
 
 
@@ -80,6 +84,14 @@ def project(event: Event, offset: int, writes: dict[str, dict[str, Document | No
             "ts": event.ts, "pos": offset})
     elif event.type == "group":
         _project_group(event, writes)
+    elif event.type == "read":
+        # A user's marker in a conversation, {_id: conv:user}: the furthest of the batch.
+        key = f"{d['conv']}:{actor}"
+        pos = int(d["pos"])
+        known = writes["reads"].get(key)
+        if known is None or known["pos"] < pos:
+            writes["reads"][key] = {"_id": key, "conv": str(d["conv"]), "user": actor,
+                                    "id": str(d["id"]), "pos": pos, "ts": event.ts}
     elif event.type in ("follow", "unfollow"):
         target = str(d["user"])
         users.setdefault(target, {"_id": target})
@@ -235,6 +247,8 @@ class Projector:
                 self._count_error(f"malformed {event.type} event {event.id}", exc)
         # Users already written are left out; the rest are inserted like any other document.
         writes["users"] = {u: d for u, d in writes["users"].items() if not self._users.seen(u)}
+        if writes[FORWARD_ONLY]:
+            writes[FORWARD_ONLY] = await self._forward(writes[FORWARD_ONLY])
         for collection, docs in writes.items():
             if collection in INSERTED:
                 inserts = [d for d in docs.values() if d is not None]
@@ -252,6 +266,14 @@ class Projector:
             if deletes:
                 await self._store.delete(collection, deletes)
             self.stats.written += len(upserts) + len(deletes)
+
+    async def _forward(self, markers: dict[str, Document | None]) -> dict[str, Document | None]:
+        """The markers that move forward: two reads of one user may reach the log in either
+        order (two devices), and a replay writes old ones beside the live projector. One read
+        of the batch's markers; the projector is the only live writer of the collection."""
+        stored = {d["_id"]: d for d in await self._store.documents(FORWARD_ONLY, list(markers))}
+        return {k: d for k, d in markers.items()
+                if d is not None and (k not in stored or stored[k]["pos"] < d["pos"])}
 
     def _count_error(self, what: str, exc: BaseException, trace: bool = False) -> None:
         self.stats.errors += 1

@@ -1,5 +1,6 @@
-"""`peernet replay`: rebuild the Redis feeds, graph and like sets, the groups' membership and the
-MongoDB projections from the logs, offset 0 to the end as of the start, by the same code the
+"""`peernet replay`: rebuild the Redis feeds, graph and like sets, the groups' membership, the
+conversation index (every user's conversations, last messages, unread messages and read
+markers) and the MongoDB projections from the logs, offset 0 to the end as of the start, by the same code the
 FeedShards and the Projector run live (without live pushes); each group's state is written as
 its membership changes leave it (bus/groups.py: a newer state is never overwritten by an older).
 
@@ -17,9 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from actors.conversations import ConversationRebuild
 from actors.feed import FeedShard
 from actors.groups import group_state, is_group_record
 from actors.projector import PROJECTIONS, Projector
+from bus.conversations import ConversationIndex
 from bus.eventlog import EventLog, Record
 from bus.feeds import FeedFanout
 from bus.groups import Group, GroupStore
@@ -35,6 +38,7 @@ class ReplayResult:
     records: int = 0
     social_events: int = 0
     group_changes: int = 0
+    conversation_ops: int = 0
     feed_inserts: int = 0
     keys_wiped: int = 0
     documents_wiped: int = 0
@@ -84,11 +88,15 @@ def group_changes(records: Sequence[Record]) -> list[Group]:
 
 
 async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: DocumentStore, *,
-                 groups: GroupStore | None = None, wipe: bool = False, out: TextIO | None = None,
+                 groups: GroupStore | None = None,
+                 conversations: ConversationIndex | None = None, wipe: bool = False,
+                 out: TextIO | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ReplayResult:
     """Rebuild feeds and projections from the event log, and projections and (given `groups`)
-    the groups' membership from the messages log (see the module docstring). With `wipe`, the
-    groups go with the feed keyspace they share (bus/groups_redis.py)."""
+    the groups' membership and (given `conversations`) the conversation index from the messages
+    log (see the module docstring). With `wipe`, the groups go with the feed keyspace they share
+    (bus/groups_redis.py); the conversation index is not wiped: its writes only merge (a marker
+    forward, activity up, a state by version), so writing it again converges."""
     started = time.monotonic()
     result = ReplayResult()
     if wipe:
@@ -96,6 +104,7 @@ async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: D
         for collection in PROJECTIONS:
             result.documents_wiped += await store.clear(collection)
     shard = FeedShard(0, 1, cfg, log_, feeds, push=False)
+    rebuild = ConversationRebuild()
     projector = Projector(cfg, log_, store)
     await projector.ensure_indexes()
     # The event log rebuilds feeds and projections; the messages log (DMs), projections only.
@@ -129,6 +138,10 @@ async def replay(cfg: PeerNetConfig, log_: EventLog, feeds: FeedFanout, store: D
                     states = group_changes(records)
                     await groups.put_many(states)
                     result.group_changes += len(states)
+                if conversations is not None and (not social or cfg.topics.messages == cfg.topics.events):
+                    ops = rebuild.ops(records)
+                    await conversations.apply(ops)
+                    result.conversation_ops += len(ops)
                 await projector.apply(records)
                 result.records += len(records)
                 progress.update(result.records)
@@ -152,7 +165,8 @@ def run(cfg: PeerNetConfig, *, wipe: bool) -> int:
         await b.log.start()
         await b.store.start()
         try:
-            return await replay(cfg, b.log, b.feeds, b.store, groups=b.groups, wipe=wipe)
+            return await replay(cfg, b.log, b.feeds, b.store, groups=b.groups,
+                                conversations=b.conversations, wipe=wipe)
         finally:
             await b.log.stop()
             await b.store.stop()
@@ -169,7 +183,8 @@ def run(cfg: PeerNetConfig, *, wipe: bool) -> int:
     wiped = (f"; wiped {r.keys_wiped:,} keys and {r.documents_wiped:,} documents first"
              if wipe else "")
     print(f"peernet replay: {r.records:,} records ({r.social_events:,} social events, "
-          f"{r.feed_inserts:,} feed entries, {r.group_changes:,} group changes) "
+          f"{r.feed_inserts:,} feed entries, {r.group_changes:,} group changes, "
+          f"{r.conversation_ops:,} conversation updates) "
           f"from {cfg.topics.events} and {cfg.topics.messages} "
           f"in {r.seconds:.1f}s{wiped}")
     return 0

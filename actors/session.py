@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from actors.consuming import ConsumerLoop, until_ok
+from actors.conversations import MESSAGE_EVENTS, conversation_op
 from actors.groups import Memberships, is_group_record
 from actors.inbox_items import inbox_item
+from bus.conversations import ConversationOp, MessageOp
 from bus.eventlog import ConsumerLag, EventLog, Record
 from bus.inbox import CacheBehind, InboxCache, Item
 from bus.pubsub import PubSub
@@ -194,6 +196,7 @@ class SessionShard:
     async def process(self, records: Sequence[Record]) -> None:
         """Deliver the events of `records` to the inboxes of the users this shard owns."""
         pending: list[tuple[str, Item, Source]] = []
+        convs: list[ConversationOp] = []  # the conversation index's ops, in log order
         self._queued += len(records)
         handled = 0  # of `records`, counted off `_queued` already
         try:
@@ -206,7 +209,7 @@ class SessionShard:
                         self.stats.duplicates_dropped += sum(
                             1 for u in parse_recipients(record.headers) if self.owns(u))
                         continue
-                    await self._collect(record, pending)
+                    await self._collect(record, pending, convs)
                 except Exception as exc:  # one bad record must not stop every user's delivery
                     self.stats.records_skipped += 1
                     self._count_error(f"event at {record.topic}/{record.partition}/{record.offset}", exc)
@@ -217,8 +220,8 @@ class SessionShard:
             for record in records:
                 position = self._position(record.topic)
                 position[record.partition] = max(position.get(record.partition, 0), record.offset + 1)
-            if pending:
-                await self._persist(pending)
+            if pending or convs:
+                await self._persist(pending, convs)
         finally:
             self._queued -= len(records) - handled
 
@@ -226,7 +229,8 @@ class SessionShard:
         """The next position to deliver of each partition of `topic` (the events watermark)."""
         return self._positions.setdefault(topic, {})
 
-    async def _collect(self, record: Record, pending: list[tuple[str, Item, Source]]) -> None:
+    async def _collect(self, record: Record, pending: list[tuple[str, Item, Source]],
+                       convs: list[ConversationOp]) -> None:
         recipients = parse_recipients(record.headers)
         event: Event | None = None
         if is_group_record(record.key):
@@ -244,6 +248,13 @@ class SessionShard:
         if event is None:
             return
         items = [(user, inbox_item(event, user)) for user in mine]  # raises before any admit
+        # A conversation's position is its record's offset in the conversation's partition. A
+        # message's op names the inboxes it entered (a duplicate record is no new message), so
+        # it is made after the admits; the others' before, so that a malformed one raises
+        # before any admit.
+        message = event.type in MESSAGE_EVENTS
+        op = None if message else conversation_op(event, record.offset, mine, notify=True)
+        admitted = []
         for user, item in items:
             if item is None:
                 continue
@@ -254,6 +265,11 @@ class SessionShard:
                 continue
             item["seq"] = seq
             pending.append((user, item, (record.partition, record.offset, record.topic)))
+            admitted.append(user)
+        if message:
+            op = conversation_op(event, record.offset, admitted, notify=True)
+        if op is not None:
+            convs.append(op)
 
     def _decode(self, record: Record) -> Event | None:
         try:
@@ -269,13 +285,15 @@ class SessionShard:
         p, o, topic = src
         return [p, o] if topic == self._cfg.topics.events else [p, o, topic]
 
-    async def _persist(self, pending: list[tuple[str, Item, Source]]) -> None:
+    async def _persist(self, pending: list[tuple[str, Item, Source]],
+                       convs: Sequence[ConversationOp] = ()) -> None:
         topic = self._cfg.topics.inbox
         entries = [(user.encode(), pack({"user": user, "item": item, "src": self._source(src)}), ())
                    for user, item, src in pending]
         # Until the log has them, nothing else happens; the same seqs are retried, so a failed
         # attempt can leave a duplicate in the log but never a gap or a second numbering.
-        appended = await self._retry("append inbox", lambda: self._log.append_many(topic, entries))
+        appended = (await self._retry("append inbox", lambda: self._log.append_many(topic, entries))
+                    if entries else [])
         for meta in appended:
             self._checkpoint[meta.partition] = max(self._checkpoint.get(meta.partition, 0),
                                                    meta.offset + 1)
@@ -284,16 +302,16 @@ class SessionShard:
             # One Redis call for the batch: items, checkpoints and the pushes (each item as
             # stored, on its user's channel) together.
             channels = [user_channel(user) for user, _ in items]
-            await self._retry("cache inbox", lambda: self._cache_append(items, channels))
+            await self._retry("cache inbox", lambda: self._cache_append(items, channels, convs))
         else:
-            await self._retry("cache inbox", lambda: self._cache_append(items))
+            await self._retry("cache inbox", lambda: self._cache_append(items, (), convs))
             await self._publish(items)
         self.stats.items_delivered += len(items)
 
-    async def _cache_append(self, items: list[tuple[str, Item]],
-                            channels: Sequence[str] = ()) -> None:
+    async def _cache_append(self, items: list[tuple[str, Item]], channels: Sequence[str] = (),
+                            convs: Sequence[ConversationOp] = ()) -> None:
         try:
-            await self._write_cache(items, channels)
+            await self._write_cache(items, channels, convs)
         except CacheBehind as exc:
             # The cache was wiped or lost its latest writes: rebuild it from the inbox log (which
             # already holds `items`), then write them again (a harmless replace).
@@ -301,14 +319,14 @@ class SessionShard:
                         self.index, exc)
             self.stats.cache_rebuilds += 1
             await self._catch_up(behind=True)
-            await self._write_cache(items, channels)
+            await self._write_cache(items, channels, convs)
 
-    async def _write_cache(self, items: list[tuple[str, Item]],
-                           channels: Sequence[str] = ()) -> None:
+    async def _write_cache(self, items: list[tuple[str, Item]], channels: Sequence[str] = (),
+                           convs: Sequence[ConversationOp] = ()) -> None:
         self._version = await self._cache.append(
             items, checkpoint_name=self.checkpoint_name, checkpoint=self._checkpoint,
             also={self.watermark_name_of(t): pos for t, pos in self._positions.items()},
-            expect_version=self._version, publish=channels)
+            expect_version=self._version, publish=channels, conversations=convs)
 
     async def _publish(self, items: list[tuple[str, Item]]) -> None:
         # Best effort: a connection that misses a push sees the gap and the item stays in the
@@ -361,6 +379,7 @@ class SessionShard:
                 records = await reader.poll(max_records=self._cfg.shards.max_batch, timeout_ms=500)
                 batch: list[tuple[str, Item]] = []
                 unpublished: list[tuple[str, Item]] = []
+                convs: list[ConversationOp] = []
                 for record in records:
                     entry = unpack(record.value)
                     user, item = entry["user"], entry["item"]
@@ -378,10 +397,12 @@ class SessionShard:
                     batch.append((user, item))
                     if record.offset >= published_upto.get(record.partition, 0):
                         unpublished.append((user, item))
+                        if not behind:
+                            convs.extend(self._restored_op(user, item, src))
                 checkpoint = await reader.positions()
                 self._checkpoint = {p: o for p, o in checkpoint.items()}
                 if batch:
-                    await self._write_cache(batch)
+                    await self._write_cache(batch, (), convs)
                     await self._publish(unpublished)
                     restored += len(batch)
             if not restored:
@@ -393,6 +414,18 @@ class SessionShard:
                      self.index, restored)
         finally:
             await reader.stop()
+
+    def _restored_op(self, user: str, item: Item, src: Sequence[object] | None
+                     ) -> list[ConversationOp]:
+        """The conversation index's op of a message the inbox log holds and the cache never
+        had (the shard died between the two): the index entry went with the cache write that
+        never ran. A membership change's or a read's op cannot be made from the inbox log (a
+        read is no inbox item): those of such a batch wait for `peernet replay`. After a wipe
+        nothing is made here: without the markers every message would count as unread."""
+        if item.get("t") != "msg" or not src or len(src) < 3 or src[2] != self._cfg.topics.messages:
+            return []
+        message = {k: v for k, v in item.items() if k not in ("t", "seq")}
+        return [MessageOp(str(item["conv"]), int(str(src[1])), message, (user,))]
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
         # Retried, never skipped: the same seqs go again.

@@ -7,6 +7,8 @@ import contextlib
 from dataclasses import dataclass
 
 from bus.cache import Cache
+from bus.conversations import ConversationIndex
+from bus.conversations_redis import RedisConversations
 from bus.eventlog import EventLog
 from bus.feeds import Feeds
 from bus.feeds_redis import feed_store
@@ -35,6 +37,7 @@ class Backends:
     feeds: Feeds
     presence: PresenceStore
     groups: GroupStore
+    conversations: ConversationIndex
 
     async def start(self) -> None:
         await self.log.start()
@@ -51,19 +54,30 @@ class Backends:
 def backends(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> Backends:
     """Every backend on the configured services; `linger_ms` is the event log producer's."""
     s = cfg.services
+    inbox = RedisInboxCache(redis_client(s.redis_url),
+                            retention_items=cfg.shards.inbox_retention_items,
+                            retention_ms=cfg.shards.inbox_retention_ms,
+                            slots=session_slots(cfg.shards.session_shards),
+                            conversation_keep=cfg.shards.conversation_index_keep)
     return Backends(
         log=event_log(cfg, client_id=client_id, linger_ms=linger_ms),
         cache=RedisCache(s.redis_url),
         pubsub=RedisPubSub(s.redis_url),
-        inbox=RedisInboxCache(redis_client(s.redis_url),
-                              retention_items=cfg.shards.inbox_retention_items,
-                              retention_ms=cfg.shards.inbox_retention_ms,
-                              slots=session_slots(cfg.shards.session_shards)),
+        inbox=inbox,
         store=MongoDocumentStore(s.mongo_url, s.mongo_db),
         feeds=feed_store(cfg),
         presence=presence_store(cfg),
         groups=group_store(cfg),
+        # The inbox's client and slot groups: a shard writes both in one script.
+        conversations=conversation_index(cfg, inbox),
     )
+
+
+def conversation_index(cfg: PeerNetConfig, inbox: RedisInboxCache) -> RedisConversations:
+    """The conversation index beside `inbox` (its keys in the inbox's slot groups)."""
+    return RedisConversations(redis_client(cfg.services.redis_url), prefix_of=inbox.user_prefix,
+                              group_of=inbox.user_group,
+                              keep=cfg.shards.conversation_index_keep)
 
 
 def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> EventLog:

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bus.conversations import ConversationOp
+
 Item = dict[str, Any]  # an inbox frame: {"t": "msg"|"note", "seq": S, "id": ID, "ts": TS, ...}
 
 
@@ -45,6 +47,10 @@ class InboxCache(Protocol):
       cache, and an append that stored nothing published nothing (an append retried after a
       lost reply may publish twice: pushes are at-least-once). Delivery to subscribers is the
       PubSub's (at most once).
+    - `append` applies the batch's conversation ops (bus/conversations.py) in the same step,
+      after the items; they name only users of the checkpoint's group, as the items do. A
+      cache that `publishes` publishes a read's receipts when it moves a marker; one that does
+      not (a double without pub/sub) drops them.
     """
 
     @property
@@ -55,12 +61,13 @@ class InboxCache(Protocol):
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[str] = ()) -> int:
+                     publish: Sequence[str] = (),
+                     conversations: Sequence[ConversationOp] = ()) -> int:
         """Store `items`, `checkpoint` under `checkpoint_name` and the `also` checkpoints
-        (merged per partition) atomically, then publish item i, packed as stored, on channel
-        `publish[i]` (`publish` empty: nothing, else one channel per item; ValueError
-        otherwise); returns the new version of `checkpoint_name`. Nothing is published when it
-        raises CacheBehind."""
+        (merged per partition) and apply `conversations` atomically, then publish item i,
+        packed as stored, on channel `publish[i]` (`publish` empty: nothing, else one channel
+        per item; ValueError otherwise); returns the new version of `checkpoint_name`. Nothing
+        is published when it raises CacheBehind (read receipts neither)."""
 
     async def version(self, name: str) -> int:
         """The version of checkpoint `name` (0 when the cache has none)."""

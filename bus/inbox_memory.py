@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from bus.conversations import ConversationOp
+from bus.conversations_memory import ConversationState, MemoryConversations
 from bus.inbox import Bounds, CacheBehind, Item
 from bus.pubsub import PubSub
 from peernet.codec import pack, unpack
@@ -22,6 +24,7 @@ class _InboxServer:
     checkpoints: dict[str, dict[int, int]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
+    conversations: ConversationState = field(default_factory=ConversationState)
     down: bool = False
 
 
@@ -35,14 +38,17 @@ class MemoryInboxCache:
 
     def __init__(self, *, retention_items: int, retention_ms: int,
                  clock: Callable[[], int] = now_ms, pubsub: PubSub | None = None,
-                 _server: _InboxServer | None = None) -> None:
+                 conversation_keep: int = 1_000, _server: _InboxServer | None = None) -> None:
         """`pubsub`: where `append` publishes (as the Redis cache publishes on its own
-        server); without it the cache does not publish."""
+        server); without it the cache does not publish. `conversation_keep`: as
+        RedisInboxCache's."""
         self._retention_items = retention_items
         self._retention_ms = retention_ms
         self._clock = clock
         self._pubsub = pubsub
-        self._server = _server or _InboxServer()
+        if _server is None:
+            _server = _InboxServer(conversations=ConversationState(keep=conversation_keep))
+        self._server = _server
 
     @property
     def publishes(self) -> bool:
@@ -59,6 +65,7 @@ class MemoryInboxCache:
         self._server.checkpoints.clear()
         self._server.versions.clear()
         self._server.acked.clear()
+        self._server.conversations.clear()
 
     def set_down(self, down: bool) -> None:
         """Make every call (of every client) raise PeerNetError(unavailable), or stop that."""
@@ -72,7 +79,8 @@ class MemoryInboxCache:
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[str] = ()) -> int:
+                     publish: Sequence[str] = (),
+                     conversations: Sequence[ConversationOp] = ()) -> int:
         self._check()
         if publish and self._pubsub is None:
             raise ValueError("this inbox cache has no pub/sub to publish on")
@@ -99,7 +107,10 @@ class MemoryInboxCache:
             if ckpt:
                 # Redis HSET: partitions not named keep their stored offsets.
                 self._server.checkpoints.setdefault(name, {}).update(ckpt)
+        receipts = self._server.conversations.apply(conversations)
         self._server.versions[checkpoint_name] = current + 1
+        if receipts and self._pubsub is not None:
+            await self._pubsub.publish_many(receipts)
         if publish and self._pubsub is not None:
             await self._pubsub.publish_many([(channel, raw) for channel, (_, _, raw)
                                              in zip(publish, staged, strict=True)])
@@ -159,6 +170,10 @@ class MemoryInboxCache:
     async def acked(self, user: str) -> int:
         self._check()
         return self._server.acked.get(user, 0)
+
+    def conversations(self) -> MemoryConversations:
+        """The conversation index this cache's appends write (bus/conversations.py)."""
+        return MemoryConversations(self._server.conversations, down=lambda: self._server.down)
 
     # -- for assertions in tests -------------------------------------------------------------
 

@@ -8,6 +8,9 @@ so that one script stores a batch's items with its checkpoints atomically):
 - `inbox:{G}:ckptv:{name}`, `inbox:{G}:ckpt:{name}`: a checkpoint's version and offsets, G the
   checkpoint's group
 - `inbox:acked`: every user's acked seq (a hash)
+
+and the conversation index's keys in the users' groups (bus/conversations_redis.py), which an
+append writes with the items.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from bus.conversations import ConversationOp, named_users
+from bus.conversations_redis import CONVERSATION_OPS_LUA, encode_ops
 from bus.inbox import Bounds, CacheBehind, Item
 from bus.redis import RedisClient, hash_tag
 from peernet.codec import pack, pack_raw, unpack
@@ -85,8 +90,10 @@ def session_slots(count: int) -> InboxSlots:
 # KEYS[1]: the version key (every key it builds shares its slot: `req.prefix`). ARGV[1] is the
 # request, one msgpack argument; ARGV[2..] one channel per item (none: publish nothing), on
 # which the item is published, as stored, once everything is stored.
+# The conversations' ops of the batch (`req.convs`, in log order) are applied after the items,
+# their receipts published as they go.
 # Returns the new version, or -1 when the version differs (nothing stored, nothing published).
-_APPEND = """
+_APPEND = CONVERSATION_OPS_LUA + """
 local req = cmsgpack.unpack(ARGV[1])
 local vkey = KEYS[1]
 local current = tonumber(redis.call('GET', vkey) or '0')
@@ -116,6 +123,7 @@ for key, _ in pairs(touched) do
   end
   if removed > 0 then redis.call('ZREMRANGEBYRANK', key, 0, removed - 1) end
 end
+if #req.convs > 0 then conversation_ops(req.prefix, req.convs, req.keep_conv) end
 for name, ckpt in pairs(req.ckpts) do
   -- One HSET per checkpoint with all its partitions.
   local args = {}
@@ -152,8 +160,11 @@ class RedisInboxCache:
     """InboxCache on Redis (see bus/inbox.py for the contract)."""
 
     def __init__(self, client: RedisClient, *, retention_items: int, retention_ms: int,
-                 slots: InboxSlots = ONE_SLOT) -> None:
+                 slots: InboxSlots = ONE_SLOT, conversation_keep: int = 1_000) -> None:
+        """`conversation_keep`: the message ids the conversation index keeps per conversation
+        (bus/conversations.py)."""
         self._r = client
+        self._conversation_keep = conversation_keep
         self._retention_items = retention_items
         self._retention_ms = retention_ms
         self._slots = slots
@@ -165,7 +176,14 @@ class RedisInboxCache:
         return f"inbox:{hash_tag(group)}:"
 
     def user_key(self, user: str) -> str:
-        return f"{self._prefix(self._slots.of_user(user))}u:{user}"
+        return f"{self.user_prefix(user)}u:{user}"
+
+    def user_prefix(self, user: str) -> str:
+        """The prefix of every key of `user`'s group."""
+        return self._prefix(self._slots.of_user(user))
+
+    def user_group(self, user: str) -> str:
+        return self._slots.of_user(user)
 
     def checkpoint_keys(self, name: str) -> tuple[str, str]:
         """The version key and the offsets key of checkpoint `name`."""
@@ -181,7 +199,8 @@ class RedisInboxCache:
                      checkpoint: Mapping[int, int],
                      also: Mapping[str, Mapping[int, int]] | None = None,
                      expect_version: int | None = None,
-                     publish: Sequence[str] = ()) -> int:
+                     publish: Sequence[str] = (),
+                     conversations: Sequence[ConversationOp] = ()) -> int:
         if publish and len(publish) != len(items):
             raise ValueError(f"{len(publish)} channels for {len(items)} items")
         group = self._slots.of_checkpoint(checkpoint_name)
@@ -189,7 +208,9 @@ class RedisInboxCache:
         for name, extra in (also or {}).items():
             ckpts[name] = {int(p): int(o) for p, o in extra.items()}
         strays = sorted({n for n in ckpts if self._slots.of_checkpoint(n) != group}
-                        | {u for u, _ in items if self._slots.of_user(u) != group})
+                        | {u for u, _ in items if self._slots.of_user(u) != group}
+                        | {u for op in conversations for u in named_users(op)
+                           if self._slots.of_user(u) != group})
         if strays:
             raise ValueError(f"inbox append under {checkpoint_name!r} (group {group!r}) names "
                              f"users or checkpoints of another group: {strays[:5]}")
@@ -201,6 +222,8 @@ class RedisInboxCache:
             "keep": self._retention_items,
             "cutoff": now_ms() - self._retention_ms,
             "ckpts": ckpts,
+            "convs": encode_ops(conversations),
+            "keep_conv": self._conversation_keep,
         })
         try:
             version = int(await self._append(keys=[self.checkpoint_keys(checkpoint_name)[0]],

@@ -153,6 +153,10 @@ class ShardsConfig:
     presence_shards: int = 1
     inbox_retention_items: int = 10_000
     inbox_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Message ids the conversation index keeps per conversation (and per group of users of a
+    # session shard) so that `read` finds a message's place in one Redis round trip; a `read`
+    # of an older message looks it up in MongoDB.
+    conversation_index_keep: int = 1_000
     # Deliveries batched into one shard call and one Kafka produce.
     max_batch: int = 500
     # The projector waits this long after the first record of a batch for more, so that one
@@ -320,6 +324,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_PRESENCE_SHARDS": ("shards", "presence_shards"),
     "PEERNET_INBOX_RETENTION_ITEMS": ("shards", "inbox_retention_items"),
     "PEERNET_INBOX_RETENTION_MS": ("shards", "inbox_retention_ms"),
+    "PEERNET_CONVERSATION_INDEX_KEEP": ("shards", "conversation_index_keep"),
     "PEERNET_MAX_BATCH": ("shards", "max_batch"),
     "PEERNET_PROJECTOR_LINGER_MS": ("shards", "projector_linger_ms"),
     "PEERNET_FEED_LINGER_MS": ("shards", "feed_linger_ms"),
@@ -403,6 +408,9 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
         # Every DM's `ok` waits up to the linger: a long one would only add latency.
         raise ConfigError(f"PEERNET_GATEWAY_LINGER_MS={cfg.gateway.kafka_linger_ms} is not between 0 "
                           f"and {MAX_GATEWAY_LINGER_MS}")
+    if cfg.shards.conversation_index_keep < 1:
+        raise ConfigError("PEERNET_CONVERSATION_INDEX_KEEP="
+                          f"{cfg.shards.conversation_index_keep} is not 1 or more")
     if cfg.gateway.placement not in GATEWAY_PLACEMENTS:
         raise ConfigError(f"PEERNET_GATEWAY_PLACEMENT={cfg.gateway.placement!r} is not one of "
                           f"{', '.join(GATEWAY_PLACEMENTS)}")

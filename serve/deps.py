@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bus.cache import Cache
+from bus.conversations import ConversationIndex
 from bus.eventlog import ConsumerLag, EventLog
 from bus.feeds import FeedStore
 from bus.groups import GroupStore
@@ -43,6 +44,9 @@ class GatewayDeps:
     feeds: FeedStore | None = None
     # Groups' current membership (serve/groups.py); None: group requests are unavailable.
     groups: GroupStore | None = None
+    # Every user's conversations and read markers (serve/reads.py, GET /v1/conversations);
+    # None: `read` and the list are unavailable.
+    conversations: ConversationIndex | None = None
     # The consumers' lag for /metrics (bounded by METRICS_LAG_TIMEOUT_S); None: not exported.
     consumer_lag: LagSource | None = None
     # The shard actors' queue depths for /metrics (bounded likewise); None: not exported.

@@ -66,6 +66,7 @@ class Gateway:
         b = backends(cfg, client_id=f"peernet-gateway-{replica}", linger_ms=cfg.gateway.kafka_linger_ms)
         deps = GatewayDeps(cfg=cfg, log=b.log, cache=b.cache, inbox=b.inbox, pubsub=b.pubsub,
                            store=b.store, feeds=b.feeds, presence=b.presence, groups=b.groups,
+                           conversations=b.conversations,
                            presence_shards=PresenceShardClient(cfg),
                            checks={"ray": self._ray_check}, replica=replica,
                            consumer_lag=self._consumer_lag,

@@ -27,7 +27,7 @@ from peernet.ids import new_id, now_ms
 from peernet.wire import GROUP_CONV_PREFIX
 from serve.batching import TurnBatch
 from serve.messaging import Messenger, Sent
-from serve.validate import optional_text, text_field, user_list
+from serve.validate import conv_participants, optional_text, text_field, user_list
 
 if TYPE_CHECKING:
     from serve.connection import Connection
@@ -53,6 +53,16 @@ def is_group_conv(conv: str) -> bool:
 
 def group_conv(event_id: str) -> str:
     return f"{GROUP_CONV_PREFIX}{event_id}"
+
+
+def pair_peer(conv: str, user: str) -> str:
+    """The other participant of the `dm:a:b` conversation `conv`, which `user` must be in."""
+    parts = conv_participants(conv)
+    if parts is None:
+        raise bad_request("'conv' must be a group (g:ID) or a pair (dm:a:b, a < b)")
+    if user not in parts:
+        raise forbidden(f"not a participant of {conv}")
+    return parts[1] if parts[0] == user else parts[0]
 
 
 def forbidden(message: str) -> PeerNetError:

@@ -11,12 +11,12 @@ from peernet.codec import Frame, pack
 from peernet.errors import bad_request
 from peernet.wire import user_channel
 from serve.acks import AckBuffer
-from serve.groups import Groups, forbidden, is_group_conv
+from serve.groups import Groups, is_group_conv, pair_peer
 from serve.messaging import Messenger
 from serve.presence import Presence, state_map
+from serve.reads import ReadState
 from serve.social import social_handlers
 from serve.validate import (
-    conv_participants,
     dm_conv,
     int_field,
     optional_text,
@@ -32,16 +32,6 @@ Handler = Callable[["Connection", Frame], Awaitable[Frame | None]]
 HandlerTable = dict[str, Handler]
 
 
-def pair_peer(conv: str, user: str) -> str:
-    """The other participant of the `dm:a:b` conversation `conv`, which `user` must be in."""
-    parts = conv_participants(conv)
-    if parts is None:
-        raise bad_request("'conv' must be a group (g:ID) or a pair (dm:a:b, a < b)")
-    if user not in parts:
-        raise forbidden(f"not a participant of {conv}")
-    return parts[1] if parts[0] == user else parts[0]
-
-
 def conv_or_to(frame: Frame) -> tuple[str | None, str | None]:
     """(conv, None) or (None, to): a request names exactly one of the two."""
     conv, to = frame.get("conv"), frame.get("to")
@@ -55,9 +45,10 @@ def conv_or_to(frame: Frame) -> tuple[str | None, str | None]:
 
 
 def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer,
-                   groups: Groups | None = None) -> HandlerTable:
-    """`groups` None: the group frames answer `unavailable`."""
+                   groups: Groups | None = None, reads: ReadState | None = None) -> HandlerTable:
+    """`groups` None: the group frames answer `unavailable`; `reads` None: `read` does."""
     groups = groups or Groups(None, messenger, "")
+    reads = reads or ReadState(None, None, groups, messenger, "")
 
     async def ping(conn: Connection, frame: Frame) -> Frame | None:
         return {"t": "pong"}
@@ -111,6 +102,6 @@ def build_handlers(messenger: Messenger, presence: Presence, acks: AckBuffer,
         presence.unwatch(conn, user_list(frame, "users", conn.cfg.max_watch))
         return {"t": "ok"}
 
-    return {**social_handlers(messenger), **groups.handlers(),
+    return {**social_handlers(messenger), **groups.handlers(), **reads.handlers(),
             "ping": ping, "hello": hello, "dm": dm, "typing": typing, "ack": ack,
             "watch": watch, "unwatch": unwatch}

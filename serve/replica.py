@@ -20,6 +20,7 @@ from serve.limits import AddressLimiter, TrustedProxies
 from serve.liveness import Liveness, tick_for
 from serve.messaging import Messenger
 from serve.presence import Presence
+from serve.reads import ReadState
 
 # The app's logger: "gateway ... ready" has always been its line.
 log = logging.getLogger("peernet.app")
@@ -52,10 +53,11 @@ class Replica:
         direct_url = deps.direct_url
         messenger = Messenger(cfg, deps.log, deps.cache)
         groups = Groups(deps.groups, messenger, cfg.topics.messages)
+        reads = ReadState(deps.conversations, deps.store, groups, messenger, cfg.topics.messages)
         return cls(
             deps=deps, hub=hub, presence=presence, acks=acks,
             liveness=Liveness(tick_for(gw.hello_timeout_s, 2 * gw.heartbeat_ms / 1000)),
-            handlers=build_handlers(messenger, presence, acks, groups),
+            handlers=build_handlers(messenger, presence, acks, groups, reads),
             trusted=TrustedProxies(gw.trusted_proxies),
             per_address=AddressLimiter(gw.max_connections_per_address),
             publisher=cluster_metrics.MetricsPublisher(

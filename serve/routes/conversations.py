@@ -1,5 +1,7 @@
-"""`GET /v1/conversations/{conv}/messages`: a page of a conversation's history, newest first,
-for its participants."""
+"""`GET /v1/conversations`: the caller's conversations, most recently active first, with the
+last message, the unread count and every member's marker (read from the conversation index,
+bus/conversations.py); `GET /v1/conversations/{conv}/messages`: a page of a conversation's
+history, newest first, for its participants."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bus.conversations import Conversation, ConversationIndex, Cursor
 from bus.groups import GroupStore
 from bus.store import Document
-from peernet.errors import ErrorCode, PeerNetError, unavailable
+from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
 from peernet.tokens import TokenError
 from serve.deps import GatewayDeps
 from serve.groups import is_group_conv
-from serve.routes import error_reply
+from serve.routes import error_reply, request_error_reply
 from serve.routes.tokens import bearer_user
+from serve.social import limit_param
 from serve.validate import conv_participants
 
 
@@ -35,9 +39,55 @@ def groups_of(deps: GatewayDeps) -> GroupStore:
     return deps.groups
 
 
+def index_of(deps: GatewayDeps) -> ConversationIndex:
+    if deps.conversations is None:
+        raise unavailable("conversations are not configured on this gateway")
+    return deps.conversations
+
+
+def convo(entry: Conversation, caller: str) -> dict[str, Any] | None:
+    """A CONVO of the protocol, or None for an entry the caller is no longer in (a group left
+    while a replay wrote older states: the index converges, the page never shows it)."""
+    if is_group_conv(entry.conv):
+        group = entry.group
+        if group is None or caller not in group["members"]:
+            return None
+        kind, title, owner = "group", group["title"], group["owner"]
+        members = [str(u) for u in group["members"]]
+    else:
+        parts = conv_participants(entry.conv)
+        if parts is None or caller not in parts:
+            return None
+        kind, title, owner, members = "dm", None, None, list(parts)
+    inside = set(members)
+    return {"conv": entry.conv, "kind": kind, "title": title, "owner": owner,
+            "members": members, "last": entry.last, "unread": entry.unread,
+            "read": {u: i for u, i in entry.read.items() if u in inside}}
+
+
 def conversation_routes(deps: GatewayDeps) -> list[Route]:
-    """`?limit=` (1 to 100, 50) `&before=` (the `next` of the page before): {"items", "next"},
-    `next` null on the last page."""
+    """`GET /v1/conversations?limit=` (1 to 100, 20) `&before=`, and
+    `GET /v1/conversations/{conv}/messages?limit=` (1 to 100, 50) `&before=` (the `next` of the
+    page before): {"items", "next"}, `next` null on the last page."""
+
+    async def conversations(request: Request) -> Response:
+        try:
+            user = bearer_user(request, deps.cfg.gateway)
+        except TokenError as exc:
+            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        try:
+            limit = limit_param(request)
+            raw = request.query_params.get("before")
+            try:
+                before = Cursor.decode(raw) if raw else None
+            except ValueError:
+                raise bad_request("before is not a cursor of this list") from None
+            page = await index_of(deps).page(user, limit, before)
+        except PeerNetError as exc:
+            return request_error_reply(exc)
+        items = [c for c in (convo(e, user) for e in page.items) if c is not None]
+        return JSONResponse({"items": items,
+                             "next": page.next.encode() if page.next is not None else None})
 
     async def conversation_messages(request: Request) -> Response:
         try:
@@ -81,4 +131,5 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
         nxt = str(docs[-1]["pos"]) if len(docs) == limit else None
         return JSONResponse({"items": items, "next": nxt})
 
-    return [Route("/v1/conversations/{conv}/messages", conversation_messages)]
+    return [Route("/v1/conversations", conversations),
+            Route("/v1/conversations/{conv}/messages", conversation_messages)]

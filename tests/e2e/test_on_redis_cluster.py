@@ -1,13 +1,15 @@
 """PeerNet on a Redis Cluster, end to end: a `peernet serve` of this module's own (two gateway
 replicas) whose PEERNET_REDIS_URL names this module's cluster (three masters, a replica each),
 with the local stack's Kafka and MongoDB. DMs, resume, follows, posts, likes, feed pushes and
-presence over real WebSockets, the inboxes of two users stored on two masters, and, last, a
+presence over real WebSockets, the inboxes of two users stored on two masters, a read and the
+conversation lists of two users of two session shards, and, last, a
 master's crash and its replica's takeover under a stream of DMs."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,6 +17,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis_cluster_fixture import local_redis_cluster
 from replicas import connect
 from test_presence import ONLINE_WAIT_S, change, watch
+from test_read_state import listed
 from test_restarts import send_until_ok
 from test_social import http_list, ids, ok, page, until
 from wsclient import Client, Server, running_server, server_env, server_port, unique_user
@@ -140,6 +143,31 @@ async def test_users_of_two_session_shards_exchange_dms_with_inboxes_on_two_mast
         assert owners[alice_name] != owners[bob_name], owners
     finally:
         await rc.aclose()
+
+
+async def test_a_read_reaches_the_other_shards_user_and_both_lists(cluster_server: Server) -> None:
+    count = cluster_server.cfg.shards.session_shards
+    alice_name = unique_user("alice")
+    bob_name = next(u for u in (unique_user("bob") for _ in range(1000))
+                    if shard_for(u, count) != shard_for(alice_name, count))
+    alice = await connect(cluster_server, alice_name)
+    bob = await connect(cluster_server, bob_name)
+    sent = [await ok(alice, {"t": "dm", "to": bob_name, "body": f"r{i}"}) for i in range(3)]
+    await bob.items(3)
+    await ok(bob, {"t": "read", "conv": sent[0]["conv"], "id": sent[1]["id"]})
+    for client in (alice, bob):
+        receipt = await client.next(lambda f: f.get("t") == "read")
+        assert receipt["user"] == bob_name and receipt["id"] == sent[1]["id"]
+    # Each side's list is in its own shard's slot group, and holds both markers.
+    for user, unread in ((bob_name, 1), (alice_name, 0)):
+        page = await until(partial(listed, cluster_server, user),
+                           lambda p: bool(p["items"]) and p["items"][0]["read"] != {})
+        (entry,) = page["items"]
+        assert entry["conv"] == sent[0]["conv"] and entry["unread"] == unread
+        assert entry["read"] == {bob_name: sent[1]["id"]}
+        assert entry["last"]["id"] == sent[2]["id"]
+    await alice.close()
+    await bob.close()
 
 
 async def test_dms_sent_while_offline_arrive_on_resume_in_order(cluster_server: Server) -> None:

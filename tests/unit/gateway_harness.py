@@ -220,6 +220,7 @@ def gateway(env: dict[str, str] | None = None, *,
         await log.stop()
 
     deps = GatewayDeps(cfg=cfg, log=log, cache=cache, inbox=inbox, pubsub=pubsub, store=store,
+                       conversations=inbox.conversations(),
                        checks=dict(checks or {}), replica="unit", on_startup=[start],
                        on_shutdown=[stop], direct_url=direct_url, **_presence_parts())
     with TestClient(build_app(deps), client=peer) as client:

@@ -506,6 +506,11 @@ async def test_items_in_the_log_but_not_the_cache_are_restored_and_published_on_
         items = await rig.items(user)
         assert seqs(items) == [1, 2, 3, 4], user
         assert ids(items)[1:] == [s.id for s in lost]
+    # The conversation index gets the restored messages too (written with the items).
+    for user, unread in (("alice", 3), ("bob", 1)):
+        (entry,) = (await rig.inbox.conversations().page(user, 5, None)).items
+        assert entry.last is not None and entry.last["id"] == lost[-1].id
+        assert entry.unread == unread, user
     # The restored items are pushed once; the redelivered events add nothing.
     await eventually(lambda: len(rig.pushed) == 8)
     await rig.dm("alice", "bob", "next")

@@ -89,7 +89,8 @@ QUERY_VALUES = st.one_of(EDGE_VALUES, EDGE_VALUES, st.text(max_size=30), st.inte
 
 
 @PROFILE
-@given(path=st.sampled_from(["/v1/feed", "/v1/presence", "/v1/following", "/v1/followers"]),
+@given(path=st.sampled_from(["/v1/feed", "/v1/presence", "/v1/following", "/v1/followers",
+                             "/v1/conversations"]),
        params=st.dictionaries(st.sampled_from(["limit", "before", "users", "user"]),
                               st.one_of(QUERY_VALUES, st.lists(st.sampled_from(["alice", "bob", "X", ""]),
                                                                max_size=4).map(",".join)),
