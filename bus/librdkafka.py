@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from bus.eventlog import Appended, EventLog, Headers, TopicSpec
 from bus.kafka import PLAINTEXT, FailFast, KafkaSecurity
@@ -167,6 +167,7 @@ class RdKafkaEventLog(EventLog, Lifecycle):
             "partitioner": "murmur2_random",
         }
         self._producer: tuple[Producer, _Deliveries] | None = None
+        self._offsets_admin: AdminClient | None = None
         self._producer_lock = asyncio.Lock()
         self._stopped = False
         # Producers replaced after a fatal error: surfaced, not swallowed.
@@ -334,7 +335,31 @@ class RdKafkaEventLog(EventLog, Lifecycle):
                                   request_timeout_ms=self._request_timeout_ms,
                                   timeout_s=self._delivery_timeout_s,
                                   client_id=self._client_id,
-                                  commit_interval_ms=self._commit_interval_ms)
+                                  commit_interval_ms=self._commit_interval_ms,
+                                  end_offsets=self.end_offsets)
+
+    async def end_offsets(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """The offset after the last record of each of `partitions`, asked of the brokers by an
+        admin client of this log's, made on first use: a consumer's own client would answer only
+        once its poll in progress returns (up to a second), and /metrics asks the shards' lag
+        with a one-second budget."""
+        if not partitions:
+            return {}
+        if self._offsets_admin is None:
+            self._offsets_admin = AdminClient({**self._options,
+                                               "client.id": f"{self._client_id}-offsets"})
+        timeout = self._delivery_timeout_s
+        asked = self._offsets_admin.list_offsets(
+            {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions},
+            request_timeout=timeout)
+        out: dict[int, int] = {}
+        try:
+            async with asyncio.timeout(timeout + 1):
+                for tp, fut in asked.items():
+                    out[tp.partition] = (await asyncio.wrap_future(fut)).offset
+        except (KafkaException, TimeoutError) as exc:
+            raise _unavailable(f"end offsets of {topic}", exc) from exc
+        return out
 
     async def ping(self) -> None:
         current = self._producer

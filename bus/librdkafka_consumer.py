@@ -7,7 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import (
@@ -27,6 +27,8 @@ from peernet.errors import PeerNetError, unavailable
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# (topic, partitions) -> each partition's end offset
+EndOffsets = Callable[[str, Sequence[int]], Awaitable[dict[int, int]]]
 
 # librdkafka fetches ahead on its own threads, up to this much per consumer (its default is
 # 64 MB): enough for many batches of PeerNet's small records, not a catch-up's whole backlog.
@@ -48,8 +50,11 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
     def __init__(self, client_options: dict[str, Any], topic: str, *, group: str | None,
                  partitions: Sequence[int] | None, from_beginning: bool,
                  request_timeout_ms: int, timeout_s: float, client_id: str,
-                 commit_interval_ms: int = 0, linger_ms: int = 0) -> None:
-        """`client_options`: the event log's librdkafka settings (bootstrap, TLS, logger)."""
+                 commit_interval_ms: int = 0, linger_ms: int = 0,
+                 end_offsets: EndOffsets | None = None) -> None:
+        """`client_options`: the event log's librdkafka settings (bootstrap, TLS, logger);
+        `end_offsets`: how the end offsets are asked without this consumer's own client
+        (RdKafkaEventLog.end_offsets), which answers only between polls."""
         check_reader(group, partitions)
         super().__init__(topic, group, timeout_s, commit_interval_ms)
         self._partitions = list(partitions) if partitions is not None else None
@@ -73,6 +78,7 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
         }
         self._consumer: Consumer | None = None
+        self._ends = end_offsets
         self._thread = self._new_thread()
         # What this consumer reads now, and the offset of the next record `poll` returns of
         # each: kept here, since asking the client waits for a poll in progress.
@@ -247,6 +253,8 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
         partitions = sorted(self._positions)
         if c is None or not partitions:
             return {}
+        if self._ends is not None:
+            return await self._ends(self._topic, partitions)
         timeout = self._timeout_s
 
         def ends() -> dict[int, int]:
