@@ -15,7 +15,9 @@ Cases:
   fetch to the record in the app's hands;
 - consume-burst: the same, records arriving 1,000 at once each second;
 - cycle: the session shard's: poll, produce what came (acks=all, linger 0) and await it, commit
-  (held back to once a second, as PEERNET_KAFKA_COMMIT_INTERVAL_MS), records arriving at `--rate`.
+  (held back to once a second, as PEERNET_KAFKA_COMMIT_INTERVAL_MS), records arriving at `--rate`;
+- idle: a started producer and a group consumer polled with a 1 s timeout (a shard's loop), for
+  `--seconds` with nothing to read: its figure is microseconds of CPU per second, not per message.
 
 This module imports Kafka clients itself (the one bench module allowed to, .importlinter), and
 nothing of bus/: the settings below are copied from there.
@@ -53,7 +55,7 @@ HIGH_TOTAL = 20_000
 BURST = 1_000
 COMMIT_INTERVAL_S = 1.0  # PEERNET_KAFKA_COMMIT_INTERVAL_MS
 GATEWAY_LINGER_MS = 2  # PEERNET_GATEWAY_LINGER_MS
-CASES = ("produce-low", "produce-high", "consume-trickle", "consume-burst", "cycle")
+CASES = ("produce-low", "produce-high", "consume-trickle", "consume-burst", "cycle", "idle")
 CLIENTS = ("aiokafka", "rdk", "rdk-aio")
 # A producer that sends nothing: what pacing sends at a low rate costs by itself (a timer's wake
 # per send), to be taken from the others' produce-low figures. Not a consumer.
@@ -544,6 +546,27 @@ async def case_consume(client: str, bootstrap: str, topic: str, group: str, burs
             await producer.stop()
 
 
+async def case_idle(client: str, bootstrap: str, topic: str, group: str, seconds: float,
+                    broker: int | None, rnd: int) -> Result:
+    producer = new_producer(client, bootstrap, 0)
+    consumer = new_consumer(client, bootstrap, topic, group)
+    await producer.start()
+    await consumer.start()
+    try:
+        await asyncio.sleep(2)  # the group's first heartbeats and metadata are not idle
+
+        async def run() -> int:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await consumer.poll(500, 1000)
+            return round(seconds)  # "messages": seconds, so the figure is CPU per second
+
+        return await measure(run, broker, "idle", client, rnd)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 class Topics:
     """This run's topics, created on demand and deleted at the end."""
 
@@ -583,6 +606,9 @@ async def one(case: str, client: str, rnd: int, topics: Topics, args: argparse.N
         return await case_produce(client, args.bootstrap, topics.new(tag), case == "produce-low",
                                   args.rate, args.seconds, broker, rnd)
     group = f"{topics.prefix}.{tag}"
+    if case == "idle":
+        return await case_idle(client, args.bootstrap, topics.new(tag), group, args.seconds,
+                               broker, rnd)
     out = topics.new(f"{tag}.out") if case == "cycle" else None
     return await case_consume(client, args.bootstrap, topics.new(tag), group,
                               case == "consume-burst", args.rate, args.seconds, broker, rnd,
