@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import (
+    OFFSET_STORED,
     Consumer,
     KafkaError,
     KafkaException,
@@ -30,6 +31,8 @@ _T = TypeVar("_T")
 # (topic, partitions) -> each partition's end offset
 EndOffsets = Callable[[str, Sequence[int]], Awaitable[dict[int, int]]]
 
+# The position of a partition assigned at the group's offset before the first record says which.
+UNKNOWN = -1
 # librdkafka fetches ahead on its own threads, up to this much per consumer (its default is
 # 64 MB): enough for many batches of PeerNet's small records, not a catch-up's whole backlog.
 PREFETCH_KBYTES = 8192
@@ -129,23 +132,36 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
             self._early.extend(self._records(c.consume(500, 0.1)))
 
     def _on_assign(self, c: Consumer, tps: list[TopicPartition]) -> None:
-        self._assign(c, tps, committed=True)
+        try:
+            self._assign(c, tps, committed=True)
+        except KafkaException as exc:
+            # Inside a poll, a raise would leave the partitions unassigned: librdkafka looks the
+            # group's offsets up itself instead, and the positions are learnt from the records.
+            log.warning("kafka consumer of %s: start offsets not fixed (%s); reading from the "
+                        "group's committed offsets", self._topic, exc)
+            for tp in tps:
+                self._positions[tp.partition] = UNKNOWN
+            c.assign([TopicPartition(self._topic, tp.partition, OFFSET_STORED) for tp in tps])
         self._taken = True
 
     def _assign(self, c: Consumer, tps: list[TopicPartition], *, committed: bool) -> None:
         """Assign `tps` at fixed offsets: the group's committed one, else the beginning (its
-        low watermark) or the end as of now."""
+        low watermark) or the end as of now. KafkaException when one cannot be had."""
         timeout = self._timeout_s
         fixed = c.committed(tps, timeout=timeout) if committed and tps else tps
-        out = []
+        out, positions = [], {}
         for tp in fixed:
+            if tp.error is not None:
+                # Not "no commit": starting at the beginning or end would replay or skip.
+                raise KafkaException(tp.error)
             offset = tp.offset
             if offset < 0:
                 low, high = c.get_watermark_offsets(TopicPartition(self._topic, tp.partition),
                                                     timeout=timeout, cached=False)
                 offset = low if self._from_beginning else high
             out.append(TopicPartition(self._topic, tp.partition, offset))
-            self._positions[tp.partition] = offset
+            positions[tp.partition] = offset
+        self._positions.update(positions)
         c.assign(out)
 
     def _on_revoke(self, c: Consumer, tps: list[TopicPartition]) -> None:
@@ -264,7 +280,7 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
         return await self._call(ends, timeout_s=timeout + 1, what="end offsets")
 
     async def positions(self) -> dict[int, int]:
-        return dict(self._positions)
+        return {p: o for p, o in self._positions.items() if o != UNKNOWN}
 
     def assignment(self) -> list[int]:
         """The partitions this consumer reads now (a group member's share changes on
