@@ -151,8 +151,12 @@ class RdKafkaEventLog(EventLog, Lifecycle):
         self._client_id = client_id
         self._commit_interval_ms = commit_interval_ms
         self._breaker = FailFast(fail_fast_ms / 1000)
-        self._options: dict[str, Any] = {"bootstrap.servers": bootstrap,
-                                         **security_options(security), "logger": client_log}
+        self._options: dict[str, Any] = {
+            "bootstrap.servers": bootstrap, **security_options(security), "logger": client_log,
+            # TCP_NODELAY, as asyncio (so aiokafka) sets it: a lone small request waits for no
+            # ACK of the one before (measured: p99 of an awaited append 199 ms with Nagle, 47
+            # without, on a loaded machine).
+            "socket.nagle.disable": True}
         self._producer_options: dict[str, Any] = {
             **self._options,
             "client.id": client_id,
