@@ -293,8 +293,12 @@ class RdkConsumer:
         self._pool.shutdown()
 
     def _consume(self, max_records: int, timeout_s: float) -> list[Rec]:
+        # poll returns with the first record; consume(n, t) would wait out t unless n came.
+        first = self._c.poll(timeout_s)
+        if first is None:
+            return []
         out = []
-        for m in self._c.consume(max_records, timeout_s):
+        for m in [first, *self._c.consume(max_records - 1, 0)]:
             if m.error() is None:
                 out.append(_rec(m))
         return out
@@ -363,8 +367,11 @@ class RdkAioConsumer(RdkConsumer):
         await self._a.close()
 
     async def poll(self, max_records: int, timeout_ms: int) -> list[Rec]:
-        out = [_rec(m) for m in await self._a.consume(max_records, timeout_ms / 1000)
-               if m.error() is None]
+        first = await self._a.poll(timeout_ms / 1000)
+        if first is None:
+            return []
+        msgs = [first, *await self._a.consume(max_records - 1, 0)]
+        out = [_rec(m) for m in msgs if m.error() is None]
         for r in out:
             self._uncommitted[r[1]] = r[2] + 1
         return out

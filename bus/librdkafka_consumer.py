@@ -129,7 +129,7 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
         while not self._taken:
             if time.monotonic() >= deadline:
                 raise TimeoutError("the group assigned no partitions in time")
-            self._early.extend(self._records(c.consume(500, 0.1)))
+            self._early.extend(self._records(_fetched(c, 500, 0.1)))
 
     def _on_assign(self, c: Consumer, tps: list[TopicPartition]) -> None:
         try:
@@ -232,7 +232,7 @@ class RdKafkaLogConsumer(GroupCommits, Lifecycle):
             out, self._early = self._early[:max_records], self._early[max_records:]
         else:
             c = self._consumer
-            out = await self._call(lambda: self._records(c.consume(max_records, timeout_ms / 1000)),
+            out = await self._call(lambda: self._records(_fetched(c, max_records, timeout_ms / 1000)),
                                    timeout_s=timeout_ms / 1000 + self._timeout_s, what="poll")
         # As aiokafka's getmany: by partition, each in offset order.
         out.sort(key=lambda r: r.partition)
@@ -307,3 +307,13 @@ def _commit_until(c: Consumer, tps: list[TopicPartition], deadline: float) -> No
             if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.1)
+
+
+def _fetched(c: Consumer, max_records: int, timeout_s: float) -> list[Message]:
+    """What has been fetched, as soon as there is anything: up to `max_records`, waiting at most
+    `timeout_s` for the first. Consumer.consume would wait out its whole timeout unless it
+    filled `max_records` (a second per hop at a low rate); poll returns with the first."""
+    first = c.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *c.consume(max_records - 1, 0)] if max_records > 1 else [first]
