@@ -309,6 +309,12 @@ def _commit_until(c: Consumer, tps: list[TopicPartition], deadline: float) -> No
         time.sleep(0.1)
 
 
+# After the first record, how long a poll lets librdkafka finish queueing the rest of that
+# fetch response, so that one poll returns what one fetch brought (as aiokafka's getmany), not
+# only the partitions queued by the time the first was taken.
+REST_OF_FETCH_S = 0.001
+
+
 def _fetched(c: Consumer, max_records: int, timeout_s: float) -> list[Message]:
     """What has been fetched, as soon as there is anything: up to `max_records`, waiting at most
     `timeout_s` for the first. Consumer.consume would wait out its whole timeout unless it
@@ -316,4 +322,4 @@ def _fetched(c: Consumer, max_records: int, timeout_s: float) -> list[Message]:
     first = c.poll(timeout_s)
     if first is None:
         return []
-    return [first, *c.consume(max_records - 1, 0)] if max_records > 1 else [first]
+    return [first, *c.consume(max_records - 1, REST_OF_FETCH_S)] if max_records > 1 else [first]
