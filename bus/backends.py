@@ -63,17 +63,8 @@ def backends(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int =
 
 
 def event_log(cfg: PeerNetConfig, *, client_id: str = "peernet", linger_ms: int = 0) -> EventLog:
-    """The event log on the configured Kafka, with its settings (TLS included), on the client
-    PEERNET_KAFKA_CLIENT names."""
+    """The event log on the configured Kafka, with its settings (TLS included)."""
     s = cfg.services
-    if s.kafka_client == "librdkafka":
-        # Imported only when chosen: a process on aiokafka loads no librdkafka.
-        from bus.librdkafka import RdKafkaEventLog
-
-        return RdKafkaEventLog(s.kafka_bootstrap, client_id=client_id, linger_ms=linger_ms,
-                               fail_fast_ms=s.kafka_fail_fast_ms,
-                               commit_interval_ms=s.kafka_commit_interval_ms,
-                               security=KafkaSecurity.of(s))
     return KafkaEventLog(s.kafka_bootstrap, client_id=client_id, linger_ms=linger_ms,
                          fail_fast_ms=s.kafka_fail_fast_ms,
                          commit_interval_ms=s.kafka_commit_interval_ms,

@@ -29,7 +29,12 @@ class _TrackAssignment(ConsumerRebalanceListener):
         # Offsets held back by the commit interval go now, while the partitions are still ours
         # (best effort: another member re-reads from the last commit, and processing is
         # idempotent). After this they may not be committed by us any more.
-        await self._owner._revoked({tp.partition for tp in revoked})
+        gone = {tp.partition for tp in revoked}
+        with contextlib.suppress(Exception):
+            await self._owner._commit_held(gone)
+        for p in gone:
+            self._owner._uncommitted.pop(p, None)
+            self._owner._held.pop(p, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
@@ -56,14 +61,6 @@ SEEKING_FETCH_WAIT_MS = 100
 LINGER_FETCH_MIN_BYTES = 1 << 20
 
 
-def check_reader(group: str | None, partitions: Sequence[int] | None) -> None:
-    """EventLog.consumer's rule: exactly one of a group and explicit partitions."""
-    if group is None and partitions is None:
-        raise ValueError("a consumer needs a group or explicit partitions")
-    if group is not None and partitions is not None:
-        raise ValueError("a consumer reads either in a group or assigned partitions")
-
-
 def fetch_wait(*, group: str | None, linger_ms: int) -> dict[str, int]:
     """aiokafka's fetch settings for a consumer in `group` (None: fixed partitions) with
     EventLog.consumer's `linger_ms`."""
@@ -73,132 +70,7 @@ def fetch_wait(*, group: str | None, linger_ms: int) -> dict[str, int]:
             "fetch_min_bytes": 1}
 
 
-class GroupCommits:
-    """The commit policy of a LogConsumer on Kafka, whichever client reads (aiokafka here,
-    librdkafka in bus/librdkafka_consumer.py): offsets that `poll` returned, committed by
-    `commit` at most once per commit interval (held back otherwise, and committed by a later
-    `commit`, `stop` or a revocation), and the client renewed after RENEW_AFTER_COMMIT_FAILURES
-    failed commits in a row (see KafkaLogConsumer). A subclass reads and commits through its
-    client: `start`, `_assigned`, `_commit_offsets` and `_replace_client`."""
-
-    def __init__(self, topic: str, group: str | None, timeout_s: float,
-                 commit_interval_ms: int) -> None:
-        self._topic = topic
-        self._group = group
-        self._timeout_s = timeout_s
-        self._commit_failures = 0  # in a row
-        self._renewing = False  # the client was replaced and the new one has not started
-        self.renewals = 0
-        # partition -> offset after the last record poll returned, not yet committed
-        self._uncommitted: dict[int, int] = {}
-        self._started = False
-        # partition -> offset a `commit` asked for and the commit interval held back
-        self._held: dict[int, int] = {}
-        self._commit_interval_s = commit_interval_ms / 1000
-        self._last_commit = -float("inf")
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    def _assigned(self) -> set[int]:
-        """The partitions the client reads now."""
-        raise NotImplementedError
-
-    async def _commit_offsets(self, offsets: dict[int, int]) -> None:
-        """Commit `offsets` (partition -> next offset) in bounded time (at most
-        COMMIT_TIMEOUT_S); PeerNetError(unavailable) if not."""
-        raise NotImplementedError
-
-    async def _replace_client(self) -> None:
-        """Close the client and put a new, unstarted one in its place."""
-        raise NotImplementedError
-
-    async def _revoked(self, gone: set[int]) -> None:
-        # Offsets held back by the commit interval go now, while the partitions are still ours
-        # (best effort: another member re-reads from the last commit, and processing is
-        # idempotent). After this they may not be committed by us any more.
-        with contextlib.suppress(Exception):
-            await self._commit_held(gone)
-        self._forget(gone)
-
-    def _forget(self, partitions: set[int]) -> None:
-        for p in partitions:
-            self._uncommitted.pop(p, None)
-            self._held.pop(p, None)
-
-    async def _stop_commits(self) -> None:
-        """What `stop` commits first: what the commit interval held back (if the broker
-        answers)."""
-        if self._started and self._group is not None and self._held:
-            with contextlib.suppress(Exception):
-                await self._commit_held()
-
-    async def _renew(self) -> None:
-        """Close the client and put a new one in its place."""
-        self.renewals += 1
-        log.warning("kafka consumer of %s (group %s): %d commits failed in a row; replacing it "
-                    "with a new one, which reads again from the group's committed offsets",
-                    self._topic, self._group, self._commit_failures)
-        self._started = False
-        self._renewing = True
-        self._uncommitted.clear()
-        self._held.clear()
-        self._commit_failures = 0
-        await self._replace_client()
-        await self._start_renewed()
-
-    async def _start_renewed(self) -> None:
-        try:
-            await self.start()
-        except PeerNetError:
-            # start() closed the failed one: the next call tries a fresh client.
-            await self._replace_client()
-            raise
-        self._renewing = False
-        log.info("kafka consumer of %s (group %s) renewed", self._topic, self._group)
-
-    async def commit(self) -> None:
-        if self._group is None:
-            raise RuntimeError("commit needs a consumer group")
-        if not self._uncommitted:
-            return
-        if time.monotonic() - self._last_commit < self._commit_interval_s:
-            # Held back: a later commit, `stop` or a revocation commits these offsets (and only
-            # these: what `poll` returns after this call is not the caller's to commit yet).
-            self._held.update(self._uncommitted)
-            return
-        await self._commit(dict(self._uncommitted))
-
-    async def _commit_held(self, only: set[int] | None = None) -> None:
-        held = {p: o for p, o in self._held.items() if only is None or p in only}
-        if held:
-            await self._commit(held)
-
-    async def _commit(self, wanted: dict[int, int]) -> None:
-        if self._renewing:
-            await self._start_renewed()
-            return  # the renewed client has nothing of its own to commit yet
-        assigned = self._assigned()
-        offsets = {p: o for p, o in wanted.items() if p in assigned}
-        if offsets:
-            try:
-                await self._commit_offsets(offsets)
-            except PeerNetError:
-                self._commit_failures += 1
-                if self._commit_failures >= RENEW_AFTER_COMMIT_FAILURES:
-                    with contextlib.suppress(PeerNetError):
-                        await self._renew()
-                raise
-            self._commit_failures = 0
-            self._last_commit = time.monotonic()
-        for p, o in offsets.items():
-            if self._uncommitted.get(p) == o:
-                del self._uncommitted[p]
-            if self._held.get(p, o + 1) <= o:
-                del self._held[p]
-
-
-class KafkaLogConsumer(GroupCommits, Lifecycle):
+class KafkaLogConsumer(Lifecycle):
     """LogConsumer on an AIOKafkaConsumer (auto-commit off: offsets advance only by `commit`).
 
     Renewal: after a broker restart aiokafka's group coordinator can stay stuck: every commit
@@ -217,9 +89,14 @@ class KafkaLogConsumer(GroupCommits, Lifecycle):
                  client_options: dict[str, Any] | None = None) -> None:
         """`client_options`: KafkaSecurity.client_options(), as the event log's own clients.
         `linger_ms`: EventLog.consumer's; see `fetch_wait`."""
-        check_reader(group, partitions)
-        super().__init__(topic, group, timeout_s, commit_interval_ms)
+        if group is None and partitions is None:
+            raise ValueError("a consumer needs a group or explicit partitions")
+        if group is not None and partitions is not None:
+            raise ValueError("a consumer reads either in a group or assigned partitions")
+        self._topic = topic
+        self._group = group
         self._partitions = list(partitions) if partitions is not None else None
+        self._timeout_s = timeout_s
         options: dict[str, Any] = dict(
             bootstrap_servers=bootstrap,
             **(client_options or PLAINTEXT.client_options()),
@@ -235,6 +112,16 @@ class KafkaLogConsumer(GroupCommits, Lifecycle):
         )
         self._options = options
         self._consumer = self._new_consumer()
+        self._commit_failures = 0  # in a row
+        self._renewing = False  # the consumer was replaced and the new one has not started
+        self.renewals = 0
+        # partition -> offset after the last record poll returned, not yet committed
+        self._uncommitted: dict[int, int] = {}
+        self._started = False
+        # partition -> offset a `commit` asked for and the commit interval held back
+        self._held: dict[int, int] = {}
+        self._commit_interval_s = commit_interval_ms / 1000
+        self._last_commit = -float("inf")
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(**self._options)
@@ -260,13 +147,36 @@ class KafkaLogConsumer(GroupCommits, Lifecycle):
     async def stop(self) -> None:
         """Commit what the commit interval held back and leave the group (if the broker
         answers), and close, in bounded time."""
-        await self._stop_commits()
+        if self._started and self._group is not None and self._held:
+            with contextlib.suppress(Exception):
+                await self._commit_held()
         self._started = False
         await _stop_consumer(self._consumer)
 
-    async def _replace_client(self) -> None:
+    async def _renew(self) -> None:
+        """Close the consumer and put a new one in its place (see the class)."""
+        self.renewals += 1
+        log.warning("kafka consumer of %s (group %s): %d commits failed in a row; replacing it "
+                    "with a new one, which reads again from the group's committed offsets",
+                    self._topic, self._group, self._commit_failures)
         old, self._consumer = self._consumer, self._new_consumer()
+        self._started = False
+        self._renewing = True
+        self._uncommitted.clear()
+        self._held.clear()
+        self._commit_failures = 0
         await _stop_consumer(old)
+        await self._start_renewed()
+
+    async def _start_renewed(self) -> None:
+        try:
+            await self.start()
+        except PeerNetError:
+            # start() closed the failed one: the next call tries a fresh consumer.
+            self._consumer = self._new_consumer()
+            raise
+        self._renewing = False
+        log.info("kafka consumer of %s (group %s) renewed", self._topic, self._group)
 
     async def poll(self, *, max_records: int = 500, timeout_ms: int = 200) -> list[Record]:
         if self._renewing:
@@ -292,13 +202,46 @@ class KafkaLogConsumer(GroupCommits, Lifecycle):
             self._uncommitted[tp.partition] = msgs[-1].offset + 1
         return out
 
-    def _assigned(self) -> set[int]:
-        return {tp.partition for tp in self._consumer.assignment()}
+    async def commit(self) -> None:
+        if self._group is None:
+            raise RuntimeError("commit needs a consumer group")
+        if not self._uncommitted:
+            return
+        if time.monotonic() - self._last_commit < self._commit_interval_s:
+            # Held back: a later commit, `stop` or a revocation commits these offsets (and only
+            # these: what `poll` returns after this call is not the caller's to commit yet).
+            self._held.update(self._uncommitted)
+            return
+        await self._commit(dict(self._uncommitted))
 
-    async def _commit_offsets(self, offsets: dict[int, int]) -> None:
-        await _bounded(self._consumer.commit({TopicPartition(self._topic, p): o
-                                              for p, o in offsets.items()}),
-                       min(self._timeout_s, COMMIT_TIMEOUT_S), "commit")
+    async def _commit_held(self, only: set[int] | None = None) -> None:
+        held = {p: o for p, o in self._held.items() if only is None or p in only}
+        if held:
+            await self._commit(held)
+
+    async def _commit(self, wanted: dict[int, int]) -> None:
+        if self._renewing:
+            await self._start_renewed()
+            return  # the renewed consumer has nothing of its own to commit yet
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        offsets = {TopicPartition(self._topic, p): o for p, o in wanted.items() if p in assigned}
+        if offsets:
+            try:
+                await _bounded(self._consumer.commit(offsets),
+                               min(self._timeout_s, COMMIT_TIMEOUT_S), "commit")
+            except PeerNetError:
+                self._commit_failures += 1
+                if self._commit_failures >= RENEW_AFTER_COMMIT_FAILURES:
+                    with contextlib.suppress(PeerNetError):
+                        await self._renew()
+                raise
+            self._commit_failures = 0
+            self._last_commit = time.monotonic()
+        for tp, o in offsets.items():
+            if self._uncommitted.get(tp.partition) == o:
+                del self._uncommitted[tp.partition]
+            if self._held.get(tp.partition, o + 1) <= o:
+                del self._held[tp.partition]
 
     async def seek(self, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(self._topic, partition), offset)

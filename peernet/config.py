@@ -34,10 +34,6 @@ class ServicesConfig:
     kafka_ssl_cafile: str = ""
     kafka_ssl_certfile: str = ""
     kafka_ssl_keyfile: str = ""
-    # The Kafka client under the event log: "aiokafka" (bus/kafka.py) or "librdkafka"
-    # (confluent-kafka, bus/librdkafka.py): the same guarantees, about half the CPU per message
-    # or less (docs/benchmarks-journal.md, "aiokafka against librdkafka").
-    kafka_client: str = "aiokafka"
     kafka_external: bool = False
     redis_external: bool = False
     mongo_external: bool = False
@@ -266,7 +262,6 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_KAFKA_SSL_CAFILE": ("services", "kafka_ssl_cafile"),
     "PEERNET_KAFKA_SSL_CERTFILE": ("services", "kafka_ssl_certfile"),
     "PEERNET_KAFKA_SSL_KEYFILE": ("services", "kafka_ssl_keyfile"),
-    "PEERNET_KAFKA_CLIENT": ("services", "kafka_client"),
     "PEERNET_EVENTS_TOPIC": ("topics", "events"),
     "PEERNET_EVENTS_PARTITIONS": ("topics", "events_partitions"),
     "PEERNET_MESSAGES_TOPIC": ("topics", "messages"),
@@ -337,8 +332,6 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 
 # What PEERNET_KAFKA_SECURITY_PROTOCOL may say (SASL is not supported).
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL")
-# What PEERNET_KAFKA_CLIENT may say.
-KAFKA_CLIENTS = ("aiokafka", "librdkafka")
 
 _EXTERNAL_FLAGS = {
     "PEERNET_KAFKA_BOOTSTRAP": "kafka_external",
@@ -394,9 +387,6 @@ def load_config(env: Mapping[str, str] | None = None) -> PeerNetConfig:
     if protocol not in KAFKA_SECURITY_PROTOCOLS:
         raise ConfigError(f"PEERNET_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not "
                           f"one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
-    if s.kafka_client not in KAFKA_CLIENTS:
-        raise ConfigError(f"PEERNET_KAFKA_CLIENT={s.kafka_client!r} is not one of "
-                          f"{', '.join(KAFKA_CLIENTS)}")
     for var, linger in (("PEERNET_PROJECTOR_LINGER_MS", cfg.shards.projector_linger_ms),
                         ("PEERNET_FEED_LINGER_MS", cfg.shards.feed_linger_ms)):
         # A linger is how long the broker holds a fetch: it must stay well inside the

@@ -26,7 +26,6 @@ from bus.cache_memory import MemoryCache
 from bus.eventlog import EventLog
 from bus.eventlog_memory import MemoryEventLog
 from bus.kafka import KafkaEventLog
-from bus.librdkafka import RdKafkaEventLog
 from bus.mongo import MongoDocumentStore
 from bus.pubsub import PubSub
 from bus.pubsub_memory import MemoryPubSub
@@ -39,8 +38,6 @@ from peernet.errors import PeerNetError
 
 REAL = pytest.param("real", marks=pytest.mark.stack)
 MEMORY = "memory"
-# The event log's second real backend (PEERNET_KAFKA_CLIENT=librdkafka), on the same broker.
-LIBRDKAFKA = pytest.param("librdkafka", marks=pytest.mark.stack)
 
 # Short timeouts: a dead service must fail a test in seconds, not minutes.
 KAFKA_REQUEST_TIMEOUT_MS = 3000
@@ -86,25 +83,24 @@ def _real_services(request: pytest.FixtureRequest) -> Services:
 # --- EventLog --------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=[REAL, LIBRDKAFKA, MEMORY])
+@pytest.fixture(params=[REAL, MEMORY])
 async def log_kit(request: pytest.FixtureRequest) -> AsyncIterator[LogKit]:
     kind: str = request.param
-    services = _real_services(request) if kind != "memory" else service_addresses(load_config())
+    services = _real_services(request) if kind == "real" else service_addresses(load_config())
     server = MemoryEventLog()
-    kafka_log = RdKafkaEventLog if kind == "librdkafka" else KafkaEventLog
 
     def new() -> EventLog:
         if kind == "memory":
             return server.client()
-        return kafka_log(services.kafka_bootstrap,
-                         request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
-                         delivery_timeout_ms=KAFKA_DELIVERY_TIMEOUT_MS,
-                         client_id=unique("test"))
+        return KafkaEventLog(services.kafka_bootstrap,
+                             request_timeout_ms=KAFKA_REQUEST_TIMEOUT_MS,
+                             delivery_timeout_ms=KAFKA_DELIVERY_TIMEOUT_MS,
+                             client_id=unique("test"))
 
     async def make() -> EventLog:
         log = new()
         kit.created.append(log)
-        if kind != "memory":
+        if kind == "real":
             await _wait_until_up("kafka", log.start)
         else:
             await log.start()
@@ -115,8 +111,8 @@ async def log_kit(request: pytest.FixtureRequest) -> AsyncIterator[LogKit]:
             down = MemoryEventLog()
             down.set_down(True)
             return down
-        return kafka_log(f"127.0.0.1:{closed_port()}", request_timeout_ms=1000,
-                         delivery_timeout_ms=2000, ping_timeout_ms=1000)
+        return KafkaEventLog(f"127.0.0.1:{closed_port()}", request_timeout_ms=1000,
+                             delivery_timeout_ms=2000, ping_timeout_ms=1000)
 
     kit = LogKit(kind, make, unreachable)
     yield kit

@@ -33,7 +33,6 @@ from ports import free_ports
 from bus.backends import event_log
 from bus.eventlog import Record, TopicSpec
 from bus.kafka import KafkaEventLog, KafkaSecurity
-from bus.librdkafka import RdKafkaEventLog
 from peernet.config import PeerNetConfig, load_config
 from peernet.errors import ErrorCode, PeerNetError
 from stack import kafka as stack_kafka
@@ -182,25 +181,17 @@ async def _round_trip(cfg: PeerNetConfig) -> None:
         await log.stop()
 
 
-@pytest.fixture(params=["aiokafka", "librdkafka"])
-def client(request: pytest.FixtureRequest) -> str:
-    """Each Kafka backend (PEERNET_KAFKA_CLIENT): both speak TLS alike."""
-    return str(request.param)
-
-
-async def test_event_log_round_trip_over_tls(broker: TlsBroker, client: str) -> None:
-    cfg = load_config(broker.env(broker.tls_port, PEERNET_KAFKA_CLIENT=client))
+async def test_event_log_round_trip_over_tls(broker: TlsBroker) -> None:
+    cfg = load_config(broker.env(broker.tls_port))
     assert cfg.services.kafka_security_protocol == "SSL"
     await _round_trip(cfg)
 
 
-async def test_event_log_round_trip_with_a_client_certificate(broker: TlsBroker,
-                                                              client: str) -> None:
+async def test_event_log_round_trip_with_a_client_certificate(broker: TlsBroker) -> None:
     tls = broker.tls
     cfg = load_config(broker.env(broker.mtls_port,
                                  PEERNET_KAFKA_SSL_CERTFILE=str(tls.client_cert),
-                                 PEERNET_KAFKA_SSL_KEYFILE=str(tls.client_key),
-                                 PEERNET_KAFKA_CLIENT=client))
+                                 PEERNET_KAFKA_SSL_KEYFILE=str(tls.client_key)))
     await _round_trip(cfg)
 
 
@@ -216,24 +207,23 @@ async def test_the_stack_creates_topics_over_tls(broker: TlsBroker) -> None:
     assert created == [topic]
 
 
-def _refused_log(broker: TlsBroker, port: int, security: KafkaSecurity,
-                 client: str) -> KafkaEventLog | RdKafkaEventLog:
-    kind = RdKafkaEventLog if client == "librdkafka" else KafkaEventLog
-    return kind(broker.bootstrap(port), client_id=unique("test-tls-refused"),
-                request_timeout_ms=REQUEST_TIMEOUT_MS, delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
-                ping_timeout_ms=REQUEST_TIMEOUT_MS, security=security)
+def _refused_log(broker: TlsBroker, port: int, security: KafkaSecurity) -> KafkaEventLog:
+    return KafkaEventLog(broker.bootstrap(port), client_id=unique("test-tls-refused"),
+                         request_timeout_ms=REQUEST_TIMEOUT_MS,
+                         delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
+                         ping_timeout_ms=REQUEST_TIMEOUT_MS, security=security)
 
 
 @pytest.mark.parametrize("case", ["plaintext-to-tls-port", "untrusted-ca", "no-client-cert"])
 async def test_a_client_the_broker_or_it_refuses_fails_in_bounded_time(
-        broker: TlsBroker, case: str, client: str) -> None:
+        broker: TlsBroker, case: str) -> None:
     tls = broker.tls
     port, security = {
         "plaintext-to-tls-port": (broker.tls_port, KafkaSecurity()),
         "untrusted-ca": (broker.tls_port, KafkaSecurity("SSL", cafile=str(tls.other_ca))),
         "no-client-cert": (broker.mtls_port, KafkaSecurity("SSL", cafile=str(tls.ca))),
     }[case]
-    log = _refused_log(broker, port, security, client)
+    log = _refused_log(broker, port, security)
     t0 = time.monotonic()
     try:
         with pytest.raises(PeerNetError) as refused:

@@ -123,13 +123,6 @@ def test_an_unknown_kafka_security_protocol_is_a_config_error() -> None:
                      "PEERNET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
 
 
-def test_the_kafka_client_is_aiokafka_unless_librdkafka_is_named() -> None:
-    assert load_config({}).services.kafka_client == "aiokafka"
-    assert load_config({"PEERNET_KAFKA_CLIENT": "librdkafka"}).services.kafka_client == "librdkafka"
-    with pytest.raises(ConfigError, match="PEERNET_KAFKA_CLIENT"):
-        load_config({"PEERNET_KAFKA_CLIENT": "kafka-python"})
-
-
 @pytest.mark.parametrize("var", ["PEERNET_FEED_LINGER_MS", "PEERNET_PROJECTOR_LINGER_MS"])
 def test_a_consumer_linger_beyond_the_fetch_timeout_is_refused(var: str) -> None:
     assert load_config({var: "2000"})  # the bound itself is allowed
