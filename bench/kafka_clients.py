@@ -659,6 +659,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                           f"(broker {r.broker_cpu_s / r.messages * 1e6:.0f} us/msg)", flush=True)
     finally:
         topics.delete_all()
+        print(f"deleted the topics {topics.prefix}.*", flush=True)
     print()
     print(render(results, cases, [NULL, *clients]))
     return results
