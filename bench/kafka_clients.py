@@ -21,6 +21,9 @@ Cases:
 
 This module imports Kafka clients itself (the one bench module allowed to, .importlinter), and
 nothing of bus/: the settings below are copied from there.
+
+One module of about 700 lines: a program of its own whose cases share the two clients' set-up,
+the pacing loop and the CPU accounting, and read best one after another.
 """
 
 from __future__ import annotations
