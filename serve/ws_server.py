@@ -11,7 +11,8 @@ server, which Serve does after the deployment's constructor returns.
 It also makes uvicorn's WebSocket protocol (websockets-sansio, what uvicorn's "auto" picks) hold
 its received messages in a LeanQueue rather than an asyncio.Queue: four deques (~3 KiB) on every
 connection for a queue that one reader drains (docs/benchmarks.md, memory per idle connection),
-and tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
+keep neither the upgrade request's headers nor the 101 response once the socket is open, and
+tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
 
 And it turns off uvicorn's own keepalive pings (every 20 s by default): two timers per socket
 rescheduled each time and a ping and pong on the wire, per idle connection, to find dead peers
