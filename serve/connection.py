@@ -392,11 +392,13 @@ class Connection:
         # this frame for the connection's life.
         await self._hello()
         bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
-        flood = FloodDetector(self.cfg.flood_close_after)
+        flood: FloodDetector | None = None  # made at the first refusal: most never see one
         while True:
             data = await self._receive()
             if not bucket.take():
                 metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
+                if flood is None:
+                    flood = FloodDetector(self.cfg.flood_close_after)
                 if flood.refuse():
                     raise _Closed(CloseCode.SLOW_OR_FLOODING, "persistent flooding")
                 self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"),

@@ -36,7 +36,6 @@ class FloodDetector:
     """Counts refused frames; persistent flooding is `limit` refusals with no 10 s quiet gap."""
 
     QUIET_S = 10.0
-    __slots__ = ("_last", "limit", "refused")  # one per connection
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
