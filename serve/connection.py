@@ -74,6 +74,12 @@ class _Closed(Exception):
 
 
 class Connection:
+    # Slots: a connection lives as long as its socket, and thousands idle in each replica.
+    __slots__ = ("_attached", "_close_code", "_closer", "_direct", "_early", "_ended", "_expired",
+                 "_live", "_liveness", "_outbox", "_pings", "_reading", "_task", "_watching",
+                 "_writer", "binary", "cfg", "deps", "handlers", "heard_at", "hub",
+                 "last_seq", "liveness_tick", "presence", "user", "ws")
+
     def __init__(self, ws: WebSocket, deps: GatewayDeps, hub: Hub, handlers: HandlerTable,
                  presence: Presence, liveness: Liveness) -> None:
         self.ws = ws
@@ -83,13 +89,14 @@ class Connection:
         self.handlers = handlers
         self.presence = presence
         self.user = ""
-        self.session = new_id()
         self.binary = True
         self.last_seq = 0  # the newest inbox seq this socket has been sent (or had on resume)
-        self.watching: set[str] = set()
+        self._watching: set[str] | None = None  # made by the first `watch`
         # What waits for the socket, in order; None asks the writer to stop. At most
-        # `outbound_queue` items: one more closes the connection (slow consumer).
-        self._outbox: deque[Outgoing | Replay | CatchUp | None] = deque()
+        # `outbound_queue` items: one more closes the connection (slow consumer). Made when
+        # something has to wait (a deque is ~760 bytes; most frames go out at once, and an idle
+        # connection has none).
+        self._outbox: deque[Outgoing | Replay | CatchUp | None] | None = None
         self._early: list[Outgoing] | None = []  # pushes that arrive before the welcome
         self._writer: asyncio.Task[None] | None = None
         self._close_code: int | None = None
@@ -109,6 +116,13 @@ class Connection:
         self._task: asyncio.Task[Any] | None = None
         self._reading = False
         self._expired = False
+
+    @property
+    def watching(self) -> set[str]:
+        """The users this connection watches (serve/presence.py's Watchers keep it)."""
+        if self._watching is None:
+            self._watching = set()
+        return self._watching
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -132,10 +146,13 @@ class Connection:
         if (self._direct is not None and not self._outbox and type(item) is Outgoing
                 and (self._writer is None or self._writer.done()) and self._write_now(item)):
             return
-        if len(self._outbox) >= self.cfg.outbound_queue:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        if len(outbox) >= self.cfg.outbound_queue:
             self.close(CloseCode.SLOW_OR_FLOODING, "slow consumer")
             return
-        self._outbox.append(item)
+        outbox.append(item)
         self._wake_writer()
 
     def _write_now(self, out: Outgoing) -> bool:
@@ -213,9 +230,10 @@ class Connection:
             or SERVER_CLOSED in str(exc))
 
     async def _write_forever(self) -> None:
-        outbox = self._outbox
-        while outbox:
+        while outbox := self._outbox:
             item = outbox.popleft()
+            if not outbox:
+                self._outbox = None  # the next item to wait makes a new one
             if item is None:
                 return
             if isinstance(item, Replay):
@@ -332,6 +350,8 @@ class Connection:
             if self._close_code is None:
                 writer.cancel()
             else:
+                if self._outbox is None:
+                    self._outbox = deque()
                 self._outbox.append(None)
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(writer, 5)
@@ -368,6 +388,25 @@ class Connection:
         return data
 
     async def _serve(self) -> None:
+        # The hello and its raw frame are locals of `_hello`, gone once it returns: not kept in
+        # this frame for the connection's life.
+        await self._hello()
+        bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
+        flood: FloodDetector | None = None  # made at the first refusal: most never see one
+        while True:
+            data = await self._receive()
+            if not bucket.take():
+                metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
+                if flood is None:
+                    flood = FloodDetector(self.cfg.flood_close_after)
+                if flood.refuse():
+                    raise _Closed(CloseCode.SLOW_OR_FLOODING, "persistent flooding")
+                self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"),
+                            _rid_of(data))
+                continue
+            await self._dispatch(data)
+
+    async def _hello(self) -> None:
         first = await self._receive()
         self._live = True
         self.binary = isinstance(first, bytes)
@@ -383,19 +422,6 @@ class Connection:
             raise _Closed(CloseCode.BAD_TOKEN, str(exc)) from None
         await self._welcome(hello)
 
-        bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.rate_burst)
-        flood = FloodDetector(self.cfg.flood_close_after)
-        while True:
-            data = await self._receive()
-            if not bucket.take():
-                metrics.ERRORS.labels(ErrorCode.RATE_LIMITED.value).inc()
-                if flood.refuse():
-                    raise _Closed(CloseCode.SLOW_OR_FLOODING, "persistent flooding")
-                self._error(PeerNetError(ErrorCode.RATE_LIMITED, "rate limit exceeded"),
-                            _rid_of(data))
-                continue
-            await self._dispatch(data)
-
     async def _welcome(self, hello: Frame) -> None:
         resume = hello.get("resume")
         bad_resume = resume is not None and (not isinstance(resume, int) or isinstance(resume, bool)
@@ -409,7 +435,7 @@ class Connection:
             self._error(exc, None)
             raise _Closed(CloseCode.GOING_AWAY, "backend unavailable") from None
         self.last_seq = bounds.latest
-        self.send({"t": "welcome", "user": self.user, "session": self.session, "seq": bounds.latest,
+        self.send({"t": "welcome", "user": self.user, "session": new_id(), "seq": bounds.latest,
                    "heartbeat": self.cfg.heartbeat_ms, "replica": self.deps.replica})
         if bad_resume:
             # Replaying everything the inbox holds loses nothing; the client drops duplicates.

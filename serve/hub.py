@@ -53,7 +53,9 @@ class Hub:
     def __init__(self, pubsub: PubSub) -> None:
         self._pubsub = pubsub
         self._conns: dict[str, set[Receiver]] = {}
-        self._subs: dict[str, asyncio.Task[Subscription]] = {}
+        # Each held user's subscription: the task that makes it, then (once it is made) the
+        # subscription itself, so no finished task (~0.4 KiB with its context) stays per user.
+        self._subs: dict[str, asyncio.Future[Subscription] | Subscription] = {}
         self._unsubscribing: set[asyncio.Future[None]] = set()
         # Messages published while the broker connection was down are lost for good: every
         # connection reads what it missed from the inbox cache.
@@ -72,17 +74,22 @@ class Hub:
     async def attach(self, conn: Receiver) -> None:
         """Hold `conn`; returns once its user's channel is subscribed on this replica."""
         self._conns.setdefault(conn.user, set()).add(conn)
-        task = self._subs.get(conn.user)
-        if task is None:
-            task = self._subs[conn.user] = asyncio.ensure_future(
+        sub = self._subs.get(conn.user)
+        if sub is None:
+            sub = self._subs[conn.user] = asyncio.ensure_future(
                 self._pubsub.subscribe(user_channel(conn.user), self._dispatch))
+        if not isinstance(sub, asyncio.Future):
+            return
+        task = sub
         try:
-            await asyncio.shield(task)
+            made = await asyncio.shield(task)
         except Exception:
             if self._subs.get(conn.user) is task:
                 del self._subs[conn.user]
             self.detach_now(conn)
             raise
+        if self._subs.get(conn.user) is task:
+            self._subs[conn.user] = made
 
     def detach_now(self, conn: Receiver) -> None:
         conns = self._conns.get(conn.user)
@@ -91,15 +98,16 @@ class Hub:
         conns.discard(conn)
         if not conns:
             del self._conns[conn.user]
-            task = self._subs.pop(conn.user, None)
-            if task is not None:
-                pending = asyncio.ensure_future(self._unsubscribe(task))
+            sub = self._subs.pop(conn.user, None)
+            if sub is not None:
+                pending = asyncio.ensure_future(self._unsubscribe(sub))
                 self._unsubscribing.add(pending)
                 pending.add_done_callback(self._unsubscribing.discard)
 
-    async def _unsubscribe(self, task: asyncio.Task[Subscription]) -> None:
+    async def _unsubscribe(self, sub: asyncio.Future[Subscription] | Subscription) -> None:
         try:
-            sub = await task
+            if isinstance(sub, asyncio.Future):
+                sub = await sub
             await sub.unsubscribe()
         except Exception as exc:  # the subscription failed or the broker is gone: nothing to undo
             metrics.BACKGROUND_ERRORS.labels("hub_unsubscribe").inc()

@@ -13,6 +13,8 @@ from peernet.config import ConfigError
 class TokenBucket:
     """`rate` tokens per second, at most `burst` saved up; one frame costs one token."""
 
+    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")  # one per connection
+
     def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = float(burst)

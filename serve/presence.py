@@ -48,7 +48,10 @@ class PresenceShards(Protocol):
 
 class Watcher(Protocol):
     user: str
-    watching: set[str]
+
+    @property
+    def watching(self) -> set[str]:
+        """The users it watches, which Watchers add to and take from."""
 
     def push(self, out: Outgoing) -> None: ...
 

@@ -11,7 +11,8 @@ server, which Serve does after the deployment's constructor returns.
 It also makes uvicorn's WebSocket protocol (websockets-sansio, what uvicorn's "auto" picks) hold
 its received messages in a LeanQueue rather than an asyncio.Queue: four deques (~3 KiB) on every
 connection for a queue that one reader drains (docs/benchmarks.md, memory per idle connection),
-and tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
+keep neither the upgrade request's headers nor the 101 response once the socket is open, and
+tell the app when the client last sent a WebSocket ping (LeanWebSocketProtocol).
 
 And it turns off uvicorn's own keepalive pings (every 20 s by default): two timers per socket
 rescheduled each time and a ping and pong on the wire, per idle connection, to find dead peers
@@ -29,6 +30,7 @@ from collections import deque
 from typing import Any, Generic, TypeVar
 
 import uvicorn
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
@@ -47,51 +49,123 @@ DISCONNECT_WATCH_OFF = (b"x-request-disconnect-disabled", b"?1")
 
 class LeanQueue(Generic[T]):
     """The part of asyncio.Queue uvicorn's WebSocket protocol uses (`put_nowait`, `get`,
-    `empty`, `qsize`), unbounded, in one deque: items come out in the order they were put, each
-    to one `get`, and waiting getters are served first come, first served. A cancelled `get`
-    takes nothing."""
+    `empty`, `qsize`), unbounded: items come out in the order they were put, each to one `get`,
+    and waiting getters are served first come, first served. A cancelled `get` takes nothing.
 
-    __slots__ = ("_getters", "_items")
+    An idle socket's queue is empty with its one reader waiting, so it holds that reader's
+    future in a slot and no deque at all (a deque is ~760 bytes): the items' deque exists only
+    while items wait, and a second deque only while more than one getter waits."""
+
+    __slots__ = ("_first", "_items", "_more")
 
     def __init__(self) -> None:
-        self._items: deque[T] = deque()
-        self._getters: deque[asyncio.Future[None]] | None = None  # made when one waits
+        self._items: deque[T] | None = None
+        self._first: asyncio.Future[None] | None = None  # the getter waiting longest
+        self._more: deque[asyncio.Future[None]] | None = None  # the getters after it
 
     def put_nowait(self, item: T) -> None:
-        self._items.append(item)
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        items.append(item)
         self._wake_one()
 
     def _wake_one(self) -> None:
-        getters = self._getters
-        while getters:
-            getter = getters.popleft()
+        while (getter := self._next_getter()) is not None:
             if not getter.done():
                 getter.set_result(None)
                 return
 
+    def _next_getter(self) -> asyncio.Future[None] | None:
+        getter, more = self._first, self._more
+        self._first = more.popleft() if more else None
+        if not more:
+            self._more = None
+        return getter
+
+    def _wait_behind(self, getter: asyncio.Future[None]) -> None:
+        if self._first is None:
+            self._first = getter
+            return
+        if self._more is None:
+            self._more = deque()
+        self._more.append(getter)
+
+    def _stop_waiting(self, getter: asyncio.Future[None]) -> bool:
+        """Take `getter` out of the line; False when it was not in it (it had been woken)."""
+        if self._first is getter:
+            self._next_getter()
+            return True
+        if self._more and getter in self._more:
+            self._more.remove(getter)
+            if not self._more:
+                self._more = None
+            return True
+        return False
+
     async def get(self) -> T:
         while not self._items:
-            if self._getters is None:
-                self._getters = deque()
             getter = asyncio.get_running_loop().create_future()
-            self._getters.append(getter)
+            self._wait_behind(getter)
             try:
                 await getter
             except BaseException:
                 getter.cancel()
-                with_items = bool(self._items)
-                if getter in self._getters:
-                    self._getters.remove(getter)
-                elif with_items:
+                if not self._stop_waiting(getter) and self._items:
                     self._wake_one()  # it was woken for an item it will not take
                 raise
-        return self._items.popleft()
+        items = self._items
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
 
     def empty(self) -> bool:
         return not self._items
 
     def qsize(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items else 0
+
+
+class LeanEvent:
+    """asyncio.Event (`set`, `clear`, `is_set`, `wait`) with its list of waiters made only while
+    one waits: uvicorn's protocol keeps one per socket (`writable`), waited on only when the
+    transport's buffer is full, and asyncio.Event makes a deque (~760 bytes) for each."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if self._value:
+            return
+        self._value = True
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:
+        if self._value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            self._waiters.remove(waiter)
+            if not self._waiters:
+                self._waiters = None
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -108,10 +182,17 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = LeanQueue()  # type: ignore[assignment]
+        self.writable = LeanEvent()  # type: ignore[assignment]
+        self.writable.set()
         self.heard_at = 0.0
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
+        # The parsed upgrade request's headers (a dict and a list of them, ~2.2 KiB) are read by
+        # nothing once the scope holds its own copy, yet uvicorn (`request`) and websockets'
+        # parser (a local of its generator) would keep them for the socket's life.
+        event.headers.clear()
+        self.request = None  # type: ignore[assignment]
         # The scope exists once the upgrade is accepted; the app's task has not run yet.
         scope = getattr(self, "scope", None)
         if scope is not None:
@@ -123,6 +204,12 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             # message from this protocol's queue into a second queue, only to cancel the app
             # when the client leaves; the app sees the disconnect itself (serve/connection.py).
             scope["headers"].append(DISCONNECT_WATCH_OFF)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if self.handshake_complete:
+            # The 101 response (~1.8 KiB with its headers) is only read until it is sent.
+            self.response = None  # type: ignore[assignment]
 
     def write_now(self, data: bytes | str) -> bool:
         """Write one message frame now, in order after every frame written before, without

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 
+from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -29,7 +30,9 @@ def socket_endpoint(replica: Replica) -> SocketEndpoint:
 
     async def websocket(ws: WebSocket) -> None:
         peer = ws.client.host if ws.client else None
-        address = client_address(peer, ws.headers.getlist("x-forwarded-for"), trusted)
+        # Headers of its own, not `ws.headers`, which the WebSocket would keep for its life.
+        forwarded = Headers(scope=ws.scope).getlist("x-forwarded-for")
+        address = client_address(peer, forwarded, trusted)
         if not per_address.acquire(address):
             await refuse(ws, "address", ADDRESS_FULL)
             return
@@ -45,8 +48,9 @@ def socket_endpoint(replica: Replica) -> SocketEndpoint:
 def socket_asgi(endpoint: SocketEndpoint) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """`endpoint` as a bare ASGI app, for GatewayApp's direct path (serve/app.py)."""
 
-    async def websocket_asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        await endpoint(WebSocket(scope, receive, send))
+    def websocket_asgi(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The endpoint's own coroutine, not one awaiting it: a frame less for the socket's life.
+        return endpoint(WebSocket(scope, receive, send))
 
     return websocket_asgi
 

@@ -83,6 +83,7 @@ def test_in_order_pushes_go_out_at_once_as_the_bytes_they_came_as_without_a_task
     assert server.written[:3] == payloads  # the pub/sub bytes, untouched
     assert decode_frame(server.written[3])["t"] == "pong"
     assert conn._writer is None and ws.asgi_sends == 0  # no task was needed
+    assert conn._outbox is None  # nor a queue: an idle connection holds none
     assert conn.last_seq == 3
 
 
@@ -103,6 +104,7 @@ async def test_a_gap_is_filled_from_the_inbox_by_the_writer_and_order_holds() ->
     assert conn._writer is not None
     await asyncio.wait_for(conn._writer, 5)
     assert seqs(server.written) == [1, 2, 3, 4]
+    assert conn._outbox is None  # the queue went with the last frame that waited
     conn.push(Outgoing(item(5)))  # the writer is done: at once again
     assert seqs(server.written)[-1] == 5 and ws.asgi_sends == 3
 

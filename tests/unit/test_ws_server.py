@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import uvicorn
 from unit_helpers import eventually, unit_cfg
 
-from serve.ws_server import LeanQueue, LeanWebSocketProtocol, use_server_settings
+from serve.ws_server import LeanEvent, LeanQueue, LeanWebSocketProtocol, use_server_settings
 
 
 @pytest.fixture
@@ -94,6 +96,43 @@ async def test_a_cancelled_get_takes_nothing_and_passes_its_wake_up_on() -> None
     assert await asyncio.wait_for(queue.get(), 1) == "b"
 
 
+def holds_a_deque(obj: object) -> bool:
+    return any(isinstance(ref, deque) for ref in gc.get_referents(obj))
+
+
+async def test_an_idle_queue_holds_no_deque_while_its_one_reader_waits() -> None:
+    """A socket's queue is idle nearly all its life: empty, with uvicorn's one reader waiting."""
+    queue: LeanQueue[str] = LeanQueue()
+    reader = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not holds_a_deque(queue)
+    queue.put_nowait("a")
+    assert await asyncio.wait_for(reader, 1) == "a"
+    assert not holds_a_deque(queue) and queue.empty()
+
+
+async def test_lean_event_behaves_as_asyncio_event() -> None:
+    event = LeanEvent()
+    assert not event.is_set() and not holds_a_deque(event)
+    waiters = [asyncio.create_task(event.wait()) for _ in range(2)]
+    cancelled = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not any(w.done() for w in waiters)
+    event.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True]
+    assert event.is_set() and await asyncio.wait_for(event.wait(), 1)
+    event.clear()
+    late = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    assert not late.done()
+    event.set()
+    assert await asyncio.wait_for(late, 1)
+    assert event._waiters is None  # every waiter gone, none kept
+
+
 async def test_write_now_puts_frames_on_the_socket_in_order_with_the_asgi_sends(
         restored_config: None) -> None:
     """A real uvicorn server with the replica's settings and a real client: `write_now` frames
@@ -116,6 +155,9 @@ async def test_write_now_puts_frames_on_the_socket_in_order_with_the_asgi_sends(
         sock.write_now(b"1")
         await send({"type": "websocket.send", "bytes": b"2"})
         sock.write_now("3")
+        # What the handshake parsed and answered is not kept once the socket is open.
+        seen["handshake_dropped"] = (sock.request is None and sock.response is None
+                                     and not holds_a_deque(sock.writable))
         await send({"type": "websocket.close", "code": 1000})
         seen["after_close"] = sock.write_now(b"too late")
         while (await receive())["type"] != "websocket.disconnect":
@@ -134,7 +176,8 @@ async def test_write_now_puts_frames_on_the_socket_in_order_with_the_asgi_sends(
                 while True:
                     got.append(await asyncio.wait_for(client.recv(), 5))
         assert got == [b"1", b"2", "3"]
-        assert seen == {"header": True, "before_accept": False, "after_close": False}
+        assert seen == {"header": True, "before_accept": False, "after_close": False,
+                        "handshake_dropped": True}
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
