@@ -95,6 +95,10 @@ export class Social {
       c.on("push", (frame) => this.onPush(frame)),
       c.on("error", (frame) => this.set({ error: String(frame.message ?? frame.code) })),
     );
+    // What arrived in the open conversation while the page was hidden is read when it shows.
+    const onVisible = () => { if (this.viewing) this.markRead(this.viewing); };
+    document.addEventListener("visibilitychange", onVisible);
+    this.unsubscribe.push(() => document.removeEventListener("visibilitychange", onVisible));
     c.start();
   }
 

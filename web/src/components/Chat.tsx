@@ -31,8 +31,8 @@ export function Chat({ s, social, conv }: { s: State; social: Social; conv: stri
 function PeerHead({ peer, s }: { peer: string; s: State }) {
   const status = presenceOf(s, peer);
   const since = s.presence[peer]?.since ?? 0;
-  const label = status === "online" ? "online" : status === "unknown" ? "status unknown while you are offline"
-    : since ? `last seen ${ago(since)}` : "offline";
+  const label = status === "online" ? "online" : status === "offline" ? (since ? `last seen ${ago(since)}` : "offline")
+    : s.conn !== "online" ? "status unknown while you are offline" : "";
   return (
     <div className="chat-head">
       <Avatar user={peer} status={status} />
