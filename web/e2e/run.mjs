@@ -426,6 +426,23 @@ async function steps() {
   await shot(A2, "14-alice-second-device-group");
   log("the second device shows the same conversations, unread counts, follows and likes");
 
+  // The owner adds and removes a member, then leaves: bob becomes the owner.
+  await openConv(A, trip);
+  await A.page.getByTestId("group-manage").click();
+  await A.page.getByTestId("member-add").fill(carol);
+  await A.page.getByTestId("member-add-go").click();
+  await event(A, `you added ${carol}`).nth(1).waitFor();
+  await A.page.locator(`[data-testid="member"][data-user="${carol}"]`).getByTestId("member-remove").click();
+  await event(A, `you removed ${carol}`).waitFor();
+  await event(B, `${alice} removed ${carol}`).waitFor();
+  await A.page.getByTestId("group-leave").click();
+  await A.page.getByTestId("not-member").waitFor();
+  await event(B, `${alice} left · you are now the owner`).waitFor();
+  await B.page.getByTestId("group-manage").click();
+  await B.page.getByTestId("member-add").waitFor(); // the owner's controls
+  await shot(B, "15-bob-owner-after-alice-left");
+  log("added, removed, left: bob is the owner now");
+
   // Signing out leaves nothing of alice in that browser.
   await tab(A2, "home");
   await A2.page.getByTestId("compose").fill("a draft to forget");

@@ -15,8 +15,9 @@ import { UserStorage } from "./storage";
 
 export interface Presence { status: "online" | "offline"; since: number }
 
-/** A note as the Notes tab shows it (a group note with its change in words). */
-export interface NoteView extends Note { text?: string }
+/** A note as the Notes tab shows it: a group note with its change in words, and `quiet` when
+ * it did not add or remove me (the chat shows it; the Notes tab does not count it as unread). */
+export interface NoteView extends Note { text?: string; quiet?: boolean }
 
 export interface State {
   me: string;
@@ -225,7 +226,7 @@ export class Social {
 
   private onItem(item: InboxItem, live: boolean): void {
     if (item.t === "msg") return this.onMsg(item);
-    const view: NoteView = item.kind === "group" && item.conv ? { ...item, text: this.onGroupNote(item) } : item;
+    const view: NoteView = item.kind === "group" && item.conv ? { ...item, ...this.onGroupNote(item) } : item;
     if (item.kind === "follow") this.set({ followers: { ...this.state.followers, [item.from]: true } });
     if (item.kind === "like" && live) this.refreshFeedSoon();
     // A like after an unlike, or a follow after an unfollow, notes again: shown once.
@@ -249,14 +250,17 @@ export class Social {
   }
 
   /** The group's conversation after the note; the change in words, for the Notes tab. */
-  private onGroupNote(note: Note): string {
+  private onGroupNote(note: Note): { text: string; quiet: boolean } {
+    const me = this.state.me;
     const conv = note.conv!;
-    const before = this.state.convs[conv] ?? emptyConversation(conv, this.state.me);
-    const c = withGroupNote(before, note, this.state.me);
+    const before = this.state.convs[conv];
+    const was = before ?? emptyConversation(conv, me);
+    const c = withGroupNote(was, note, me);
     this.putConv(c);
     void this.watch(c.members);
-    const text = groupChangeText(before, note, this.state.me);
-    return note.change === "create" ? text : `${text} · “${note.title}”`;
+    const text = groupChangeText(was, note, me);
+    const aboutMe = note.from !== me && (c.member !== (before?.member ?? false) || !before);
+    return { text: note.change === "create" ? text : `${text} · “${note.title}”`, quiet: !aboutMe };
   }
 
   private onPush(frame: Frame): void {

@@ -16,7 +16,7 @@ function unreadMessages(s: State): number {
 }
 
 function unreadNotes(s: State): number {
-  return s.notes.filter((n) => n.seq > s.notesReadSeq && n.from !== s.me).length;
+  return s.notes.filter((n) => n.seq > s.notesReadSeq && n.from !== s.me && !n.quiet).length;
 }
 
 export function Shell({ social, onSignOut }: { social: Social; onSignOut: () => void }) {
@@ -46,7 +46,7 @@ export function Shell({ social, onSignOut }: { social: Social; onSignOut: () => 
             <span className="tab-label">{label}</span>
             <AnimatePresence>
               {badge > 0 && (
-                <motion.span key={badge} data-testid="unread" className="badge" initial={{ scale: 0 }}
+                <motion.span key="badge" data-testid="unread" className="badge" initial={{ scale: 0 }}
                   animate={{ scale: 1 }} exit={{ scale: 0 }} transition={spring}>{badge}</motion.span>
               )}
             </AnimatePresence>
