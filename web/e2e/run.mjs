@@ -41,6 +41,11 @@ const bob = `bob_${run}`;
 const carol = `carol_${run}`;
 const ghost = `ghost_${run}`;
 const DESKTOP = { width: 1000, height: 700 };
+// A server with read state (protocol 1.1, "Read state") lists conversations (401 without a
+// token); one without answers 404, and then nothing can be "seen" and unread counts are derived.
+const readState = (await fetch(`${url}/v1/conversations`)).status !== 404;
+/** The server has it: ✓ sent, or ✓✓ seen once read receipts say so. */
+const landed = (status) => status === "sent" || (readState && status === "seen");
 const PHONE = { width: 390, height: 844 };
 
 const browser = await chromium.launch({
@@ -143,7 +148,7 @@ async function steps() {
   const A = await open(alice);
   const B = await open(bob);
   const C = await open(carol, { viewport: PHONE });
-  log(`signed in as ${alice}, ${bob} and ${carol} (a phone)`);
+  log(`signed in as ${alice}, ${bob} and ${carol} (a phone); read state ${readState ? "on" : "not on this server"}`);
 
   // The Follow box: a hint for a name that cannot be one, a warning for one nobody uses.
   await tab(A, "people");
@@ -242,9 +247,15 @@ async function steps() {
   await A.page.getByTestId("dm-send").click();
   await until("alice's message sent", async () => {
     const lines = await chatLines(A);
-    return lines.some((l) => l.body === "hi bob!" && l.status === "sent") ? true : { ok: false, lines };
+    return lines.some((l) => l.body === "hi bob!" && landed(l.status)) ? true : { ok: false, lines };
   });
   await line(B, "hi bob!").waitFor();
+  if (readState) {
+    // Bob has the conversation open: he read it, and alice sees so.
+    await line(A, "hi bob!").and(A.page.locator('[data-status="seen"]')).waitFor();
+    await A.page.getByTestId("seen-by").waitFor();
+    log("bob read it: ✓✓ and Seen under it for alice");
+  }
   await B.page.getByTestId("typing").waitFor({ state: "detached" });
   await say(B, "hey alice, how are you?");
   await line(A, "hey alice").waitFor();
@@ -296,7 +307,7 @@ async function steps() {
     const lines = await chatLines(who);
     const bodies = lines.map((l) => l.body);
     const complete = expected.every((b) => bodies.filter((x) => x === b).length === 1)
-      && lines.length === expected.length && lines.every((l) => !l.mine || l.status === "sent");
+      && lines.length === expected.length && lines.every((l) => !l.mine || landed(l.status));
     return complete ? lines : { ok: false, lines };
   });
   const [linesA, linesB] = await Promise.all([settled(A), settled(B)]);
@@ -368,6 +379,13 @@ async function steps() {
       return got === want ? true : { ok: false, got };
     });
   }
+  if (readState) {
+    // Bob and carol have the group open: alice's message is seen by both.
+    await until("alice's group message seen by bob and carol", async () => {
+      const seen = await A.page.getByTestId("seen-by").allTextContents();
+      return seen.some((t) => t.includes(bob) && t.includes(carol)) ? true : { ok: false, seen };
+    });
+  }
   const names = await A.page.getByTestId("line-from").allTextContents();
   check("senders' names shown in the group", names.includes(carol) && names.includes(bob), names);
   await shot(A, "10-alice-group-chat");
@@ -424,6 +442,13 @@ async function steps() {
   check("the group's members on the second device", members === `you, ${bob}`, members);
   await line(A2, "one more thing before I go").waitFor();
   await shot(A2, "14-alice-second-device-group");
+  if (readState) {
+    // Reading on the second device clears the count on the first.
+    await tab(A, "messages");
+    await until("the first device's group count cleared by the second's read", async () =>
+      (await convList(A))[trip] === 0 && (await badge(A, "messages")) === "");
+    log("a read on one device clears the unread count on the other");
+  }
   log("the second device shows the same conversations, unread counts, follows and likes");
 
   // The owner adds and removes a member, then leaves: bob becomes the owner.

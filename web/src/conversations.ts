@@ -1,7 +1,7 @@
 // Conversations as the screens show them, built from what the server says: messages from the
 // inbox and from history, a group's membership from its `group` notes, read markers from `read`
 // receipts. Plain functions over immutable values; the store (store.ts) calls them.
-import { type Note, type StoredMsg, dmPeer, isGroupConv } from "./peernet";
+import { type ConversationSummary, type Note, type StoredMsg, dmPeer, isGroupConv } from "./peernet";
 
 /** pending: on its way; sent: the server has it (`ok`, or its copy in my inbox); failed. "Seen"
  * is not stored on a line: it is read from the other members' read markers (seenBy). */
@@ -32,6 +32,8 @@ export interface Conversation {
   /** When something last happened in it: the list's order. */
   activity: number;
   historyLoaded: boolean;
+  /** The server's unread count, as of its newest message then (GET /v1/conversations). */
+  server?: { unread: number; lastId: string | null };
 }
 
 export function emptyConversation(conv: string, me: string): Conversation {
@@ -134,12 +136,27 @@ export function lastMessage(c: Conversation): MsgLine | undefined {
   return undefined;
 }
 
+/** A conversation as the server lists it: title, members, newest message, markers, unread. */
+export function withSummary(c: Conversation, s: ConversationSummary): Conversation {
+  let next: Conversation = { ...c, members: s.members, owner: s.owner ?? c.owner,
+    title: s.kind === "group" ? s.title ?? c.title : c.title, member: true };
+  if (s.last) next = withMessage(next, s.last);
+  for (const [user, id] of Object.entries(s.read)) next = withReadMarker(next, user, id);
+  return { ...next, server: { unread: s.unread, lastId: s.last?.id ?? null } };
+}
+
+const othersAfter = (c: Conversation, me: string, from: number, inboxOnly: boolean) =>
+  c.lines.filter((l, i) => i > from && l.kind === "msg" && l.from !== me && (!inboxOnly || l.seq !== undefined)).length;
+
 /** Messages from others after both my read marker and my own newest message (writing in a
- * conversation means having read it), counted from the inbox items (lines with a seq). */
+ * conversation means having read it). The server's count where it gave one, plus what came
+ * after it; else counted from the inbox items (lines with a seq). */
 export function unreadCount(c: Conversation, me: string): number {
   let from = indexOfMsg(c, c.read[me]);
   c.lines.forEach((l, i) => { if (l.kind === "msg" && l.from === me && i > from) from = i; });
-  return c.lines.filter((l, i) => i > from && l.kind === "msg" && l.from !== me && l.seq !== undefined).length;
+  const counted = indexOfMsg(c, c.server?.lastId ?? undefined);
+  if (c.server && counted >= 0 && from < counted) return c.server.unread + othersAfter(c, me, counted, false);
+  return othersAfter(c, me, from, true);
 }
 
 /** Who (other than me) has read up to each line: keyed by the line at each reader's marker. */

@@ -50,6 +50,13 @@ export interface Note {
   conv?: string; title?: string; owner?: string; members?: string[]; change?: string;
 }
 
+/** A conversation as `GET /v1/conversations` lists it (protocol 1.1): `unread` my messages
+ * from others after my marker, `read` every member's marker. */
+export interface ConversationSummary {
+  conv: string; kind: "dm" | "group"; title: string | null; owner: string | null; members: string[];
+  last: StoredMsg | null; unread: number; read: Record<string, string>;
+}
+
 /** A `read` push: `user`'s read marker in `conv` moved to message `id`. */
 export interface ReadReceipt { conv: string; user: string; id: string; ts: number }
 

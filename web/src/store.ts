@@ -4,12 +4,12 @@
 // from the server, so every device of a user shows the same; the browser keeps drafts only.
 import { useSyncExternalStore } from "react";
 import {
-  type ConnectionState, type Frame, type InboxItem, type Msg, type Note, type Post, type ReadReceipt,
+  type ConnectionState, type ConversationSummary, type Frame, type InboxItem, type Msg, type Note, type Post, type ReadReceipt,
   type StoredMsg, PeerNetClient, RequestError, dmConv, dmPeer, isGroupConv,
 } from "./peernet";
 import {
   type Conversation, type MsgLine, emptyConversation, groupChangeText, hasMessage, lastMessage,
-  withGroupNote, withLine, withMessage, withReadMarker,
+  withGroupNote, withLine, withMessage, withReadMarker, withSummary,
 } from "./conversations";
 import { UserStorage } from "./storage";
 
@@ -76,6 +76,8 @@ export class Social {
   private viewing: string | null = null;
   /** False once the server answers `read` with unknown_type (read markers not built there). */
   private readSupported = true;
+  /** False once `GET /v1/conversations` is a 404 (a server without the conversation list). */
+  private listSupported = true;
   private stopped = false;
 
   constructor(baseUrl: string, me: string) {
@@ -141,7 +143,7 @@ export class Social {
   private async onReady(): Promise<void> {
     this.watched.clear();
     void this.watch(this.knownUsers());
-    await Promise.all([this.refreshFeed(), this.loadGraph()]);
+    await Promise.all([this.refreshFeed(), this.loadGraph(), this.loadConversations()]);
     if (this.viewing) void this.loadHistory(this.viewing, true);
   }
 
@@ -154,6 +156,24 @@ export class Social {
       void this.watch([...following, ...followers]);
     } catch (err) {
       this.fail(err);
+    }
+  }
+
+  /** The conversation list with unread counts and read markers, where the server keeps them;
+   * without it, conversations come from the inbox alone and unread counts are derived. */
+  private async loadConversations(): Promise<void> {
+    if (!this.listSupported) return;
+    try {
+      const items = await this.client.getAll<ConversationSummary>("/v1/conversations", 500);
+      const convs = { ...this.state.convs };
+      for (const item of items) {
+        convs[item.conv] = withSummary(convs[item.conv] ?? emptyConversation(item.conv, this.state.me), item);
+      }
+      this.set({ convs });
+      void this.watch(items.flatMap((i) => i.members));
+    } catch (err) {
+      if (err instanceof RequestError && err.code === "not_found") this.listSupported = false;
+      else this.fail(err);
     }
   }
 
