@@ -360,6 +360,9 @@ async function steps() {
   await A.page.getByTestId("group-manage").click();
   await openConv(C, trip);
   await event(C, `${alice} added you`).waitFor();
+  // On the phone the open conversation takes the screen, with a way back to the list.
+  await C.page.getByTestId("conv").first().waitFor({ state: "hidden" });
+  await C.page.getByTestId("chat-back").waitFor();
   log("a group of three, every member sees its membership changes");
   await C.page.getByTestId("dm-input").pressSequentially("hello gr", { delay: 40 });
   await A.page.getByTestId("typing").filter({ hasText: carol }).waitFor();

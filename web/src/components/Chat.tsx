@@ -11,7 +11,7 @@ import { Avatar, Counter, ago, sendable, spring } from "./ui";
 // Pending is a small spinning ring (CSS); emoji clocks are missing from many systems' fonts.
 const TICKS = { pending: "", sent: "✓", seen: "✓✓", failed: "!" } as const;
 
-export function Chat({ s, social, conv }: { s: State; social: Social; conv: string }) {
+export function Chat({ s, social, conv, onBack }: { s: State; social: Social; conv: string; onBack: () => void }) {
   const c = s.convs[conv] ?? emptyConversation(conv, s.me);
   const typing = Object.keys(s.typing[conv] ?? {});
   useEffect(() => {
@@ -20,6 +20,7 @@ export function Chat({ s, social, conv }: { s: State; social: Social; conv: stri
   }, [conv, social]);
   return (
     <div className="chat" data-testid="chat" data-conv={conv} data-peer={c.group ? undefined : c.title}>
+      <button data-testid="chat-back" className="ghost small back" onClick={onBack}>← Conversations</button>
       {c.group ? <GroupHead c={c} s={s} social={social} /> : <PeerHead peer={c.title} s={s} />}
       <Lines c={c} s={s} typing={typing} />
       {c.member ? <MessageBox c={c} s={s} social={social} />

@@ -14,7 +14,8 @@ export function Messages({ s, social, conv, onConv }:
     .filter((c) => c.lines.length || c.group || c.conv === conv)
     .sort((a, b) => b.activity - a.activity || (a.conv < b.conv ? -1 : 1));
   return (
-    <section className="messages">
+    // On a phone the open conversation takes the screen; its back button shows the list.
+    <section className={conv ? "messages has-chat" : "messages"}>
       <div className="convs-col">
         <button data-testid="new-conv" className={conv ? "ghost" : ""} onClick={() => onConv(null)}>
           New message or group
@@ -24,7 +25,7 @@ export function Messages({ s, social, conv, onConv }:
           {convs.map((c) => <ConvRow key={c.conv} c={c} s={s} active={c.conv === conv} onOpen={() => onConv(c.conv)} />)}
         </ul>
       </div>
-      {conv ? <Chat key={conv} s={s} social={social} conv={conv} />
+      {conv ? <Chat key={conv} s={s} social={social} conv={conv} onBack={() => onConv(null)} />
         : <NewConversation s={s} social={social} onConv={onConv} />}
     </section>
   );
