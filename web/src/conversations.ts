@@ -47,12 +47,19 @@ function waiting(l: ChatLine): boolean {
   return l.kind === "msg" && l.status !== "sent";
 }
 
-/** Lines the server has, by time (then seq, then id: the same order on every device), then
- * the ones still on their way in the order they were written. */
-export function ordered(lines: ChatLine[]): ChatLine[] {
-  const settled = lines.filter((l) => !waiting(l));
-  settled.sort((a, b) => a.ts - b.ts || ((a.seq ?? 0) - (b.seq ?? 0)) || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
-  return [...settled, ...lines.filter(waiting)];
+/** The order of lines the server has: by time, then seq, then id (the same on every device). */
+function compare(a: ChatLine, b: ChatLine): number {
+  return a.ts - b.ts || ((a.seq ?? 0) - (b.seq ?? 0)) || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+}
+
+/** Ordered `lines` with `line` in its place: the lines the server has in their order, then the
+ * ones still on their way in the order they were written. Scanned from the end, where new
+ * lines go, so that a replay of thousands of messages stays linear. */
+function inserted(lines: ChatLine[], line: ChatLine): ChatLine[] {
+  if (waiting(line)) return [...lines, line];
+  let i = lines.length;
+  while (i > 0 && (waiting(lines[i - 1]) || compare(lines[i - 1], line) > 0)) i--;
+  return [...lines.slice(0, i), line, ...lines.slice(i)];
 }
 
 /** A message from the inbox (with seq) or from history (without). */
@@ -62,13 +69,17 @@ export function withMessage(c: Conversation, m: StoredMsg & { seq?: number }): C
   // A line of mine keeps its key (the cid of the send) so that it does not blink.
   const line: MsgLine = { kind: "msg", key: had?.key ?? m.id, id: m.id, from: m.from, body: m.body, ts: m.ts,
     seq: m.seq ?? had?.seq, status: "sent" };
-  const lines = at >= 0 ? c.lines.map((l, i) => (i === at ? line : l)) : [...c.lines, line];
-  return { ...c, lines: ordered(lines), activity: Math.max(c.activity, m.ts) };
+  const rest = at >= 0 ? c.lines.filter((_, i) => i !== at) : c.lines;
+  return { ...c, lines: inserted(rest, line), activity: Math.max(c.activity, m.ts) };
 }
 
+/** The conversation with my line `key` changed by `fn` (null: taken out). */
 export function withLine(c: Conversation, key: string, fn: (l: MsgLine) => MsgLine | null): Conversation {
-  const lines = c.lines.flatMap((l) => (l.kind === "msg" && l.key === key ? [fn(l)].filter((x) => x !== null) : [l]));
-  return { ...c, lines: ordered(lines as ChatLine[]) };
+  const line = c.lines.find((l): l is MsgLine => l.kind === "msg" && l.key === key);
+  if (!line) return c;
+  const rest = c.lines.filter((l) => l !== line);
+  const next = fn(line);
+  return { ...c, lines: next ? inserted(rest, next) : rest };
 }
 
 export function hasMessage(c: Conversation, id: string): boolean {
@@ -113,7 +124,7 @@ export function withGroupNote(c: Conversation, note: Note, me: string): Conversa
   const event: EventLine = { kind: "event", key: note.id, id: note.id, text, ts: note.ts, seq: note.seq };
   return { ...c, title: note.title ?? c.title, owner: note.owner ?? c.owner,
     members: after.length ? after : c.members.filter((u) => u !== me), member: after.includes(me),
-    lines: ordered([...c.lines.filter((l) => l.key !== note.id), event]), activity: Math.max(c.activity, note.ts) };
+    lines: inserted(c.lines.filter((l) => l.key !== note.id), event), activity: Math.max(c.activity, note.ts) };
 }
 
 function indexOfMsg(c: Conversation, id: string | undefined): number {

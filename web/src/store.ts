@@ -79,6 +79,7 @@ export class Social {
   /** False once `GET /v1/conversations` is a 404 (a server without the conversation list). */
   private listSupported = true;
   private stopped = false;
+  private notifying = false;
 
   constructor(baseUrl: string, me: string) {
     this.client = new PeerNetClient({ baseUrl, user: me });
@@ -129,9 +130,20 @@ export class Social {
     this.storage.clear();
   }
 
+  /** The state changes at once; the screens hear of it once a frame, so that a resume of
+   * thousands of inbox items is one render per frame, not one per item. */
   private set(patch: Partial<State>): void {
     this.state = { ...this.state, ...patch };
-    this.subs.forEach((fn) => fn());
+    if (this.notifying) return;
+    this.notifying = true;
+    const notify = () => {
+      if (!this.notifying) return;
+      this.notifying = false;
+      this.subs.forEach((fn) => fn());
+    };
+    // A hidden page gets no animation frames: the timer covers it.
+    requestAnimationFrame(notify);
+    window.setTimeout(notify, 100);
   }
 
   private fail(err: unknown): void {

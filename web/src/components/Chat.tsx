@@ -10,6 +10,8 @@ import { Avatar, Counter, ago, sendable, spring } from "./ui";
 
 // Pending is a small spinning ring (CSS); emoji clocks are missing from many systems' fonts.
 const TICKS = { pending: "", sent: "✓", seen: "✓✓", failed: "!" } as const;
+/** Lines drawn at first, and more each time earlier ones are asked for. */
+const SHOWN = 200;
 
 export function Chat({ s, social, conv, onBack }: { s: State; social: Social; conv: string; onBack: () => void }) {
   const c = s.convs[conv] ?? emptyConversation(conv, s.me);
@@ -103,13 +105,18 @@ function GroupMembers({ c, s, social }: { c: Conversation; s: State; social: Soc
 
 function Lines({ c, s, typing }: { c: Conversation; s: State; typing: string[] }) {
   const seen = seenBy(c, s.me);
+  const [shown, setShown] = useState(SHOWN);
+  const from = Math.max(0, c.lines.length - shown);
   const end = useRef<HTMLDivElement>(null);
   // A block body: scrollIntoView returns a promise in newer browsers, not an effect cleanup.
   useEffect(() => { end.current?.scrollIntoView({ block: "end" }); }, [c.lines.length, typing.length]);
   return (
     <div className="lines">
+      {from > 0 && <button data-testid="earlier" className="ghost small earlier"
+        onClick={() => setShown(shown + SHOWN)}>Show earlier messages</button>}
       <AnimatePresence initial={false}>
-        {c.lines.map((l, i) => {
+        {c.lines.slice(from).map((l, j) => {
+          const i = from + j;
           if (l.kind === "event") {
             return <motion.div key={l.key} layout data-testid="event" className="event muted small"
               initial={{ opacity: 0 }} animate={{ opacity: 1 }}>{l.text}</motion.div>;
