@@ -32,6 +32,8 @@ export interface Conversation {
   /** When something last happened in it: the list's order. */
   activity: number;
   historyLoaded: boolean;
+  /** The cursor of the history page before the oldest loaded (null: none, or not loaded). */
+  historyNext: string | null;
   /** The server's unread count, as of its newest message then (GET /v1/conversations). */
   server?: { unread: number; lastId: string | null };
 }
@@ -40,7 +42,8 @@ export function emptyConversation(conv: string, me: string): Conversation {
   const group = isGroupConv(conv);
   const peer = group ? "" : dmPeer(conv, me);
   return { conv, group, title: group ? "Group" : peer, owner: null, members: group ? [] : [me, peer].sort(),
-    member: true, lines: [], read: {}, activity: 0, historyLoaded: false };
+    member: true, lines: [], read: {}, activity: 0, historyLoaded: false,
+    historyNext: null };
 }
 
 function waiting(l: ChatLine): boolean {

@@ -4,8 +4,8 @@
 // from the server, so every device of a user shows the same; the browser keeps drafts only.
 import { useSyncExternalStore } from "react";
 import {
-  type ConnectionState, type ConversationSummary, type Frame, type InboxItem, type Msg, type Note, type Post, type ReadReceipt,
-  type StoredMsg, PeerNetClient, RequestError, dmConv, dmPeer, isGroupConv,
+  type ConnectionState, type ConversationSummary, type Frame, type InboxItem, type Msg, type Note, type Page,
+  type Post, type ReadReceipt, type StoredMsg, PeerNetClient, RequestError, dmConv, dmPeer, isGroupConv,
 } from "./peernet";
 import {
   type Conversation, type MsgLine, emptyConversation, groupChangeText, hasMessage, lastMessage,
@@ -156,7 +156,7 @@ export class Social {
     this.watched.clear();
     void this.watch(this.knownUsers());
     await Promise.all([this.refreshFeed(), this.loadGraph(), this.loadConversations()]);
-    if (this.viewing) void this.loadHistory(this.viewing, true);
+    if (this.viewing) void this.loadHistory(this.viewing, { force: true });
   }
 
   private async loadGraph(): Promise<void> {
@@ -215,15 +215,20 @@ export class Social {
     void this.watch(items.map((p) => p.author));
   }
 
-  async loadHistory(conv: string, force = false): Promise<void> {
+  /** The newest page of a conversation's history (once, or again with `force`), or with
+   * `earlier` the page before the oldest loaded. */
+  async loadHistory(conv: string, { force = false, earlier = false } = {}): Promise<void> {
     const known = this.state.convs[conv];
-    if (known?.historyLoaded && !force) return;
+    if (earlier ? !known?.historyNext : known?.historyLoaded && !force) return;
+    const before = earlier ? `&before=${encodeURIComponent(known!.historyNext!)}` : "";
     try {
-      const page = await this.client.get<{ items: StoredMsg[] }>(
-        `/v1/conversations/${encodeURIComponent(conv)}/messages?limit=50`);
+      const page = await this.client.get<Page<StoredMsg>>(
+        `/v1/conversations/${encodeURIComponent(conv)}/messages?limit=50${before}`);
       let c = this.state.convs[conv] ?? emptyConversation(conv, this.state.me);
       for (const m of page.items) c = withMessage(c, m);
-      this.putConv({ ...c, historyLoaded: true });
+      // A reload of the newest page keeps the cursor of the earliest one loaded.
+      const next = earlier || !c.historyLoaded ? page.next : c.historyNext;
+      this.putConv({ ...c, historyLoaded: true, historyNext: next });
       if (conv === this.viewing) this.markRead(conv);
     } catch (err) {
       if (err instanceof RequestError && err.code === "forbidden") return; // no longer a member

@@ -24,7 +24,7 @@ export function Chat({ s, social, conv, onBack }: { s: State; social: Social; co
     <div className="chat" data-testid="chat" data-conv={conv} data-peer={c.group ? undefined : c.title}>
       <button data-testid="chat-back" className="ghost small back" onClick={onBack}>← Conversations</button>
       {c.group ? <GroupHead c={c} s={s} social={social} /> : <PeerHead peer={c.title} s={s} />}
-      <Lines c={c} s={s} typing={typing} />
+      <Lines c={c} s={s} typing={typing} onEarlier={() => void social.loadHistory(conv, { earlier: true })} />
       {c.member ? <MessageBox c={c} s={s} social={social} />
         : <p data-testid="not-member" className="muted small gone">You are no longer in this group.</p>}
     </div>
@@ -103,7 +103,8 @@ function GroupMembers({ c, s, social }: { c: Conversation; s: State; social: Soc
   );
 }
 
-function Lines({ c, s, typing }: { c: Conversation; s: State; typing: string[] }) {
+function Lines({ c, s, typing, onEarlier }:
+  { c: Conversation; s: State; typing: string[]; onEarlier: () => void }) {
   const seen = seenBy(c, s.me);
   const [shown, setShown] = useState(SHOWN);
   const from = Math.max(0, c.lines.length - shown);
@@ -112,8 +113,8 @@ function Lines({ c, s, typing }: { c: Conversation; s: State; typing: string[] }
   useEffect(() => { end.current?.scrollIntoView({ block: "end" }); }, [c.lines.length, typing.length]);
   return (
     <div className="lines">
-      {from > 0 && <button data-testid="earlier" className="ghost small earlier"
-        onClick={() => setShown(shown + SHOWN)}>Show earlier messages</button>}
+      {(from > 0 || c.historyNext) && <button data-testid="earlier" className="ghost small earlier"
+        onClick={() => { if (from === 0) onEarlier(); setShown(shown + SHOWN); }}>Show earlier messages</button>}
       <AnimatePresence initial={false}>
         {c.lines.slice(from).map((l, j) => {
           const i = from + j;
