@@ -1,22 +1,66 @@
-// The PeerNet protocol client (shared/protocol.md, version 1), the one module that speaks it:
+// The PeerNet protocol client (shared/protocol.md, version 1.1), the one module that speaks it:
 // msgpack frames over /v1/ws, hello with `resume`, reconnects with backoff, duplicate inbox
 // items dropped by id, `ping` frames on the announced heartbeat, cumulative `ack`s, and a
-// connection state the UI can show. Requests made while disconnected wait in an outbox.
+// connection state the UI can show. Requests made while disconnected wait in an outbox. The
+// HTTP reads (following, followers, presence, history) go through `get` with the same token.
 import { decode, encode } from "@msgpack/msgpack";
 
 export type Frame = { t: string; rid?: number | string; [field: string]: unknown };
 
 export type ConnectionState = "connecting" | "online" | "reconnecting" | "offline" | "stopped";
 
-export interface Post { id: string; author: string; body: string; ts: number; likes: number }
+/** User ids, as the protocol defines them. */
+export const USER_ID = /^[a-z0-9_]{1,32}$/;
+/** The longest `body` of a post or message, in characters (code points, as the server counts). */
+export const MAX_BODY_CHARS = 4000;
+/** Group titles: 1 to 100 characters. */
+export const MAX_TITLE_CHARS = 100;
 
-export interface Msg {
-  t: "msg"; seq: number; id: string; conv: string; from: string; to: string; body: string; ts: number;
+export function bodyLength(text: string): number {
+  return [...text].length;
 }
+
+/** The conversation of two users: `dm:a:b` with a < b. */
+export function dmConv(a: string, b: string): string {
+  return a < b ? `dm:${a}:${b}` : `dm:${b}:${a}`;
+}
+
+export function isGroupConv(conv: string): boolean {
+  return conv.startsWith("g:");
+}
+
+/** The other participant of a `dm:a:b` conversation. */
+export function dmPeer(conv: string, me: string): string {
+  const [, a, b] = conv.split(":");
+  return a === me ? b : a;
+}
+
+/** `liked` comes with feed pages (version 1.1), not with the `feed` push. */
+export interface Post { id: string; author: string; body: string; ts: number; likes: number; liked?: boolean }
+
+/** A message as history gives it: the `msg` item without `t` and `seq`; a group's has no `to`. */
+export interface StoredMsg { id: string; conv: string; from: string; to?: string; body: string; ts: number }
+
+export interface Msg extends StoredMsg { t: "msg"; seq: number }
 
 export interface Note {
   t: "note"; seq: number; id: string; kind: string; from: string; ts: number; post?: string;
+  /** kind `group`: the group, its title and owner, and its members after the change ([] for a
+   * user it took out); `change` is the server's addition (create, add, remove, leave). */
+  conv?: string; title?: string; owner?: string; members?: string[]; change?: string;
 }
+
+/** A conversation as `GET /v1/conversations` lists it (protocol 1.1): `unread` my messages
+ * from others after my marker, `read` every member's marker. */
+export interface ConversationSummary {
+  conv: string; kind: "dm" | "group"; title: string | null; owner: string | null; members: string[];
+  last: StoredMsg | null; unread: number; read: Record<string, string>;
+}
+
+/** A `read` push: `user`'s read marker in `conv` moved to message `id`. */
+export interface ReadReceipt { conv: string; user: string; id: string; ts: number }
+
+export interface Page<T> { items: T[]; next: string | null }
 
 export type InboxItem = Msg | Note;
 
@@ -128,6 +172,41 @@ export class PeerNetClient {
     this.drop(false);
     for (const p of this.pending.values()) p.reject(new RequestError("stopped", "signed out"));
     this.pending.clear();
+  }
+
+  /**
+   * A GET of the HTTP API with this user's token: the parsed JSON, or a RequestError with the
+   * protocol's code (a refused token is fetched again once).
+   */
+  async get<T>(path: string): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      this.token ??= await devToken(this.baseUrl, this.user);
+      const reply = await fetch(this.baseUrl + path, { headers: { authorization: `Bearer ${this.token}` } });
+      if (reply.status === 401 && attempt === 0) {
+        this.token = null;
+        continue;
+      }
+      const body = await reply.json().catch(() => ({}));
+      if (!reply.ok) {
+        throw new RequestError(body?.error?.code ?? (reply.status === 404 ? "not_found" : "unavailable"),
+          body?.error?.message ?? `${path}: ${reply.status}`);
+      }
+      return body as T;
+    }
+  }
+
+  /** Every page of a paged list (following, followers), up to `max` items. */
+  async getAll<T>(path: string, max = 5_000): Promise<T[]> {
+    const items: T[] = [];
+    let before: string | null = null;
+    do {
+      const sep = path.includes("?") ? "&" : "?";
+      const cursor: string = before === null ? "" : `&before=${encodeURIComponent(before)}`;
+      const page: Page<T> = await this.get<Page<T>>(`${path}${sep}limit=100${cursor}`);
+      items.push(...page.items);
+      before = page.next;
+    } while (before !== null && items.length < max);
+    return items;
   }
 
   /**
