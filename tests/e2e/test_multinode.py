@@ -298,6 +298,10 @@ def two_node_server(local_stack: PeerNetConfig, tmp_path_factory: pytest.TempPat
         env = cluster_server_env(local_stack, f"mn{run}", gcs_port,
                                  tmp_path_factory.mktemp("mn-home"),
                                  server_port("PEERNET_TEST_MULTINODE_PORT"))
+        # Two shards of each kind, as a cluster sets its counts (deploy/peernet.env), so that
+        # the node about to die holds shards of its own (the default is one of each).
+        env.update(PEERNET_SESSION_SHARDS="2", PEERNET_FEED_SHARDS="2",
+                   PEERNET_PRESENCE_SHARDS="2")
         SERVER_TOPICS.extend([env["PEERNET_EVENTS_TOPIC"], env["PEERNET_MESSAGES_TOPIC"],
                               env["PEERNET_INBOX_TOPIC"]])
         log_path = tmp_path_factory.mktemp("mn-server") / "peernet-serve.log"
