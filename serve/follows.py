@@ -10,10 +10,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bus.feeds import GraphSide
-from peernet.errors import ErrorCode, PeerNetError, bad_request
-from peernet.tokens import TokenError, valid_user_id
-from serve.routes import error_reply, request_error_reply
-from serve.routes.tokens import bearer_user
+from peernet.errors import PeerNetError, bad_request
+from peernet.tokens import valid_user_id
+from serve.routes import request_error_reply
+from serve.routes.tokens import caller_or_reply
 from serve.social import feeds_of, limit_param
 
 if TYPE_CHECKING:
@@ -36,10 +36,9 @@ def follow_routes(deps: GatewayDeps) -> list[Route]:
 
     def route(side: GraphSide) -> Route:
         async def endpoint(request: Request) -> Response:
-            try:
-                caller = bearer_user(request, deps.cfg.gateway)
-            except TokenError as exc:
-                return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+            caller = caller_or_reply(request, deps.cfg.gateway)
+            if isinstance(caller, Response):
+                return caller
             try:
                 user = _user_param(request, "user") or caller
                 limit = limit_param(request)

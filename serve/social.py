@@ -25,11 +25,10 @@ from bus.feeds import Cursor, FeedPage, FeedStore, Post
 from peernet.codec import Frame
 from peernet.envelope import Event
 from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
-from peernet.tokens import TokenError
 from serve import metrics
 from serve.messaging import Messenger
-from serve.routes import error_reply, request_error_reply
-from serve.routes.tokens import bearer_user
+from serve.routes import request_error_reply
+from serve.routes.tokens import caller_or_reply
 from serve.validate import int_field, text_field, user_field
 
 if TYPE_CHECKING:
@@ -190,10 +189,9 @@ def social_routes(deps: GatewayDeps) -> list[Route]:
     """`GET /v1/feed?limit=&before=` with a bearer token: the same page as the `feed` frame."""
 
     async def feed(request: Request) -> Response:
-        try:
-            user = bearer_user(request, deps.cfg.gateway)
-        except TokenError as exc:
-            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        user = caller_or_reply(request, deps.cfg.gateway)
+        if isinstance(user, Response):
+            return user
         try:
             limit = limit_param(request)
             before = parse_before(request.query_params.get("before"))

@@ -15,11 +15,10 @@ from bus.conversations import Conversation, ConversationIndex, Cursor
 from bus.groups import GroupStore
 from bus.store import Document
 from peernet.errors import ErrorCode, PeerNetError, bad_request, unavailable
-from peernet.tokens import TokenError
 from serve.deps import GatewayDeps
 from serve.groups import is_group_conv
 from serve.routes import error_reply, request_error_reply
-from serve.routes.tokens import bearer_user
+from serve.routes.tokens import caller_or_reply
 from serve.social import limit_param
 from serve.validate import conv_participants
 
@@ -71,10 +70,9 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
     page before): {"items", "next"}, `next` null on the last page."""
 
     async def conversations(request: Request) -> Response:
-        try:
-            user = bearer_user(request, deps.cfg.gateway)
-        except TokenError as exc:
-            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        user = caller_or_reply(request, deps.cfg.gateway)
+        if isinstance(user, Response):
+            return user
         try:
             limit = limit_param(request)
             raw = request.query_params.get("before")
@@ -90,10 +88,9 @@ def conversation_routes(deps: GatewayDeps) -> list[Route]:
                              "next": page.next.encode() if page.next is not None else None})
 
     async def conversation_messages(request: Request) -> Response:
-        try:
-            user = bearer_user(request, deps.cfg.gateway)
-        except TokenError as exc:
-            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        user = caller_or_reply(request, deps.cfg.gateway)
+        if isinstance(user, Response):
+            return user
         conv = request.path_params["conv"]
         if is_group_conv(conv):
             # The group's members as they are now: a removed member reads nothing more.

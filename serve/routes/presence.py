@@ -7,21 +7,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from peernet.errors import ErrorCode, PeerNetError
-from peernet.tokens import TokenError, valid_user_id
+from peernet.tokens import valid_user_id
 from serve.deps import GatewayDeps
 from serve.presence import Presence, state_map
 from serve.routes import error_reply
-from serve.routes.tokens import bearer_user
+from serve.routes.tokens import caller_or_reply
 
 
 def presence_routes(deps: GatewayDeps, presence: Presence) -> list[Route]:
     """With a bearer token (anyone's): {"users": {user: state}}."""
 
     async def presence_states(request: Request) -> Response:
-        try:
-            bearer_user(request, deps.cfg.gateway)
-        except TokenError as exc:
-            return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+        caller = caller_or_reply(request, deps.cfg.gateway)
+        if isinstance(caller, Response):
+            return caller
         users = list(dict.fromkeys(u for u in request.query_params.get("users", "").split(",") if u))
         limit = deps.cfg.gateway.max_watch
         if not users or len(users) > limit or not all(valid_user_id(u) for u in users):

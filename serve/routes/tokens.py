@@ -22,6 +22,14 @@ def bearer_user(request: Request, gateway: GatewayConfig) -> str:
     return verify_token(header[7:].strip(), gateway)
 
 
+def caller_or_reply(request: Request, gateway: GatewayConfig) -> str | Response:
+    """The request's user, or the 401 the HTTP API answers a missing or bad token with."""
+    try:
+        return bearer_user(request, gateway)
+    except TokenError as exc:
+        return error_reply(401, ErrorCode.FORBIDDEN, str(exc))
+
+
 def token_routes(deps: GatewayDeps) -> list[Route]:
     """`POST /v1/dev/token` {"user"}: {"token"}; 404 while development tokens are disabled."""
 
