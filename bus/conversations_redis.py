@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from bus.conversations import (
     ChangeOp,
@@ -30,7 +30,7 @@ from bus.conversations import (
     ReadOp,
     named_users,
 )
-from bus.redis import RedisClient
+from bus.redis import RedisClient, run_script
 from peernet.codec import pack, pack_raw, unpack
 from peernet.errors import unavailable
 from peernet.wire import user_channel
@@ -211,12 +211,8 @@ class RedisConversations:
         self._page = client.register_script(_PAGE)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        # EVALSHA, or EVAL when Redis forgot the script: two round trips, not SCRIPT LOAD's three.
         try:
-            try:
-                return await self._r.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._r.eval(script.script, len(keys), *keys, *args)
+            return await run_script(self._r, script, keys, args)
         except _ERRORS as exc:
             raise unavailable(f"conversations: {type(exc).__name__}: {exc}") from exc
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from bus.feeds import (
     Cursor,
@@ -41,7 +41,7 @@ from bus.feeds import (
     Lookup,
     Post,
 )
-from bus.redis import RedisClient, hash_tag, redis_client
+from bus.redis import RedisClient, hash_tag, redis_client, run_script
 from peernet.config import PeerNetConfig
 from peernet.errors import unavailable
 
@@ -353,13 +353,7 @@ class RedisFeedStore:
         return await self._guard("graph", run)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """`script` by EVALSHA, one round trip; when Redis does not know it (restarted, or its
-        scripts flushed), by EVAL, which runs it and caches it again: two round trips, where
-        redis-py's own fallback (SCRIPT LOAD, then EVALSHA again) takes three."""
-        try:
-            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self._r.eval(script.script, len(keys), *keys, *args)
+        return await run_script(self._r, script, keys, args)
 
     # -- FeedFanout --------------------------------------------------------------------------
 

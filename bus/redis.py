@@ -21,6 +21,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from peernet.errors import PeerNetError, unavailable
@@ -130,6 +131,16 @@ def _cluster_client(target: RedisTarget, *, socket_timeout_s: float,
                   max_connections=CLUSTER_POOL_SIZE,
                   retry=Retry(*_RECONNECT_RETRY, supported_errors=(RedisConnectionError,)))
     return RedisCluster(**kwargs)
+
+
+async def run_script(client: RedisClient, script: Any, keys: list[str], args: list[Any]) -> Any:
+    """`script` (a registered Lua script) by EVALSHA, one round trip; when Redis does not know it
+    (restarted, or its scripts flushed), by EVAL, which runs it and caches it again: two round
+    trips, where redis-py's own fallback (SCRIPT LOAD, then EVALSHA again) takes three."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script.script, len(keys), *keys, *args)
 
 
 def _redacted(url: str) -> str:
