@@ -33,7 +33,7 @@ from peernet.tokens import TokenError, verify_token
 from serve import metrics
 from serve.hub import Hub, Outgoing
 from serve.limits import FloodDetector, TokenBucket
-from serve.liveness import HEARD_EXTENSION
+from serve.liveness import HEARD_EXTENSION, HEARD_MESSAGE_KEY
 
 if TYPE_CHECKING:
     from serve.deps import GatewayDeps
@@ -366,16 +366,23 @@ class Connection:
             raise _Closed(CloseCode.TIMEOUT, "no frame in time")
         # No timer and no timeout context per frame: `expire` cancels this wait when the wheel
         # says, which is told from any other cancellation as asyncio.timeout does (uncancel).
-        self._reading = True
-        try:
-            message = await self.ws.receive()
-        except asyncio.CancelledError:
-            task = self._task
-            if self._expired and task is not None and task.uncancel() == 0:
-                raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
-            raise
-        finally:
-            self._reading = False
+        while True:
+            self._reading = True
+            try:
+                message = await self.ws.receive()
+            except asyncio.CancelledError:
+                task = self._task
+                if self._expired and task is not None and task.uncancel() == 0:
+                    raise _Closed(CloseCode.TIMEOUT, "no frame in time") from None
+                raise
+            finally:
+                self._reading = False
+            if HEARD_MESSAGE_KEY not in message:
+                break
+            # A WebSocket ping, told by Serve's proxy (the `proxy` ingress): traffic once past
+            # the hello, as pings are on the replica's own server; no frame to read.
+            if self._live:
+                self.heard_at = self._liveness.now()
         self.heard_at = self._liveness.now()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))

@@ -30,6 +30,12 @@ log = logging.getLogger("peernet.liveness")
 # unsolicited pong from the client: those never reach the app as messages.
 HEARD_EXTENSION = "peernet.heard"
 
+# With the `proxy` ingress the socket is Serve's proxy's, in another process: there the proxy's
+# WebSocket server (serve/ws_server.py, ProxyHeardProtocol) tells of a ping by an ASGI
+# `websocket.receive` message carrying this key and no data, relayed to the replica with the
+# socket's frames. The app counts it as traffic and reads on; no client can send one.
+HEARD_MESSAGE_KEY = "peernet.heard"
+
 # The wheel's tick: a tenth of the shortest deadline, within these bounds.
 MAX_TICK_S = 1.0
 MIN_TICK_S = 0.02

@@ -69,6 +69,11 @@ def _haproxy_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+# The function Serve's proxy calls as it starts (`proxy` ingress); a path, since this module
+# imports neither Serve nor the server.
+PROXY_CALLBACK = "serve.ws_server.in_serve_proxy"
+
+
 def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
     """Ray Serve's variables for `cfg.gateway.ingress` (see docs/architecture.md, "The ingress").
 
@@ -78,7 +83,10 @@ def ingress_env(cfg: PeerNetConfig) -> dict[str, str]:
     """
     mode = cfg.gateway.ingress
     if mode == "proxy":
-        return {}
+        # Serve's proxy holds the sockets: its server counts WebSocket pings as the replicas'
+        # does (serve/ws_server.py, ProxyHeardProtocol), set up by this callback as it starts.
+        return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") or PROXY_CALLBACK}
     if mode != "haproxy":
         raise ConfigError(f"PEERNET_INGRESS={mode!r} is not one of proxy, haproxy")
     wanted = {

@@ -19,7 +19,10 @@ rescheduled each time and a ping and pong on the wire, per idle connection, to f
 that the heartbeat (2 x heartbeat without a word: 4408, serve/liveness.py) finds anyway.
 
 docs/architecture.md, "The ingress", has the measurement. With the `proxy` ingress the sockets
-are Serve's proxy's, which this does not reach (docs/protocol.md, "Heartbeat").
+are Serve's proxy's, in another process. Serve calls `in_serve_proxy` there as it starts
+(RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set by serve/ray_env.py), which gives the proxy's
+uvicorn ProxyHeardProtocol: the same settings, and a ping relayed to the replica as a message
+(docs/protocol.md, "Heartbeat").
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 from websockets.http11 import Request
 
-from peernet.config import GatewayConfig
-from serve.liveness import HEARD_EXTENSION
+from peernet.config import GatewayConfig, load_config
+from serve.liveness import HEARD_EXTENSION, HEARD_MESSAGE_KEY
 
 T = TypeVar("T")
 
@@ -242,11 +245,68 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_pong(event)
 
 
-def use_server_settings(cfg: GatewayConfig) -> None:
-    """Make `uvicorn.Config` in this process default to `cfg`'s WebSocket settings."""
+class ProxyHeardProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol for Serve's proxy (the `proxy` ingress), which holds
+    the socket while the app runs in a replica and sees only the ASGI messages the proxy relays.
+
+    uvicorn answers a ping itself, so the app would never hear of it. Here a ping, or an
+    unsolicited pong (as LeanWebSocketProtocol counts them), puts a `websocket.receive` message
+    with HEARD_MESSAGE_KEY and no data in the receive queue, which Serve relays like a frame;
+    the app counts it as traffic (serve/connection.py). At most one per `relay_every_s`, so a
+    client that pings in a loop costs the replica a few messages per heartbeat, not one per
+    ping (`proxy_protocol` sets it for a heartbeat); only once the app has accepted the socket."""
+
+    relay_every_s = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relayed_at = float("-inf")
+
+    def _heard(self) -> None:
+        now = time.monotonic()
+        if (self.handshake_complete and not self.close_sent and not self.disconnected
+                and now - self.relayed_at >= self.relay_every_s):
+            self.relayed_at = now
+            self.queue.put_nowait({"type": "websocket.receive",  # type: ignore[arg-type]
+                                   HEARD_MESSAGE_KEY: True})
+
+    def handle_ping(self) -> None:
+        self._heard()
+        super().handle_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        expected = self.pending_ping_payload
+        if expected is None or bytes(event.data) != expected:
+            self._heard()
+        super().handle_pong(event)
+
+
+def proxy_protocol(cfg: GatewayConfig) -> type[ProxyHeardProtocol]:
+    """ProxyHeardProtocol relaying a ping at most four times per heartbeat (and once a second):
+    a ping every half heartbeat, as clients send them, is relayed every time."""
+
+    class Protocol(ProxyHeardProtocol):
+        relay_every_s = min(1.0, cfg.heartbeat_ms / 4000)
+
+    return Protocol
+
+
+def in_serve_proxy() -> list[Any]:
+    """Serve's proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH): run in the proxy's
+    process before its server starts, it gives that server the replica's WebSocket settings with
+    ProxyHeardProtocol. Returns the middlewares Serve asks for: none."""
+    cfg = load_config().gateway
+    use_server_settings(cfg, protocol=proxy_protocol(cfg))
+    return []
+
+
+def use_server_settings(cfg: GatewayConfig,
+                        protocol: type[WebSocketsSansIOProtocol] = LeanWebSocketProtocol) -> None:
+    """Make `uvicorn.Config` in this process default to `cfg`'s WebSocket settings, its sockets
+    served by `protocol`."""
     base: type[uvicorn.Config] = getattr(uvicorn.Config, "peernet_base", uvicorn.Config)
     defaults: dict[str, Any] = {"ws_per_message_deflate": cfg.ws_compression,
-                                "ws": LeanWebSocketProtocol, "ws_ping_interval": None}
+                                "ws": protocol, "ws_ping_interval": None}
 
     class Config(base):  # type: ignore[misc, valid-type]
         peernet_base = base

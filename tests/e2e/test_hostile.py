@@ -146,7 +146,15 @@ async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_i
         peernet_server: Server) -> None:
     """The contract counts WebSocket pings as traffic; uvicorn answers them, the app reads them
     from the replica's protocol (serve/ws_server.py). Both connections disable the client
-    library's own keepalive and answer nothing but the server's pings (which do not count)."""
+    library's own keepalive and answer nothing but the server's pings (which do not count).
+    (tests/e2e/test_proxy_ingress.py runs the same with the `proxy` ingress.)"""
+    await pings_alone_keep_open_and_silence_closes_4408(peernet_server)
+
+
+async def pings_alone_keep_open_and_silence_closes_4408(peernet_server: Server) -> None:
+    """One connection sends WebSocket pings every half heartbeat and nothing else for three
+    heartbeats and stays open, then answers a `ping` frame first (nothing else was sent to it);
+    one sends nothing after its hello and is closed with 4408 after 2 x heartbeat."""
     heartbeat_s = peernet_server.cfg.gateway.heartbeat_ms / 1000
 
     async def hello() -> ClientConnection:

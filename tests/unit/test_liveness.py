@@ -1,6 +1,7 @@
 """Connection deadlines (serve/liveness.py): the replica's one timing wheel on a fake clock, and
-WebSocket pings counted as traffic by the replica's own uvicorn (serve/ws_server.py), served
-in-process to a real WebSocket client."""
+WebSocket pings counted as traffic by the replica's own uvicorn and by Serve's proxy's
+(serve/ws_server.py: LeanWebSocketProtocol, ProxyHeardProtocol), served in-process to a real
+WebSocket client."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
+import pytest
 import uvicorn
 import websockets
 from gateway_harness import _presence_parts
-from unit_helpers import unique_user, unit_cfg
+from unit_helpers import eventually, unique_user, unit_cfg
 
 from bus.cache_memory import MemoryCache
 from bus.eventlog_memory import MemoryEventLog
@@ -25,8 +27,8 @@ from peernet.errors import CloseCode
 from peernet.tokens import issue_token
 from serve.app import build_app
 from serve.deps import GatewayDeps
-from serve.liveness import HEARD_EXTENSION, Liveness, tick_for
-from serve.ws_server import LeanWebSocketProtocol
+from serve.liveness import HEARD_EXTENSION, HEARD_MESSAGE_KEY, Liveness, tick_for
+from serve.ws_server import LeanWebSocketProtocol, ProxyHeardProtocol, proxy_protocol
 
 # -- the wheel, on a fake clock ----------------------------------------------------------------
 
@@ -165,10 +167,10 @@ HEARTBEAT_MS = 400
 
 
 @contextlib.asynccontextmanager
-async def replica_server(env: dict[str, str] | None = None,
+async def replica_server(env: dict[str, str] | None = None, ws: type = LeanWebSocketProtocol,
                          **uvicorn_args: Any) -> AsyncIterator[tuple[str, Any]]:
-    """The gateway app on in-memory backends, served by uvicorn with the replica's WebSocket
-    protocol (as `use_server_settings` makes Serve's), on a free local port."""
+    """The gateway app on in-memory backends, served by uvicorn with WebSocket protocol `ws`
+    (the replica's, as `use_server_settings` makes Serve's, or the proxy's), on a free port."""
     cfg = unit_cfg({"PEERNET_HEARTBEAT_MS": str(HEARTBEAT_MS), "PEERNET_HELLO_TIMEOUT_S": "0.5",
                     **(env or {})})
     pubsub = MemoryPubSub()
@@ -176,17 +178,19 @@ async def replica_server(env: dict[str, str] | None = None,
                        inbox=MemoryInboxCache(retention_items=10, retention_ms=60_000),
                        pubsub=pubsub, store=MemoryDocumentStore(), on_startup=[pubsub.start],
                        on_shutdown=[pubsub.stop], **_presence_parts())
-    async with serving(build_app(deps), lifespan="on", **uvicorn_args) as port:
+    if ws is ProxyHeardProtocol:
+        ws = proxy_protocol(cfg.gateway)  # as Serve's proxy gets it for this heartbeat
+    async with serving(build_app(deps), lifespan="on", ws=ws, **uvicorn_args) as port:
         yield f"ws://127.0.0.1:{port}/v1/ws", cfg
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, **uvicorn_args: Any) -> AsyncIterator[int]:
-    """`app` served by uvicorn with the replica's WebSocket protocol on a free local port."""
+async def serving(app: Any, ws: type = LeanWebSocketProtocol, **uvicorn_args: Any
+                  ) -> AsyncIterator[int]:
+    """`app` served by uvicorn with WebSocket protocol `ws` on a free local port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, ws=LeanWebSocketProtocol, log_level="warning",
-                                           **uvicorn_args))
+    server = uvicorn.Server(uvicorn.Config(app, ws=ws, log_level="warning", **uvicorn_args))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         for _ in range(1000):
@@ -215,9 +219,16 @@ async def close_code(ws: Any, within_s: float) -> int | None:
     return ws.close_code
 
 
-async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_it_4408() -> None:
+# The replica's own server reads pings from the protocol; the proxy's relays them as messages.
+SERVERS = pytest.mark.parametrize("protocol", [LeanWebSocketProtocol, ProxyHeardProtocol],
+                                  ids=["replica", "proxy"])
+
+
+@SERVERS
+async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_it_4408(
+        protocol: type) -> None:
     heartbeat_s = HEARTBEAT_MS / 1000
-    async with replica_server() as (url, cfg):
+    async with replica_server(ws=protocol) as (url, cfg):
         pinging, silent = await hello(url, cfg), await hello(url, cfg)
         loop = asyncio.get_running_loop()
         end = loop.time() + 3 * heartbeat_s + 0.3
@@ -226,14 +237,19 @@ async def test_websocket_pings_alone_keep_a_connection_open_and_silence_closes_i
             await asyncio.sleep(heartbeat_s / 2)
         assert pinging.close_code is None, pinging.close_code
         assert await close_code(silent, 5) == CloseCode.TIMEOUT
+        # The pings were no frames to answer: the first frame back answers the first sent.
+        await pinging.send(msgpack.packb({"t": "ping", "rid": 7}))
+        assert msgpack.unpackb(await asyncio.wait_for(pinging.recv(), 5)) == {"t": "pong", "rid": 7}
         # Once the pings stop, the pinging one goes the same way.
         assert await close_code(pinging, 5) == CloseCode.TIMEOUT
 
 
-async def test_unsolicited_pongs_count_and_answers_to_the_servers_keepalive_pings_do_not() -> None:
+@SERVERS
+async def test_unsolicited_pongs_count_and_answers_to_the_servers_keepalive_pings_do_not(
+        protocol: type) -> None:
     heartbeat_s = HEARTBEAT_MS / 1000
     # uvicorn pings every 0.1 s; the client's library answers each by itself.
-    async with replica_server(ws_ping_interval=0.1, ws_ping_timeout=5) as (url, cfg):
+    async with replica_server(ws=protocol, ws_ping_interval=0.1, ws_ping_timeout=5) as (url, cfg):
         ponging, answering = await hello(url, cfg), await hello(url, cfg)
         loop = asyncio.get_running_loop()
         end = loop.time() + 3 * heartbeat_s
@@ -244,8 +260,9 @@ async def test_unsolicited_pongs_count_and_answers_to_the_servers_keepalive_ping
         assert await close_code(answering, 5) == CloseCode.TIMEOUT
 
 
-async def test_pings_before_the_hello_do_not_extend_the_hello_deadline() -> None:
-    async with replica_server() as (url, _):
+@SERVERS
+async def test_pings_before_the_hello_do_not_extend_the_hello_deadline(protocol: type) -> None:
+    async with replica_server(ws=protocol) as (url, _):
         ws = await websockets.connect(url, ping_interval=None)
         loop = asyncio.get_running_loop()
         opened = loop.time()
@@ -273,3 +290,22 @@ async def test_the_socket_scope_carries_the_ping_record() -> None:
         assert seen[0].heard_at == 0.0
         await asyncio.wait_for(await ws.ping(), 5)
         assert seen[0].heard_at > 0.0
+
+
+async def test_the_proxys_server_relays_a_ping_as_a_message_at_most_once_per_interval() -> None:
+    heard: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            heard.append(message)
+
+    async with serving(app, ws=ProxyHeardProtocol, lifespan="off") as port, \
+            websockets.connect(f"ws://127.0.0.1:{port}/", ping_interval=None) as ws:
+        for _ in range(30):  # a ping flood within one relay interval (1 s)
+            await asyncio.wait_for(await ws.ping(), 5)
+        await ws.send(b"frame")
+        await eventually(lambda: len(heard) == 2)
+    assert heard == [{"type": "websocket.receive", HEARD_MESSAGE_KEY: True},
+                     {"type": "websocket.receive", "bytes": b"frame"}]

@@ -181,3 +181,27 @@ async def test_write_now_puts_frames_on_the_socket_in_order_with_the_asgi_sends(
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 10)
+
+
+def test_serves_proxy_is_given_the_ping_relaying_protocol_in_proxy_mode(
+        restored_config: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`peernet serve` names the callback Serve runs in its proxy (`proxy` ingress only); the
+    callback makes that process's uvicorn serve sockets with ProxyHeardProtocol."""
+    import importlib
+
+    from peernet.config import load_config
+    from serve.ray_env import replica_env
+    from serve.ws_server import ProxyHeardProtocol
+
+    monkeypatch.delenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", raising=False)
+    assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH" not in replica_env(load_config({}))
+    path = replica_env(load_config({"PEERNET_INGRESS": "proxy"}))[
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+    module, _, name = path.rpartition(".")
+    callback = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv("PEERNET_HEARTBEAT_MS", "2000")
+    assert callback() == []
+    config = uvicorn.Config(app)
+    assert issubclass(config.ws, ProxyHeardProtocol)  # type: ignore[arg-type]
+    assert config.ws.relay_every_s == 0.5  # type: ignore[union-attr]
+    assert config.ws_ping_interval is None and not config.ws_per_message_deflate
