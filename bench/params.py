@@ -174,8 +174,8 @@ class BenchParams:
             (n >= g, f"--clients {n} cannot fill one group of --group-size {g}"),
             # The lone last user would join the last group (bench/plan.py), one over the cap.
             (g < MAX_GROUP_MEMBERS or n % g != 1,
-             f"--clients {n} leaves one user over groups of {g}, and a group cannot take a "
-             f"{MAX_GROUP_MEMBERS + 1}th member: use --clients {n - 1} or {n + 1}"),
+             f"--clients {n} leaves one user over groups of {g}, who would make the last group "
+             f"{g + 1}, over the limit of {MAX_GROUP_MEMBERS}: use --clients {n - 1} or {n + 1}"),
         ]
         for ok, message in checks:
             if not ok:
