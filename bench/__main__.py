@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -42,6 +43,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 EPILOG = """\
 examples:
   python -m bench dm --clients 200 --rate 500 --duration 30
+  python -m bench group --clients 500 --group-size 500 --rate 5 --duration 60   # one group of 500
+  python -m bench group --clients 1000 --group-size 10 --rate 100               # 100 groups of 10
   python -m bench fanout --clients 200 --followers 50 --rate 20
   python -m bench presence --clients 200 --churners 100 --watch 20 --rate 40
   python -m bench mixed --clients 300 --rate 300 --mix dm=0.7,fanout=0.1,presence=0.2
@@ -94,7 +97,9 @@ def _load_arguments(ap: argparse.ArgumentParser, d: BenchParams) -> None:
                    help=f"seconds to wait for in-flight deliveries after the last send (default {d.drain:g})")
     g.add_argument("--size", type=int, default=d.size, help=f"message body characters (default {d.size})")
     g.add_argument("--group-size", type=int, default=d.group_size,
-                   help=f"dm: users per chat group; each writes to the others (default {d.group_size})")
+                   help="dm: users per chat group, each writing one-to-one DMs to the others; "
+                        "group: members per group conversation, 2 to 500, made with group_create "
+                        f"(default {d.group_size})")
     g.add_argument("--authors", type=int, default=d.authors,
                    help="fanout: authors (default: a tenth of the clients)")
     g.add_argument("--followers", type=int, default=d.followers,
@@ -181,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("scenario", nargs="?", default="dm", choices=SCENARIOS,
                     help="dm: pairs/small groups chatting; fanout: authors posting to followers; "
                          "presence: connect/disconnect churn seen by watchers; mixed: all three; "
+                         "group: group conversations (protocol 1.1) of --group-size members, "
+                         "--rate messages a second over them, each owed to every member; "
                          "connections: many idle connections opened at a rate and held, then "
                          "optionally DMs and a reconnect storm")
     _target_arguments(ap, d)
@@ -227,6 +234,21 @@ def with_direct_urls(params: BenchParams) -> BenchParams:
     return params.with_(urls=tuple(direct_urls(params.urls[0]))).validate()
 
 
+def _group_figures(ph: dict[str, Any], params: BenchParams) -> str:
+    """`group`: the deliveries a second and the CPU per message beside a phase's verdict."""
+    if params.scenario != "group":
+        return ""
+    lat = ph["accounting"]["latency_ms"]
+    out = (f"; {ph['delivered_rate']:,.1f} deliveries/s; p99 to each member "
+           f"{lat.get('group', {}).get('p99', 0):,.1f} ms, to the last member "
+           f"{lat.get('group_last', {}).get('p99', 0):,.1f} ms")
+    cost = ph.get("cpu_per_action") or {}
+    if cost:
+        out += (f"; CPU per group message: server {cost['server_ms']:.3f} ms, load generator "
+                f"{cost['load_generator_ms']:.3f} ms, total {cost['total_ms']:.3f} ms")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -265,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         elif params.find_max:
             print(f"  {t['name']}: largest rate held {held if held is not None else 'none'}/s")
         for ph in t["phases"]:
-            print(f"  {t['name']} {ph['rate_target']:g}/s: {ph['verdict']}")
+            print(f"  {t['name']} {ph['rate_target']:g}/s: {ph['verdict']}" + _group_figures(ph, params))
         conns = t.get("connections_scenario")
         if conns:
             print(f"  {t['name']} connections: {conns['verdict']}")

@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from bench.latency import LatencyHistogram
-from bench.plan import DM
+from bench.plan import DM, GROUP
+
+# The kinds whose every participant must see one conversation order (the protocol's promise).
+ORDERED_KINDS = frozenset({DM, GROUP})
+# The kinds also timed to their last recipient (`<kind>_last`): a group message is only read by
+# the whole group once its slowest member has it.
+TIMED_TO_LAST = frozenset({GROUP})
 
 
 class Acked(NamedTuple):
@@ -95,8 +101,10 @@ class Counts:
 @dataclass
 class Accounting:
     """The classification of one phase. Latency histograms are named `<kind>` (deliveries to
-    other users), `<kind>_echo` (the actor's own copy) and `<kind>_ack` (scheduled time to ack);
-    all are measured from the scheduled time and exclude the warm-up."""
+    other users), `<kind>_echo` (the actor's own copy), `<kind>_ack` (scheduled time to ack) and,
+    for a group message, `<kind>_last` (to the last other member's copy, one value per message
+    that reached every member); all are measured from the scheduled time and exclude the
+    warm-up."""
 
     total: Counts = field(default_factory=Counts)
     by_kind: dict[str, Counts] = field(default_factory=dict)
@@ -144,13 +152,21 @@ def account(acked: Iterable[Acked], failed: Iterable[Failed], receipts: Iterable
     # (recipient, conv, actor) -> highest k seen so far: a lower k after it is a reorder.
     highest: dict[tuple[int, str, int], int] = {}
     views: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    view_kind: dict[str, str] = {}
+    # A group message has up to 500 recipients: membership by set, not by scanning the tuple.
+    members: dict[int, frozenset[int]] = {}
+    # k -> the latest first copy at a recipient other than the actor (TIMED_TO_LAST kinds).
+    last_us: dict[int, int] = {}
     for r in receipts:
         found = by_k.get(r.k)
         if found is None:
             result.kind(r.kind).unacked_delivered += 1
             continue
         a = found
-        if r.recipient not in a.recipients:
+        owed = members.get(a.k)
+        if owed is None:
+            owed = members[a.k] = frozenset(a.recipients)
+        if r.recipient not in owed:
             result.kind(a.kind).unexpected += 1
             continue
         key = (r.k, r.recipient)
@@ -160,21 +176,26 @@ def account(acked: Iterable[Acked], failed: Iterable[Failed], receipts: Iterable
         if not a.warm:
             suffix = "_echo" if r.recipient == a.actor else ""
             result.hist(f"{a.kind}{suffix}").record_us(r.recv_us - a.sched_us)
+            if a.kind in TIMED_TO_LAST and r.recipient != a.actor:
+                last_us[a.k] = max(last_us.get(a.k, 0), r.recv_us)
         hk = (r.recipient, a.conv, a.actor)
         top = highest.get(hk)
         if top is not None and r.k < top:
             result.kind(a.kind).reordered += 1
         else:
             highest[hk] = r.k
-        if a.kind == DM:
+        if a.kind in ORDERED_KINDS:
             views[a.conv][r.recipient].append(r.k)
+            view_kind[a.conv] = a.kind
 
     for a in by_k.values():
         c = result.kind(a.kind)
+        missing = 0
         for rcp in a.recipients:
             n = copies.get((a.k, rcp), 0)
             if n == 0:
                 c.lost += 1
+                missing += 1
                 if len(result.lost_sample) < LOST_SAMPLE:
                     result.lost_sample.append((a.k, rcp))
             else:
@@ -182,9 +203,12 @@ def account(acked: Iterable[Acked], failed: Iterable[Failed], receipts: Iterable
                 if n > 1:
                     c.duplicated += 1
                     c.extra_copies += n - 1
+        # Timed to the last member only when every member has it: a loss is counted, not timed.
+        if not missing and a.k in last_us:
+            result.hist(f"{a.kind}_last").record_us(last_us[a.k] - a.sched_us)
 
-    for per_recipient in views.values():
-        result.kind(DM).order_mismatch += order_mismatch(list(per_recipient.values()))
+    for conv, per_recipient in views.items():
+        result.kind(view_kind[conv]).order_mismatch += order_mismatch(list(per_recipient.values()))
 
     for c in result.by_kind.values():
         result.total.add(c)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-SCENARIOS = ("dm", "fanout", "presence", "mixed", "connections")
+SCENARIOS = ("dm", "fanout", "presence", "mixed", "connections", "group")
 TARGETS = ("peernet", "socketio", "centrifugo")
 # How an idle connection keeps alive: `ping` frames of the protocol, or WebSocket pings (RFC 6455
 # control frames, which the contract counts as traffic too).
@@ -20,6 +20,8 @@ CONNECTIONS_PER_PROC = 5000
 FD_HEADROOM = 200
 # The load processes: bench/worker.py's, or the Go driver (bench/go/dmdriver; dm on PeerNet).
 DRIVERS = ("python", "go")
+# The most members a group may have, its creator included (docs/protocol.md, Groups).
+MAX_GROUP_MEMBERS = 500
 # The scenarios each peer implements (PeerNet implements them all).
 PEER_SCENARIOS: dict[str, tuple[str, ...]] = {"socketio": ("dm",), "centrifugo": ("dm", "fanout")}
 
@@ -130,6 +132,8 @@ class BenchParams:
             raise ParamError(f"--keepalive must be one of {', '.join(KEEPALIVES)}")
         if self.scenario == "connections":
             self._validate_connections()
+        if self.scenario == "group":
+            self._validate_group()
         if self.driver not in DRIVERS:
             raise ParamError(f"driver must be one of {', '.join(DRIVERS)}")
         if self.driver == "go":
@@ -157,6 +161,21 @@ class BenchParams:
              "--storm needs --rate: the DMs sent across the cut are what the resume accounting checks"),
             (not self.storm or 0 <= self.fault_at < self.warmup + self.duration,
              "--storm: --fault-at must fall inside warm-up + duration"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParamError(message)
+
+    def _validate_group(self) -> None:
+        n, g = self.clients, self.group_size
+        checks: list[tuple[bool, str]] = [
+            (g <= MAX_GROUP_MEMBERS, f"--group-size: a group holds at most {MAX_GROUP_MEMBERS} "
+                                     "members (the protocol's limit)"),
+            (n >= g, f"--clients {n} cannot fill one group of --group-size {g}"),
+            # The lone last user would join the last group (bench/plan.py), one over the cap.
+            (g < MAX_GROUP_MEMBERS or n % g != 1,
+             f"--clients {n} leaves one user over groups of {g}, who would make the last group "
+             f"{g + 1}, over the limit of {MAX_GROUP_MEMBERS}: use --clients {n - 1} or {n + 1}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -72,13 +72,14 @@ class PeerNetTarget:
     kinds = frozenset({DM, POST, CHURN})
 
     def __init__(self, urls: Sequence[str], *, binary: bool = True, request_timeout: float = 15.0,
-                 http_concurrency: int = 32, keepalive: str = "frame") -> None:
+                 http_concurrency: int = 32, keepalive: str = "frame", replay_inbox: bool = False) -> None:
         self.http_urls = [http_url(u) for u in urls]
         self.ws_urls = [ws_url(u) for u in self.http_urls]
         self.binary = binary
         self.request_timeout = request_timeout
         self.http_concurrency = http_concurrency
         self.keepalive = keepalive
+        self.replay_inbox = replay_inbox
         self.tokens: dict[str, str] = {}
 
     async def prepare(self, users: Sequence[tuple[int, str]]) -> None:
@@ -111,7 +112,7 @@ class PeerNetTarget:
     ) -> PeerNetConnection:
         return PeerNetConnection(self.ws_urls[index % len(self.ws_urls)], index, user,
                                  self.tokens[user], on_frame, stats, self.binary, self.request_timeout,
-                                 self.keepalive)
+                                 self.keepalive, self.replay_inbox)
 
 
 class PeerNetConnection(ReconnectingConnection):
@@ -119,11 +120,15 @@ class PeerNetConnection(ReconnectingConnection):
     seq seen, so the load process can report gaps in the inbox stream.
 
     `keepalive` is how it stays alive while idle: `frame` sends the protocol's `ping` frames,
-    `ws-ping` WebSocket pings (control frames), each after half a heartbeat without a send."""
+    `ws-ping` WebSocket pings (control frames), each after half a heartbeat without a send.
+
+    `replay_inbox` makes the first `hello` ask for the whole inbox (`resume` 0) too: whatever
+    reached the user before it first connected (a `group` note sent by another load process)
+    arrives then, and the seqs it tracks start at 1."""
 
     def __init__(self, url: str, index: int, user: str, token: str, on_frame: FrameHandler,
                  stats: ConnStats, binary: bool, request_timeout: float,
-                 keepalive: str = "frame") -> None:
+                 keepalive: str = "frame", replay_inbox: bool = False) -> None:
         super().__init__(index, user, on_frame, stats, request_timeout)
         self.url = url
         self.token = token
@@ -133,8 +138,12 @@ class PeerNetConnection(ReconnectingConnection):
         self.seqs: set[int] = set()
         self.heartbeat_s = 25.0
         self.keepalive = keepalive
+        self.replay_inbox = replay_inbox
         self.replica = ""  # the gateway replica named in the latest `welcome`, when it names one
         self._welcomed = False
+        # The `resumed` expected next ends the replay of a first connection, not a comeback
+        # after a cut: not counted as a resume.
+        self._first_replay = False
 
     async def _handshake(self) -> ClientConnection:
         ws = await websockets.connect(self.url, compression=None, max_size=MAX_FRAME_BYTES,
@@ -142,8 +151,9 @@ class PeerNetConnection(ReconnectingConnection):
                                       close_timeout=2)
         try:
             hello: Frame = {"t": "hello", "token": self.token}
-            if self._welcomed:
+            if self._welcomed or self.replay_inbox:
                 hello["resume"] = self.last_seq
+            self._first_replay = not self._welcomed
             await ws.send(encode_frame(hello, self.binary))
             data = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT_S)
         except websockets.ConnectionClosed as exc:
@@ -196,7 +206,10 @@ class PeerNetConnection(ReconnectingConnection):
         elif t in ("presence_state", "feed_page", "pong"):
             self._resolve(frame.get("rid"), frame)
         elif t == "resumed":
-            self.stats.resumes += 1
+            if self._first_replay:
+                self._first_replay = False
+            else:
+                self.stats.resumes += 1
             if self.cuts and not self.cuts[-1].resumed_us:
                 self.cuts[-1].resumed_us = recv_us
             if frame.get("complete") is False:  # part of the gap is past retention: history over HTTP

@@ -11,17 +11,19 @@ import heapq
 import random
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from bench.params import BenchParams
 
-# Action kinds. A `dm` and a `post` carry a body; a `presence` change connects (target 1) or closes
-# (target 0) the actor's connection.
+# Action kinds. A `dm`, a `post` and a `group` message carry a body; a `presence` change connects
+# (target 1) or closes (target 0) the actor's connection. A `group` message's target is the index
+# of the actor's group in `Plan.groups`.
 DM = "dm"
 POST = "post"
 CHURN = "presence"
-KINDS = (DM, POST, CHURN)
+GROUP = "group"
+KINDS = (DM, POST, CHURN, GROUP)
 
 # The kinds each scenario's rate is spent on, by share.
 _SCENARIO_SHARES: dict[str, dict[str, float]] = {
@@ -30,6 +32,7 @@ _SCENARIO_SHARES: dict[str, dict[str, float]] = {
     "presence": {CHURN: 1.0},
     # Every connection of `connections` may take part in its DMs after the hold.
     "connections": {DM: 1.0},
+    "group": {GROUP: 1.0},
 }
 _MIX_KIND = {"dm": DM, "fanout": POST, "presence": CHURN}
 
@@ -74,6 +77,9 @@ class Plan:
     watching: dict[int, tuple[int, ...]]
     watchers: dict[int, tuple[int, ...]]
     shares: dict[str, float]
+    # `group`: each group's members (its owner first), and each member's group index.
+    groups: tuple[tuple[int, ...], ...] = ()
+    group_of: dict[int, int] = field(default_factory=dict)
 
     @property
     def always_connected(self) -> tuple[int, ...]:
@@ -83,18 +89,24 @@ class Plan:
 
     def recipients(self, ev: Event) -> tuple[int, ...]:
         """Whose connections must see the event: a DM's both participants (the sender's own inbox
-        too), a post's author and followers, a presence change's watchers."""
+        too), a post's author and followers, a group message's every member (the sender too), a
+        presence change's watchers."""
         if ev.kind == DM:
             return (ev.actor, ev.target)
         if ev.kind == POST:
             return (ev.actor, *self.followers.get(ev.actor, ()))
+        if ev.kind == GROUP:
+            return self.groups[ev.target]
         return self.watchers.get(ev.actor, ())
 
     def conv(self, ev: Event) -> str:
         """The stream within which order is judged: the DM conversation (`dm:a:b`, as the protocol
-        names it), the author's posts, or the user's presence."""
+        names it), the group (by its index: the server names it `g:ID` only when it is made), the
+        author's posts, or the user's presence."""
         if ev.kind == DM:
             return dm_conv(self.users[ev.actor], self.users[ev.target])
+        if ev.kind == GROUP:
+            return f"group:g{ev.target}"
         if ev.kind == POST:
             return f"feed:{self.users[ev.actor]}"
         return f"presence:{self.users[ev.actor]}"
@@ -106,6 +118,29 @@ class Plan:
 def dm_conv(a: str, b: str) -> str:
     lo, hi = sorted((a, b))
     return f"dm:{lo}:{hi}"
+
+
+def group_title(run: str, g: int) -> str:
+    """The title of the run's group `g`: how every load process recognises the group's `note`."""
+    return f"bench {run} g{g}"
+
+
+def group_from_title(run: str, title: object) -> int | None:
+    """The index of the run's group that `title` names, or None for any other title."""
+    prefix = f"bench {run} g"
+    if not isinstance(title, str) or not title.startswith(prefix):
+        return None
+    digits = title[len(prefix):]
+    return int(digits) if digits.isdigit() else None
+
+
+def chunk_groups(members: list[int], size: int) -> list[list[int]]:
+    """`members` in consecutive groups of `size`; a shorter rest is a group of its own, except a
+    lone last member, who joins the group before it (nobody chats alone)."""
+    groups = [members[i:i + size] for i in range(0, len(members), size)]
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        groups[-2].extend(groups.pop())
+    return groups
 
 
 def new_run_tag(rng: random.Random | None = None) -> str:
@@ -162,13 +197,13 @@ def build_plan(params: BenchParams, run: str) -> Plan:
     if dm_users:
         shuffled = dm_users[:]
         rng.shuffle(shuffled)
-        g = params.group_size
-        groups = [shuffled[i:i + g] for i in range(0, len(shuffled), g)]
-        if len(groups) > 1 and len(groups[-1]) < 2:
-            groups[-2].extend(groups.pop())
-        for group in groups:
+        for group in chunk_groups(shuffled, params.group_size):
             for member in group:
                 partners[member] = tuple(m for m in group if m != member)
+
+    # Consecutive users, not shuffled: with users split over load processes by index modulo the
+    # count, every group then spans every process evenly.
+    groups = chunk_groups(pools.get(GROUP, []), params.group_size)
 
     authors: list[int] = []
     followers: dict[int, tuple[int, ...]] = {}
@@ -213,6 +248,8 @@ def build_plan(params: BenchParams, run: str) -> Plan:
         watching=watching,
         watchers={c: tuple(ws) for c, ws in watchers.items()},
         shares={k: v / total for k, v in kind_shares.items()},
+        groups=tuple(tuple(g) for g in groups),
+        group_of={m: g for g, members in enumerate(groups) for m in members},
     )
 
 
@@ -237,6 +274,15 @@ def _dm_stream(plan: Plan, rate: float, seconds: float, rng: random.Random) -> I
     for at in _constant_rate(rate, seconds):
         s = next(senders)
         yield at, DM, s, rng.choice(plan.partners[s])
+
+
+def _group_stream(plan: Plan, rate: float, seconds: float, rng: random.Random) -> Iterator[_Action]:
+    # Every member of every group takes its turn, so each group gets messages in proportion to
+    # its size and every member sends at the same rate.
+    senders = _cycles(tuple(plan.group_of), rng)
+    for at in _constant_rate(rate, seconds):
+        s = next(senders)
+        yield at, GROUP, s, plan.group_of[s]
 
 
 def _post_stream(plan: Plan, rate: float, seconds: float, rng: random.Random) -> Iterator[_Action]:
@@ -271,7 +317,7 @@ def schedule(plan: Plan, seed: int, phase: int, rate: float, seconds: float,
     schedule is the same as without it.
     """
     streams = []
-    makers = {DM: _dm_stream, POST: _post_stream, CHURN: _churn_stream}
+    makers = {DM: _dm_stream, POST: _post_stream, CHURN: _churn_stream, GROUP: _group_stream}
     for kind in KINDS:
         share = plan.shares.get(kind, 0.0)
         if share > 0:
@@ -297,10 +343,13 @@ def churn_interval_s(plan: Plan, rate: float) -> float:
 
 
 def per_sender_rate(plan: Plan, rate: float) -> float:
-    """Frames per second each DM sender or author sends (the server limits each connection)."""
+    """Frames per second each DM sender, group member or author sends (the server limits each
+    connection)."""
     rates = []
     if plan.dm_users:
         rates.append(rate * plan.shares.get(DM, 0.0) / len(plan.dm_users))
+    if plan.group_of:
+        rates.append(rate * plan.shares.get(GROUP, 0.0) / len(plan.group_of))
     if plan.authors:
         rates.append(rate * plan.shares.get(POST, 0.0) / len(plan.authors))
     return max(rates, default=0.0)

@@ -87,7 +87,7 @@ def machine() -> dict[str, Any]:
 # What one "action" of a scenario is, for CPU per action; fan-out is counted per push (a post's
 # delivery to one follower), the unit its cost grows with.
 ACTION_UNIT = {"dm": "DM", "fanout": "push", "presence": "presence change", "mixed": "action",
-               "connections": "DM"}
+               "connections": "DM", "group": "group message"}
 
 
 def cpu_cost(server: dict[str, Any], actions_per_s: float) -> dict[str, Any]:
@@ -104,15 +104,20 @@ def cpu_cost(server: dict[str, Any], actions_per_s: float) -> dict[str, Any]:
             "by_category_ms": dict(sorted(ms.items(), key=lambda kv: -kv[1]))}
 
 
-def cpu_line(ph: dict[str, Any], unit: str) -> str:
-    """`CPU per DM: server 1.2 ms (kafka 0.3, ...), load generator 0.4 ms, total 1.6 ms`."""
+def cpu_line(ph: dict[str, Any], unit: str, *, deliveries: bool = False) -> str:
+    """`CPU per DM: server 1.2 ms (kafka 0.3, ...), load generator 0.4 ms, total 1.6 ms`, and with
+    `deliveries` the rate of deliveries after it (a group message is one per member)."""
     cost = ph.get("cpu_per_action") or {}
     if not cost:
         return ""
     parts = ", ".join(f"{c} {v:g}" for c, v in cost["by_category_ms"].items() if v >= 0.005)
-    return (f"CPU per {unit} at {ph['rate_target']:g}/s: **server {cost['server_ms']:.3f} ms** "
+    line = (f"CPU per {unit} at {ph['rate_target']:g}/s: **server {cost['server_ms']:.3f} ms** "
             f"({parts}), load generator {cost['load_generator_ms']:.3f} ms, "
             f"total {cost['total_ms']:.3f} ms")
+    if deliveries:
+        line += (f"; **{ph['delivered_rate']:,.1f} deliveries/s** (every member's copy, the "
+                 "sender's own included)")
+    return line
 
 
 def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
@@ -129,6 +134,7 @@ def phase_dict(o: PhaseOutcome, scenario: str) -> dict[str, Any]:
         "headline_p99_ms": round(o.headline_p99_ms, 3),
         "sent": o.sent,
         "acked_rate": round(acc.total.acked / measured_s, 1),
+        "delivered_rate": round(acc.total.delivered / measured_s, 1),
         "cpu_per_action": cpu_cost(o.server, (acc.total.delivered if scenario == "fanout"
                                               else acc.total.acked) / measured_s),
         "accounting": acc.to_dict(),
@@ -289,7 +295,8 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
-_KIND_TITLE = {"dm": "DM delivery", "post": "feed push", "presence": "presence event"}
+_KIND_TITLE = {"dm": "DM delivery", "post": "feed push", "presence": "presence event",
+               "group": "group delivery", "group_last": "group, to its last member"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -337,9 +344,10 @@ def _losses_section(report: dict[str, Any]) -> list[str]:
 
 def _cpu_lines(report: dict[str, Any]) -> list[str]:
     """CPU per message of every phase, per process and in total."""
-    unit = ACTION_UNIT.get(report["params"]["scenario"], "action")
+    scenario = report["params"]["scenario"]
+    unit = ACTION_UNIT.get(scenario, "action")
     lines = [f"- {t['name']}: {line}" for t in report["targets"] for ph in t["phases"]
-             if (line := cpu_line(ph, unit))]
+             if (line := cpu_line(ph, unit, deliveries=scenario == "group"))]
     return [*lines, ""] if lines else []
 
 
@@ -510,7 +518,10 @@ def _phase_table(phases: list[dict[str, Any]], scenario: str) -> list[str]:
     for ph in phases:
         c = ph["accounting"]["total"]
         lat = ph["accounting"]["latency_ms"]
-        for kind in ph["headline_kinds"] or [SCENARIO_KINDS[scenario][0]]:
+        kinds = ph["headline_kinds"] or [SCENARIO_KINDS[scenario][0]]
+        # A group message also timed to its last member, under its per-member row.
+        kinds = [name for kind in kinds for name in (kind, f"{kind}_last") if name == kind or name in lat]
+        for kind in kinds:
             s = lat.get(kind, {})
             ack = lat.get(f"{kind}_ack", {})
             cells = [

@@ -21,7 +21,17 @@ from bench.latency import LatencyHistogram
 from bench.ledger import Accounting, Acked, Failed, PresenceSeen, Receipt, Transition, account, match_presence
 from bench.params import BenchParams
 from bench.peernet_client import http_url
-from bench.plan import CHURN, DM, POST, Plan, build_plan, churn_interval_s, new_run_tag, per_sender_rate
+from bench.plan import (
+    CHURN,
+    DM,
+    GROUP,
+    POST,
+    Plan,
+    build_plan,
+    churn_interval_s,
+    new_run_tag,
+    per_sender_rate,
+)
 from bench.probe import (
     CENTRIFUGO_CATEGORIES,
     LOAD_GENERATOR,
@@ -30,7 +40,7 @@ from bench.probe import (
     ServerProbe,
 )
 from bench.progress import ProgressLine
-from bench.worker import LoadWorker, WorkerSpec, process_main
+from bench.worker import GROUP_NOTES_WAIT_S, LoadWorker, WorkerSpec, process_main
 
 # Lead time between announcing a phase and its first action, so every process starts together.
 PHASE_LEAD_S = 1.0
@@ -46,7 +56,7 @@ CHAOS_HEALTH_TIMEOUT_S = 120.0
 RATE_LIMIT_WARN = 150.0
 
 SCENARIO_KINDS = {"dm": (DM,), "fanout": (POST,), "presence": (CHURN,), "mixed": (DM, POST, CHURN),
-                  "connections": (DM,)}
+                  "connections": (DM,), "group": (GROUP,)}
 # connections: how long the coordinator waits for the last `welcome` beyond the open schedule
 # (a handshake gives up after 10 s, bench/peernet_client.py).
 OPEN_GRACE_S = 60.0
@@ -261,7 +271,9 @@ class Coordinator:
             before = probe.samples[-1]
             started = time.monotonic()
             self.progress.say(f"[{p.target}] connecting {p.clients} clients "
-                              f"({len(self.plan.always_connected)} stay connected) "
+                              f"({len(self.plan.always_connected)} stay connected"
+                              + (f"; {len(self.plan.groups)} group(s) to create" if self.plan.groups else "")
+                              + ") "
                               + ("with the Go driver" if go else f"with {p.procs} load process(es)"))
             if go:
                 handles = [await start_go_worker(p, self.plan, self.progress.say)]
@@ -270,7 +282,8 @@ class Coordinator:
             else:
                 handles = start_workers(p, self.run)
             probe.add_load_pids(h.pid for h in handles if h.pid is not None)
-            ready_timeout = 60 + p.clients / 20
+            # A process that waits for other processes' groups gives up by itself first, saying so.
+            ready_timeout = 60 + p.clients / 20 + (GROUP_NOTES_WAIT_S if self.plan.groups else 0)
             readies = await asyncio.gather(*(h.expect("ready", ready_timeout) for h in handles))
             result.setup_s = round(time.monotonic() - started, 2)
             result.connections = sum(int(r["connections"]) for r in readies)
@@ -364,6 +377,9 @@ class Coordinator:
         if per and t.acked:
             server = sum(v["cpu_mean_pct"] for c, v in per.items() if c != LOAD_GENERATOR)
             cpu = f"; server CPU {server * 10 * o.seconds / t.acked:.2f} ms per action"
+        if self.params.scenario == "group":
+            # A group message is many deliveries: the rate the members were served at.
+            cpu += f", {t.delivered / o.seconds:,.0f} deliveries/s"
         return (f"[{self.params.target} {o.rate:g}/s] lost {t.lost} of {t.expected} deliveries, "
                 f"dup {t.duplicated}, reordered {t.reordered}, failed {t.failed}; "
                 f"p99 {o.headline_p99_ms:.1f} ms{cpu} -> {o.verdict}")

@@ -2,8 +2,8 @@
 connections, performs their scheduled actions open-loop and records what arrives.
 
 It speaks to the coordinator over a control channel:
-  -> ready | failed          after setup (tokens, connections, follows, watches; for the
-                             `connections` scenario tokens only)
+  -> ready | failed          after setup (tokens, connections, follows, watches, groups: each
+                             known by its `g:ID`; for the `connections` scenario tokens only)
   <- open                    `connections`: open every connection at its time (rank / rate
                              after t0), each once, and time it from then to its `welcome`
   -> opened                  what opened and what was refused, and the latencies
@@ -41,12 +41,28 @@ from bench.control import Channel, Message
 from bench.latency import LatencyHistogram
 from bench.ledger import Acked, Failed, PresenceSeen, Receipt, Transition
 from bench.params import BenchParams
-from bench.plan import CHURN, DM, POST, Event, Plan, build_plan, encode_body, parse_body, schedule
+from bench.plan import (
+    CHURN,
+    DM,
+    GROUP,
+    POST,
+    Event,
+    Plan,
+    build_plan,
+    encode_body,
+    group_from_title,
+    group_title,
+    parse_body,
+    schedule,
+)
 
 T = TypeVar("T")
 PROGRESS_INTERVAL_S = 1.0
 # Actions due within this much are performed now rather than after a sleep.
 DISPATCH_SLACK_US = 1000
+# How long a load process waits, after creating its own groups, for the `group` notes of the
+# groups other processes create (each creates those whose owner it holds).
+GROUP_NOTES_WAIT_S = 60.0
 
 
 def make_target(name: str, urls: list[str], params: BenchParams) -> Target:
@@ -61,8 +77,10 @@ def make_target(name: str, urls: list[str], params: BenchParams) -> Target:
                                 feeds=params.scenario in ("fanout", "mixed"))
     from bench.peernet_client import PeerNetTarget
 
+    # A group's note may reach a member before the member's process has connected it: the
+    # first `hello` asks for the whole inbox so that it arrives all the same.
     return PeerNetTarget(urls, binary=params.binary, request_timeout=params.request_timeout,
-                         keepalive=params.keepalive)
+                         keepalive=params.keepalive, replay_inbox=params.scenario == "group")
 
 
 @dataclass
@@ -117,6 +135,8 @@ class LoadWorker:
         self._churn_locks: dict[int, asyncio.Lock] = {}
         self.opening: dict[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # group index -> its `g:ID`, from the owner's `ok` or a member's `group` note
+        self.group_convs: dict[int, str] = {}
 
     def owns(self, i: int) -> bool:
         return i % self.spec.count == self.spec.index
@@ -189,6 +209,47 @@ class LoadWorker:
             if self.owns(watcher):
                 jobs.append(ask(watcher, {"t": "watch", "users": [plan.users[c] for c in watched]}))
         await asyncio.gather(*jobs)
+        if plan.groups:
+            await self.create_groups(sem)
+            await self.await_group_convs(GROUP_NOTES_WAIT_S)
+
+    async def create_groups(self, sem: asyncio.Semaphore) -> None:
+        """`group_create` from the owner of every group whose owner this process holds. The cid
+        is the run's and the group's, so a create resent after a reconnect makes no second
+        group."""
+        plan = self.plan
+
+        async def create(g: int, members: tuple[int, ...]) -> None:
+            owner = members[0]
+            frame: Frame = {"t": "group_create", "title": group_title(plan.run, g),
+                            "members": [plan.users[m] for m in members[1:]],
+                            "cid": f"{plan.run}-g{g}"}
+            async with sem:
+                try:
+                    ok = await self.conns[owner].request(frame, idempotent=True)
+                except RequestFailed as exc:
+                    raise SetupError(f"group_create of group {g} by {plan.users[owner]} refused: "
+                                     f"{exc.reason}") from None
+            conv = ok.get("conv")
+            if not isinstance(conv, str):
+                raise SetupError(f"group_create of group {g}: no conv in {ok!r:.200}")
+            self.group_convs[g] = conv
+
+        await asyncio.gather(*(create(g, members) for g, members in enumerate(plan.groups)
+                               if self.owns(members[0])))
+
+    async def await_group_convs(self, within_s: float) -> None:
+        """Return once the conv of every group an owned user is in is known; SetupError when
+        `within_s` passes first (a group never made, or a note never delivered)."""
+        need = {self.plan.group_of[i] for i in self.owned}
+        deadline = time.monotonic() + within_s
+        while not need <= self.group_convs.keys():
+            if time.monotonic() > deadline:
+                missing = sorted(need - self.group_convs.keys())
+                raise SetupError(f"no `group` note for {len(missing)} of the {len(need)} groups "
+                                 f"this load process's users are in within {within_s:.0f} s "
+                                 f"(e.g. {group_title(self.plan.run, missing[0])!r})")
+            await asyncio.sleep(0.05)
 
     async def open_all(self, cmd: Message) -> Message:
         """Open every owned connection once, open loop: user i's at t0 + i / rate, whatever the
@@ -354,11 +415,14 @@ class LoadWorker:
         if ev.kind == DM:
             frame = {"t": "dm", "to": plan.users[ev.target], "body": body,
                      "cid": f"{plan.run}-{st.phase}-{ev.k}"}
+        elif ev.kind == GROUP:
+            frame = {"t": "dm", "conv": self.group_convs[ev.target], "body": body,
+                     "cid": f"{plan.run}-{st.phase}-{ev.k}"}
         else:
             frame = {"t": "post", "body": body}
         try:
             # A DM carries a cid, so it may be sent again after a reconnect; a post may not.
-            await conn.request(frame, idempotent=ev.kind == DM)
+            await conn.request(frame, idempotent=ev.kind != POST)
         except RequestFailed as exc:
             st.failed.append(Failed(ev.k, ev.kind, exc.reason, due_us))
             return
@@ -387,7 +451,11 @@ class LoadWorker:
     def on_frame(self, index: int, frame: Frame, recv_us: int) -> None:
         t = frame.get("t")
         if t == "msg":
-            self._message(index, DM, frame.get("body"), frame.get("from"), recv_us)
+            kind = GROUP if str(frame.get("conv", "")).startswith("g:") else DM
+            self._message(index, kind, frame.get("body"), frame.get("from"), recv_us)
+        elif t == "note":
+            if frame.get("kind") == "group":
+                self._group_note(frame)
         elif t == "feed":
             item = frame.get("item")
             if isinstance(item, dict):
@@ -401,6 +469,16 @@ class LoadWorker:
                 self.stray += 1
             else:
                 st.seen.append(PresenceSeen(index, user, frame.get("status") == "online", recv_us))
+
+    def _group_note(self, frame: Frame) -> None:
+        """Learn a group's conv from the note its creation put in a member's inbox, when the note
+        is of one of this run's groups (its title, and the owner the plan gave it)."""
+        g = group_from_title(self.plan.run, frame.get("title"))
+        conv = frame.get("conv")
+        if g is None or g >= len(self.plan.groups) or not isinstance(conv, str):
+            return
+        if frame.get("owner") == self.plan.users[self.plan.groups[g][0]]:
+            self.group_convs.setdefault(g, conv)
 
     def _message(self, index: int, kind: str, body: Any, sender: Any, recv_us: int) -> None:
         tag = parse_body(body)

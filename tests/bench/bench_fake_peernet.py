@@ -1,6 +1,7 @@
 """A small in-memory PeerNet for the harness's own tests: the subset of the client protocol the
-harness speaks (dev tokens, hello/welcome/resume, dm with cid, post and feed pushes, follow,
-watch and presence, ack, ping), with faults to inject (dropped or doubled pushes, connections
+harness speaks (dev tokens, hello/welcome/resume, dm with cid, groups made with group_create and
+written to by `dm` with `conv`, post and feed pushes, follow, watch and presence, ack, ping), with
+faults to inject (dropped or doubled pushes, connections
 kicked mid-request) so the tests can check that the accounting notices them.
 
 It is not PeerNet and proves nothing about PeerNet; it proves the harness measures what it says.
@@ -29,7 +30,7 @@ from peernet.codec import decode_frame, encode_frame
 
 @dataclass
 class Faults:
-    drop_every: int = 0  # every n-th inbox item is neither stored nor pushed to its recipient
+    drop_every: int = 0  # every n-th inbox message is neither stored nor pushed to its recipient
     dup_every: int = 0  # every n-th push goes out twice
     kick_every: int = 0  # every n-th dm closes the sender's connection before the ok
 
@@ -53,6 +54,9 @@ class FakePeerNet:
         self.followers: dict[str, set[str]] = defaultdict(set)
         self.watchers: dict[str, set[_Conn]] = defaultdict(set)
         self.cids: dict[tuple[str, str], dict[str, Any]] = {}
+        # conv -> {"title", "owner", "members"}; group_create's cids apart from the dm's
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.group_cids: dict[tuple[str, str], dict[str, Any]] = {}
         self.ids = itertools.count(1)
         self.items = itertools.count(1)
         self.pushes = itertools.count(1)
@@ -84,7 +88,9 @@ class FakePeerNet:
                 conn.push(frame)
 
     def _store(self, user: str, item: dict[str, Any]) -> None:
-        if self.faults.drop_every and next(self.items) % self.faults.drop_every == 0:
+        # Only messages are dropped: a lost `group` note would fail the setup, not the ledger.
+        if (item["t"] == "msg" and self.faults.drop_every
+                and next(self.items) % self.faults.drop_every == 0):
             return
         seq = len(self.inbox[user]) + 1
         frame = {**item, "seq": seq}
@@ -155,21 +161,48 @@ class FakePeerNet:
         t, rid, user = f["t"], f.get("rid"), conn.user
         ts = int(time.time() * 1000)
         if t == "dm":
+            group = self.groups.get(str(f["conv"])) if "conv" in f else None
+            if "conv" in f and group is None:
+                conn.push({"t": "error", "rid": rid, "code": "not_found", "message": "no such group"})
+                return True
+            if group is not None and user not in group["members"]:
+                conn.push({"t": "error", "rid": rid, "code": "forbidden", "message": "not a member"})
+                return True
             key = (user, str(f.get("cid")))
             known = self.cids.get(key)
             if known is None:
-                to = f["to"]
-                lo, hi = sorted((user, to))
-                known = {"id": f"m{next(self.ids)}", "conv": f"dm:{lo}:{hi}", "ts": ts}
+                if group is not None:
+                    known = {"id": f"m{next(self.ids)}", "conv": f["conv"], "ts": ts}
+                    item = {"t": "msg", **known, "from": user, "body": f["body"]}
+                    recipients = list(group["members"])
+                else:
+                    to = f["to"]
+                    lo, hi = sorted((user, to))
+                    known = {"id": f"m{next(self.ids)}", "conv": f"dm:{lo}:{hi}", "ts": ts}
+                    item = {"t": "msg", **known, "from": user, "to": to, "body": f["body"]}
+                    recipients = [to, user]
                 self.cids[key] = known
-                item = {"t": "msg", **known, "from": user, "to": to, "body": f["body"]}
-                self._store(to, item)
-                self._store(user, item)
+                for u in recipients:
+                    self._store(u, item)
             if self.faults.kick_every and next(self.dms) % self.faults.kick_every == 0:
                 await asyncio.sleep(0.01)
                 await conn.ws.close(1001)
                 return False
             conn.push({"t": "ok", "rid": rid, **known})
+        elif t == "group_create":
+            key = (user, str(f.get("cid")))
+            made = self.group_cids.get(key)
+            if made is None:
+                members = [user, *dict.fromkeys(m for m in f["members"] if m != user)]
+                made = {"conv": f"g:{next(self.ids)}", "ts": ts}
+                self.group_cids[key] = made
+                self.groups[made["conv"]] = {"title": f["title"], "owner": user, "members": members}
+                note = {"t": "note", "id": f"n{next(self.ids)}", "kind": "group", "change": "create",
+                        "from": user, "ts": ts, "conv": made["conv"], "title": f["title"],
+                        "owner": user, "members": members}
+                for m in members:
+                    self._store(m, note)
+            conn.push({"t": "ok", "rid": rid, **made})
         elif t == "post":
             post = {"id": f"p{next(self.ids)}", "author": user, "body": f["body"], "ts": ts, "likes": 0}
             conn.push({"t": "ok", "rid": rid, "id": post["id"], "ts": ts})

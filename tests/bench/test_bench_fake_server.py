@@ -12,7 +12,9 @@ import pytest
 from bench_fake_peernet import Faults, serve_fake
 
 from bench.__main__ import main
+from bench.client import ConnStats
 from bench.params import BenchParams
+from bench.peernet_client import PeerNetTarget
 from bench.runner import PhaseOutcome, run_bench
 
 pytestmark = pytest.mark.usefixtures("quick_phases")
@@ -35,6 +37,9 @@ async def one_phase(params: BenchParams) -> PhaseOutcome:
     ("fanout", {"followers": 5, "rate": 20}),
     ("presence", {"churners": 10, "watch": 4, "rate": 8, "duration": 2.5}),
     ("mixed", {"clients": 40, "rate": 40, "duration": 2.5}),
+    ("group", {"group_size": 7}),
+    # Each group spans both processes: one makes it, the other learns it from the members' note.
+    ("group", {"group_size": 10, "procs": 2}),
 ])
 async def test_every_scenario_accounts_exactly(scenario: str, extra: dict[str, object]) -> None:
     async with serve_fake() as (_, url):
@@ -59,6 +64,52 @@ async def test_dm_delivery_counts() -> None:
     assert phase.accounting.hist("dm").count == 120
     assert phase.accounting.hist("dm_echo").count == 120
     assert phase.accounting.hist("dm_ack").count == 120
+
+
+async def test_group_message_delivery_counts() -> None:
+    async with serve_fake() as (fake, url):
+        phase = await one_phase(QUICK.with_(scenario="group", group_size=5, urls=(url,)))
+    assert len(fake.groups) == 4  # 20 clients in groups of 5, each made once
+    g = phase.accounting.by_kind["group"]
+    # 80/s for 2 s: 160 messages, each owed to the 5 members of its group (its sender too).
+    assert g.acked == 160
+    assert g.expected == g.delivered == 800
+    # Warm-up (the first 0.5 s) is accounted but not timed: 120 messages timed, to 4 others each.
+    assert phase.accounting.hist("group").count == 480
+    assert phase.accounting.hist("group_echo").count == 120
+    assert phase.accounting.hist("group_last").count == 120
+
+
+async def test_dropped_group_deliveries_are_lost_per_member() -> None:
+    async with serve_fake(Faults(drop_every=25)) as (_, url):
+        phase = await one_phase(QUICK.with_(scenario="group", group_size=5, urls=(url,)))
+    g = phase.accounting.by_kind["group"]
+    assert g.lost == g.expected // 25 == 32
+    assert g.delivered + g.lost == g.expected
+    assert not phase.held and phase.verdict.startswith("32 lost")
+
+
+async def test_a_member_connecting_after_its_group_was_made_learns_it_from_its_inbox() -> None:
+    async with serve_fake() as (_, url):
+        target = PeerNetTarget([url], replay_inbox=True)
+        await target.prepare([(0, "owner"), (1, "late")])
+        owner = target.connection(0, "owner", lambda *_: None, ConnStats())
+        await owner.open()
+        ok = await owner.request({"t": "group_create", "title": "t", "members": ["late"], "cid": "c"},
+                                 idempotent=True)
+        frames: list[dict[str, object]] = []
+        stats = ConnStats()
+        late = target.connection(1, "late", lambda _i, f, _t: frames.append(f), stats)
+        await late.open()
+        for _ in range(100):
+            if any(f["t"] == "resumed" for f in frames):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.gather(owner.close(), late.close())
+    notes = [f for f in frames if f["t"] == "note"]
+    assert [(n["kind"], n["conv"]) for n in notes] == [("group", ok["conv"])]
+    assert late.inbox_gaps() == 0 and late.last_seq == 1
+    assert stats.resumes == 0  # a first connection's replay is not a resume after a cut
 
 
 async def test_dropped_deliveries_are_lost() -> None:

@@ -147,3 +147,56 @@ def test_presence_frames_match_the_latest_change_before_them() -> None:
     c = acc.by_kind["presence"]
     assert (c.delivered, c.duplicated, c.lost) == (2, 1, 1)  # the last change never reached 9
     assert acc.hist("presence").percentile_ms(100) == approx(50.0, rel=1e-3)
+
+
+GROUP_CONV = "group:g0"
+MEMBERS = (0, 1, 2, 3)
+
+
+def group_msg(k: int, sender: int = 0, sched_ms: int = 0, warm: bool = False) -> Acked:
+    return Acked(k, "group", GROUP_CONV, sender, MEMBERS, sched_ms * MS, (sched_ms + 5) * MS, warm)
+
+
+def member_got(k: int, member: int, at_ms: int) -> Receipt:
+    return Receipt(k, "group", member, at_ms * MS)
+
+
+def test_a_group_message_is_owed_to_every_member_and_timed_to_each_and_to_the_last() -> None:
+    acked = [group_msg(0, sender=1, sched_ms=0)]
+    receipts = [member_got(0, 1, 2), member_got(0, 0, 10), member_got(0, 2, 20), member_got(0, 3, 40)]
+    acc = account(acked, [], receipts)
+    c = acc.by_kind["group"]
+    assert (c.acked, c.expected, c.delivered, c.lost) == (1, 4, 4, 0)
+    assert acc.hist("group").count == 3  # the three other members
+    assert acc.hist("group_echo").count == 1 and acc.hist("group_echo").max_ms() == approx(2.0, rel=1e-3)
+    assert acc.hist("group").percentile_ms(50) == approx(20.0, rel=1e-3)
+    assert acc.hist("group_last").count == 1
+    assert acc.hist("group_last").max_ms() == approx(40.0, rel=1e-3)  # the slowest member
+
+
+def test_a_member_missing_a_group_message_is_one_loss_and_the_message_not_timed_to_the_last() -> None:
+    acked = [group_msg(0), group_msg(1, sched_ms=10)]
+    receipts = [member_got(0, m, 5) for m in MEMBERS] + [member_got(1, m, 15) for m in (0, 1, 2)]
+    receipts.append(member_got(1, 2, 16))  # and member 2 gets message 1 twice
+    acc = account(acked, [], receipts)
+    c = acc.by_kind["group"]
+    assert (c.expected, c.delivered, c.lost, c.duplicated) == (8, 7, 1, 1)
+    assert acc.lost_sample == [(1, 3)]
+    assert acc.hist("group_last").count == 1  # message 0 only
+    assert acc.hist("group").count == 5
+
+
+def test_group_members_who_disagree_on_the_order_are_counted_for_groups() -> None:
+    acked = [group_msg(0, sender=0), group_msg(1, sender=1)]
+    same = [member_got(k, m, k) for m in MEMBERS for k in (0, 1)]
+    assert account(acked, [], same).by_kind["group"].order_mismatch == 0
+    differ = [member_got(k, m, k) for m in (0, 1, 2) for k in (0, 1)] + [member_got(1, 3, 0),
+                                                                         member_got(0, 3, 1)]
+    acc = account(acked, [], differ)
+    assert acc.by_kind["group"].order_mismatch == 1 and acc.by_kind["group"].reordered == 0
+    assert "dm" not in acc.by_kind
+
+
+def test_a_non_member_receiving_a_group_message_is_unexpected() -> None:
+    acc = account([group_msg(0)], [], [*(member_got(0, m, 1) for m in MEMBERS), member_got(0, 9, 1)])
+    assert acc.by_kind["group"].unexpected == 1 and acc.total.delivered == 4

@@ -8,15 +8,19 @@ from collections import Counter
 
 import pytest
 
+from bench.__main__ import main
 from bench.params import BenchParams, ParamError, parse_mix, parse_ports
 from bench.plan import (
     CHURN,
     DM,
+    GROUP,
     POST,
     build_plan,
     churn_interval_s,
     dm_conv,
     encode_body,
+    group_from_title,
+    group_title,
     parse_body,
     per_sender_rate,
     schedule,
@@ -58,6 +62,33 @@ def test_dm_senders_cycle_evenly_and_write_to_their_group() -> None:
 def test_a_lone_last_member_joins_the_previous_group() -> None:
     plan = build_plan(BenchParams(clients=5, group_size=2), "r")
     assert sorted(len(v) + 1 for v in plan.partners.values()) == [2, 2, 3, 3, 3]
+
+
+def test_groups_are_consecutive_users_owner_first_and_a_lone_rest_joins_the_last() -> None:
+    plan = build_plan(BenchParams(scenario="group", clients=25, group_size=10), "r")
+    assert plan.groups == (tuple(range(10)), tuple(range(10, 20)), tuple(range(20, 25)))
+    assert plan.group_of == {u: u // 10 for u in range(25)}
+    assert plan.dm_users == () and plan.shares == {GROUP: 1.0}
+    lone = build_plan(BenchParams(scenario="group", clients=21, group_size=10), "r")
+    assert [len(g) for g in lone.groups] == [10, 11]
+
+
+def test_every_member_sends_in_turn_to_its_own_group_owed_to_every_member() -> None:
+    plan = build_plan(BenchParams(scenario="group", clients=30, group_size=10), "r")
+    evs = list(schedule(plan, 1, 0, rate=60.0, seconds=2.0))
+    assert len(evs) == 120
+    assert set(Counter(e.actor for e in evs).values()) == {4}  # 120 messages over 30 members
+    for e in evs:
+        assert e.kind == GROUP and e.target == plan.group_of[e.actor]
+        assert plan.recipients(e) == plan.groups[e.target]  # the sender's own copy too
+    assert len({plan.conv(e) for e in evs}) == 3
+    assert per_sender_rate(plan, 60.0) == 2.0
+
+
+def test_group_titles_name_the_run_and_the_group_only() -> None:
+    assert group_from_title("ab12", group_title("ab12", 7)) == 7
+    for other in (group_title("ab1", 7), group_title("ab12x", 7), "bench ab12 g", "bench ab12 g7x", None, 7):
+        assert group_from_title("ab12", other) is None
 
 
 def test_fanout_plan() -> None:
@@ -135,10 +166,24 @@ def test_rate_ladder() -> None:
     ({"step_factor": 1.0}, "--step-factor"),
     ({"run_tag": "Bad-Tag"}, "--run-tag"),
     ({"scenario": "mixed", "mix": {"chat": 1.0}}, "--mix"),
+    ({"scenario": "group", "clients": 600, "group_size": 501}, "at most 500 members"),
+    ({"scenario": "group", "group_size": 1}, "--group-size must be at least 2"),
+    ({"scenario": "group", "clients": 9, "group_size": 10}, "cannot fill one group"),
+    ({"scenario": "group", "clients": 1001, "group_size": 500}, "leaves one user over"),
+    ({"scenario": "group", "target": "socketio"}, "dm scenario only"),
+    ({"scenario": "group", "driver": "go"}, "dm scenario only"),
 ])
 def test_params_validation(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ParamError, match=message):
         BenchParams().with_(**changes).validate()
+
+
+def test_a_group_over_the_protocols_cap_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["group", "--clients", "600", "--group-size", "600", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "a group holds at most 500 members" in err
+    # The benchmark is a valid invocation.
+    BenchParams(scenario="group", clients=500, group_size=500, rate=5, duration=60).validate()
 
 
 def test_params_round_trip_and_parsers() -> None:

@@ -95,3 +95,31 @@ def test_cpu_cost_is_each_category_per_action_with_the_load_generator_apart() ->
     line = cpu_line({"rate_target": 500.0, "cpu_per_action": cost}, "DM")
     assert line.startswith("CPU per DM at 500/s: **server 1.600 ms**")
     assert cpu_cost({}, 500.0) == {} and cpu_cost(server, 0.0) == {}
+
+
+def test_a_group_summary_leads_with_cpu_per_message_and_deliveries_per_second() -> None:
+    members = tuple(range(10))
+    acked = [Acked(k, "group", "group:g0", 0, members, k * MS, k * MS + 1, False) for k in range(50)]
+    receipts = [Receipt(k, "group", m, k * MS + (5 + m) * MS) for k in range(50) for m in members]
+    o = PhaseOutcome(phase=0, rate=5.0, seconds=10.0, started_us=0, ended_us=1,
+                     accounting=account(acked, [], receipts), send_lag=LatencyHistogram(), sent=50,
+                     late=0, foreign=0, stray=0, unexplained_presence=0, inbox_gaps=0,
+                     conn_stats={}, server={"kafka_lag_peak": {}, "by_category": {
+                         name: {"cpu_mean_pct": pct, "cpu_peak_pct": pct, "processes": 1, "rss_peak_mib": 1}
+                         for name, pct in (("kafka", 10.0), ("load_generator", 5.0))}})
+    run = BenchRun(BenchParams(scenario="group", group_size=10, rate=5.0), "tag", None,
+                   [TargetResult("peernet", ["u"], phases=[o])], 0.0, 1.0)
+    report = build_report(run, ["x"])
+    ph = report["targets"][0]["phases"][0]
+    # 50 messages over 10 s to 10 members each: 50 deliveries a second; 10% of a core is 100 ms
+    # of CPU a second, over 5 messages a second 20 ms each.
+    assert ph["delivered_rate"] == 50.0
+    assert ph["cpu_per_action"]["server_ms"] == 20.0
+    lines = render_markdown(report).splitlines()
+    assert lines[2].startswith("**No losses: 0 lost of 500 acknowledged deliveries**")
+    assert lines[4].startswith("- peernet: CPU per group message at 5/s: **server 20.000 ms**")
+    assert lines[4].endswith("**50.0 deliveries/s** (every member's copy, the sender's own included)")
+    rows = [line for line in lines if line.startswith("| 5 |")]
+    assert [r.split(" | ")[6] for r in rows] == ["group delivery", "group, to its last member"]
+    # p99 to the last member: member 9's copy, 14 ms after the schedule (HdrHistogram's precision)
+    assert float(rows[1].split(" | ")[9]) == approx(14.0, rel=1e-3)

@@ -30,6 +30,9 @@ SMOKE = {
                             warmup=1, drain=10),
     "mixed": BenchParams(scenario="mixed", clients=60, rate=30, duration=6, warmup=1, drain=10,
                          mix={"dm": 0.6, "fanout": 0.2, "presence": 0.2}),
+    # Three groups of 10 made with group_create, over two load processes (each group spans both).
+    "group": BenchParams(scenario="group", clients=30, group_size=10, rate=20, duration=5, warmup=1,
+                         drain=10, procs=2),
 }
 
 
@@ -58,3 +61,8 @@ async def test_scenario_loses_nothing(scenario: str, bench_target: tuple[str, st
     # they were sent, and both sides of a conversation see it in one order.
     assert (c.reordered, c.order_mismatch) == (0, 0), phase.accounting.by_kind
     assert phase.inbox_gaps == 0
+    if scenario == "group":
+        # Every acknowledged message was owed to all 10 members of its group, and all got it.
+        g = phase.accounting.by_kind["group"]
+        assert g.expected == 10 * g.acked == g.delivered
+        assert phase.accounting.hist("group_last").count > 0
