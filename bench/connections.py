@@ -64,8 +64,10 @@ class ConnectionsCoordinator(Coordinator):
 
             open_from = now_us()
             out["open"] = await self._open(handles)
-            out["open"]["cpu"] = open_cpu(probe.window(open_from, now_us()))
+            open_to = now_us()
             opened = out["open"]["opened"]
+            out["open"]["cpu"] = open_cpu(probe.window(open_from, open_to),
+                                          (open_to - open_from) / 1e6, opened)
             result.connections = opened
             await asyncio.sleep(1.0)  # the server's allocations settle
             connected = await probe.mark("connected")
@@ -251,17 +253,28 @@ def cpu_above_idle(idle: dict[str, Any], hold: dict[str, Any], connections: int)
     }
 
 
-def open_cpu(window: dict[str, Any]) -> dict[str, Any]:
+def open_cpu(window: dict[str, Any], seconds: float, opened: int) -> dict[str, Any]:
     """CPU during the open (% of one core): the server's, and the load generator's per process,
-    which tells whether the generator or the server was the one short of CPU."""
+    which tells whether the generator or the server was the one short of CPU; and what a
+    connection cost each server process (ms of CPU per connection opened, idle included: the
+    open's price at this rate)."""
     per = window.get("by_category") or {}
     gen = per.get(LOAD_GENERATOR, {})
     procs = max(1, int(gen.get("processes", 1)))
+    server = {c: v["cpu_mean_pct"] for c, v in per.items() if c != LOAD_GENERATOR}
+    server_pct = sum(server.values())
+
+    def per_connection(pct: float) -> float | None:
+        return round(pct / 100 * seconds * 1000 / opened, 3) if opened else None
+
     return {"samples": window.get("samples", 0),
-            "server_pct": round(sum(v["cpu_mean_pct"] for c, v in per.items() if c != LOAD_GENERATOR), 1),
+            "server_pct": round(server_pct, 1),
             "load_generator_pct": gen.get("cpu_mean_pct"),
             "load_generator_per_process_pct": (round(gen["cpu_mean_pct"] / procs, 1) if gen else None),
-            "system_cpu_pct": window.get("system_cpu_mean_pct")}
+            "system_cpu_pct": window.get("system_cpu_mean_pct"),
+            "server_ms_per_connection": per_connection(server_pct),
+            "ms_per_connection_by_category": {
+                c: per_connection(pct) for c, pct in sorted(server.items(), key=lambda kv: -kv[1])}}
 
 
 def memory_after_hold(probe: ServerProbe, before: Any, held: Any, connections: int) -> dict[str, Any]:

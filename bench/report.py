@@ -438,6 +438,11 @@ def _connections_section(c: dict[str, Any], p: dict[str, Any]) -> list[str]:
                      f"load generator {_fmt(oc['load_generator_pct'])} "
                      f"({_fmt(oc['load_generator_per_process_pct'])} per process); the machine "
                      f"{_fmt(oc['system_cpu_pct'])}% of all cores")
+        by = oc.get("ms_per_connection_by_category") or {}
+        if oc.get("server_ms_per_connection") is not None:
+            lines.append(f"- Server CPU per connection opened (idle stack included): "
+                         f"**{_fmt(oc['server_ms_per_connection'], 2)} ms** ("
+                         + ", ".join(f"{c} {_fmt(v, 2)}" for c, v in by.items() if v) + ")")
     if o.get("replicas"):
         lines.append("- Connections per gateway replica (from `welcome`): "
                      + ", ".join(f"{r} {n:,}" for r, n in o["replicas"].items()))

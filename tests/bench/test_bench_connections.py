@@ -18,7 +18,7 @@ from websockets.http11 import Response
 from wsclient import Server
 
 from bench.client import SetupError, refusal_reason
-from bench.connections import merge_opened, storm_figures
+from bench.connections import merge_opened, open_cpu, storm_figures
 from bench.latency import LatencyHistogram
 from bench.params import BenchParams, ParamError, check_open_files, default_procs
 from bench.report import build_report, connections_verdict, render_markdown, write_results
@@ -175,3 +175,16 @@ async def test_a_replica_killed_under_connections_loses_nothing(peernet_server: 
     assert c["ok"], c["problems"]
     storm_phase = result.phases[-1]
     assert storm_phase.fault is not None and storm_phase.accounting.total.lost == 0
+
+
+def test_the_open_reports_server_cpu_per_connection_by_process() -> None:
+    # 20 s of open, 5,000 connections: 150% of a core is 30 s of CPU, 6 ms a connection.
+    window = {"samples": 10, "system_cpu_mean_pct": 80.0, "by_category": {
+        "ray:worker:Gateway": {"cpu_mean_pct": 120.0, "processes": 2},
+        "redis": {"cpu_mean_pct": 30.0, "processes": 1},
+        "load_generator": {"cpu_mean_pct": 40.0, "processes": 2}}}
+    cpu = open_cpu(window, 20.0, 5000)
+    assert cpu["server_pct"] == 150.0 and cpu["load_generator_per_process_pct"] == 20.0
+    assert cpu["server_ms_per_connection"] == 6.0
+    assert cpu["ms_per_connection_by_category"] == {"ray:worker:Gateway": 4.8, "redis": 1.2}
+    assert open_cpu(window, 20.0, 0)["server_ms_per_connection"] is None
