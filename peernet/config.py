@@ -181,6 +181,10 @@ class PresenceConfig:
     last_seen_ttl_s: int = 30 * 24 * 3600
     # Prefix of every presence key in Redis: deployments sharing one Redis keep apart by it.
     keyspace: str = "presence"
+    # A replica reports its users' changes to a shard at most once per this gap: a change with
+    # nothing reported for that long goes at once, and a burst of connects is gathered into one
+    # actor call instead of one call each (issue 19: 1.5 ms of the shard's CPU per connect).
+    report_gap_ms: int = 50
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_PRESENCE_LEASE_MS": ("presence", "lease_ms"),
     "PEERNET_PRESENCE_LAST_SEEN_TTL_S": ("presence", "last_seen_ttl_s"),
     "PEERNET_PRESENCE_KEYSPACE": ("presence", "keyspace"),
+    "PEERNET_PRESENCE_REPORT_GAP_MS": ("presence", "report_gap_ms"),
     "PEERNET_FEED_CAP": ("feeds", "cap"),
     "PEERNET_CELEBRITY_THRESHOLD": ("feeds", "celebrity_threshold"),
     "PEERNET_FEED_KEYSPACE": ("feeds", "keyspace"),

@@ -67,8 +67,9 @@ class ReplicaPresence:
     """
 
     def __init__(self, store: PresenceStore, shards: PresenceShards, timing: LeaseTiming,
-                 replica: str) -> None:
+                 replica: str, report_gap_s: float = 0.0) -> None:
         self.replica = f"{replica}.{uuid.uuid4().hex[:8]}"  # one incarnation of the replica
+        self.report_gap_s = report_gap_s
         self._store = store
         self._shards = shards
         self._timing = timing
@@ -172,9 +173,17 @@ class _Reporter:
 
     async def _run(self) -> None:
         owner, shards = self._owner, self._owner._shards
+        loop = asyncio.get_running_loop()
         delay = 0.05
+        sent_at = float("-inf")
         while True:
             await self._wake.wait()
+            # At most one report per gap: after a quiet spell the change goes at once; in a
+            # burst what comes within the gap rides the same call.
+            wait = sent_at + owner.report_gap_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            sent_at = loop.time()
             self._wake.clear()
             resync, self._resync = self._resync, False
             batch, self._dirty = self._dirty, set()
@@ -382,9 +391,10 @@ class Presence:
     """Presence as the gateway replica's connections and HTTP API use it."""
 
     def __init__(self, store: PresenceStore, shards: PresenceShards, pubsub: PubSub,
-                 timing: LeaseTiming, replica: str, max_watch: int) -> None:
+                 timing: LeaseTiming, replica: str, max_watch: int,
+                 report_gap_s: float = 0.0) -> None:
         self.store = store
-        self.replica = ReplicaPresence(store, shards, timing, replica)
+        self.replica = ReplicaPresence(store, shards, timing, replica, report_gap_s)
         self.watchers = Watchers(pubsub, store, max_watch)
 
     async def start(self) -> None:

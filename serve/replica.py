@@ -48,7 +48,8 @@ class Replica:
         cfg, gw = deps.cfg, deps.cfg.gateway
         hub = Hub(deps.pubsub)
         presence = Presence(deps.presence, deps.presence_shards, deps.pubsub,
-                            LeaseTiming(presence_lease_ms(cfg)), deps.replica, gw.max_watch)
+                            LeaseTiming(presence_lease_ms(cfg)), deps.replica, gw.max_watch,
+                            cfg.presence.report_gap_ms / 1000)
         acks = AckBuffer(deps.inbox, gw.ack_flush_ms)
         direct_url = deps.direct_url
         messenger = Messenger(cfg, deps.log, deps.cache)

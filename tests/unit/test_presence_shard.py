@@ -562,3 +562,28 @@ async def test_the_queue_depth_counts_the_reports_received_and_not_finished(worl
     finally:
         world.store.set_down(False)
         await shard.stop()
+
+
+async def test_a_burst_of_opens_rides_one_report_per_gap_and_a_quiet_change_goes_at_once(
+        world: World) -> None:
+    shards = InProcessShards(world.shards)
+    replica = ReplicaPresence(world.store.client(), shards, TIMING, "gw1", report_gap_s=0.3)
+    await replica.start()
+    loop = asyncio.get_running_loop()
+    try:
+        first, *burst = users_of(0, 2, 21)
+        replica.opened(first)  # nothing reported before: goes at once
+        await eventually(lambda: world.shards[0].is_online(first), within_s=0.2)
+        for user in burst:  # within the gap: gathered into the next report
+            replica.opened(user)
+            await asyncio.sleep(0.005)
+        await eventually(lambda: all(world.shards[0].is_online(u) for u in burst))
+        assert shards.calls == [("update", 0, [first], []), ("update", 0, sorted(burst), [])]
+        await asyncio.sleep(0.35)  # a quiet spell longer than the gap
+        started = loop.time()
+        replica.closed(first)
+        await eventually(lambda: not world.shards[0].is_online(first))
+        assert loop.time() - started < 0.2
+        assert shards.calls[-1] == ("update", 0, [], [first])
+    finally:
+        await replica.stop()
