@@ -31,8 +31,9 @@ log = logging.getLogger("peernet.presence")
 
 T = TypeVar("T")
 
-# Publishes in flight at once when a batch changes many users (a replica's users counted out).
-PUBLISH_CONCURRENCY = 64
+# Changes published in one round trip when a batch changes many users (a replica's users
+# counted out).
+PUBLISH_CHUNK = 1_000
 # Users whose state a rebuilding shard reads in one round trip.
 REBUILD_CHUNK = 1_000
 
@@ -212,16 +213,15 @@ class PresenceShard:
 
     async def _publish(self, changes: Sequence[Change]) -> None:
         # Pub/sub is at most once: a watcher that misses a change reads the state again when its
-        # replica's pub/sub connection comes back (serve/presence.py).
-        for start in range(0, len(changes), PUBLISH_CONCURRENCY):
-            chunk = changes[start:start + PUBLISH_CONCURRENCY]
-            results = await asyncio.gather(
-                *(self._pubsub.publish(presence_channel(c.user), pack(presence_frame(c)))
-                  for c in chunk), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    self._count_error("publish", result)
-                    break
+        # replica's pub/sub connection comes back (serve/presence.py). A report's changes go in
+        # one round trip (a publish each cost a pooled connection and its own reply).
+        for start in range(0, len(changes), PUBLISH_CHUNK):
+            chunk = changes[start:start + PUBLISH_CHUNK]
+            try:
+                await self._pubsub.publish_many(
+                    [(presence_channel(c.user), pack(presence_frame(c))) for c in chunk])
+            except Exception as exc:
+                self._count_error("publish", exc)
 
     async def _count_out_lapsed(self) -> None:
         replicas = list(self._by_replica)

@@ -113,6 +113,10 @@ class GatewayConfig:
     # permessage-deflate when a client offers it, as browsers do. Off: PeerNet's frames are
     # small msgpack, and compression state costs memory on every connection.
     ws_compression: bool = False
+    # Serve's access log: a line per HTTP request and per WebSocket connection, written by each
+    # replica. Off by default: at a thousand connects a second it cost a replica about a tenth
+    # of a connect's CPU; PeerNet logs the connections it closes and why on its own.
+    access_log: bool = False
     max_body_chars: int = 4_000
     # Acks (cumulative, no reply) are written to the inbox cache together this often, each
     # user's newest only (serve/acks.py); 0: each at once.
@@ -308,6 +312,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "PEERNET_TRUSTED_PROXIES": ("gateway", "trusted_proxies"),
     "PEERNET_MAX_FRAME_BYTES": ("gateway", "max_frame_bytes"),
     "PEERNET_WS_COMPRESSION": ("gateway", "ws_compression"),
+    "PEERNET_ACCESS_LOG": ("gateway", "access_log"),
     "PEERNET_MAX_BODY_CHARS": ("gateway", "max_body_chars"),
     "PEERNET_RATE_PER_S": ("gateway", "rate_per_s"),
     "PEERNET_RATE_BURST": ("gateway", "rate_burst"),

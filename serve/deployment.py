@@ -142,6 +142,7 @@ def _plan_gateway(cfg: PeerNetConfig, sc: GatewayServeConfig, every_node: bool) 
         # Serve takes a fixed count or an autoscaling config, not both.
         **({} if scaling else {"num_replicas": replicas}),
         **({"max_replicas_per_node": per_node} if per_node else {}),
+        "logging_config": {"enable_access_log": cfg.gateway.access_log},
         **sc.options,  # the Serve config file's settings win
     }
     return _GatewayPlan(replicas, scaling, per_node, actor_resources, options, nodes, watch)
